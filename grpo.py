@@ -1,0 +1,901 @@
+"""grpo.py: Group Relative Policy Optimization (DeepSeekMath, arXiv 2402.03300) in one file.
+
+Teaches a small chat model grade-school math (GSM8K) with reinforcement learning: for each
+question sample a group of G answers, score them with the reward functions below, turn the
+scores into group-relative advantages, and push the policy towards the better answers with a
+clipped objective and a KL penalty to the frozen starting model.
+
+Run it:
+    python grpo.py                                   # Qwen2.5-0.5B-Instruct on GSM8K, one GPU
+    torchrun --nproc_per_node 8 grpo.py              # the same job data-parallel on 8 GPUs
+    python grpo.py --model PATH --dataset ../shared/data/gsm8k --device cpu \\
+        --steps 10 --prompts_per_step 2 --group_size 4 --max_new_tokens 64   # tiny CPU run
+    python grpo.py --eval_only --model out/final     # GSM8K accuracy of any model
+    python -m pytest -q test_grpo.py                 # tests: offline, CPU, a few minutes
+
+The objective (maximized), for a question q with sampled answers o_1..o_G and old policy pi_old:
+    J(theta) = 1/G sum_i 1/|o_i| sum_t [ min(rho_it A_i, clip(rho_it, 1-eps, 1+eps_high) A_i)
+                                          - beta KL_it ]
+    rho_it = pi_theta(o_it | q, o_i<t) / pi_old(o_it | q, o_i<t),   A_i = (r_i - mean(r)) / std(r)
+    KL_it  = pi_ref / pi_theta - log(pi_ref / pi_theta) - 1           (the k3 estimator, >= 0)
+grpo_loss() below implements it; each term is tagged there with its number.
+
+Where this departs from the paper (each is a deliberate, common choice):
+ 1. Outcome rewards only (no process supervision), computed by plain Python functions.
+ 2. Sampling is pure temperature sampling (no top-k/top-p), so the log-probs used in the
+    ratio are exactly those of the distribution the answers were drawn from.
+ 3. mu = 1 by default: one gradient step per rollout, so pi_old = pi_theta and rho = 1 in
+    value (its gradient is still the policy gradient); no extra pass computes old log-probs.
+ 4. --loss_type dapo / dr_grpo change only the normalization in (5) (DAPO, arXiv 2503.14476;
+    Dr. GRPO, arXiv 2503.20783); --no-scale_rewards drops the std in A (Dr. GRPO).
+ 5. The reference model stays the initial model for the whole run (the paper's iterative
+    variant also refreshes it and retrains the reward model; there is no reward model here).
+ 6. Completions cut off at --max_new_tokens are kept and trained on like the others; their
+    share is logged as truncated_frac.
+"""
+
+import argparse
+import contextlib
+import copy
+import dataclasses
+import inspect
+import json
+import math
+import os
+import random
+import re
+import shutil
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.utils.checkpoint
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, StaticCache
+
+
+# ----------------------------------------------------------------------------- Config
+@dataclass
+class Config:
+    model: str = "Qwen/Qwen2.5-0.5B-Instruct"  # hub id or local model folder
+    dataset: str = "openai/gsm8k"  # hub id, or a local .jsonl/.json/.parquet file or folder of train/test files
+    dataset_config: str = "main"  # hub dataset config name
+    output_dir: str = "out"  # metrics.jsonl, metrics.png, eval_<step>.jsonl, checkpoint/, final/
+    steps: int = 200  # number of rollout -> update steps
+    prompts_per_step: int = 16  # questions per step, over all ranks
+    group_size: int = 8  # G: completions sampled per question
+    max_new_tokens: int = 400  # longest completion; longer ones are cut off and counted
+    temperature: float = 1.0  # sampling temperature, also used in the log-probs of the loss
+    lr: float = 2e-6  # AdamW learning rate
+    warmup_steps: int = 10  # linear learning-rate warmup, then constant
+    weight_decay: float = 0.0  # AdamW weight decay
+    max_grad_norm: float = 1.0  # gradient clipping
+    beta: float = 0.04  # beta: weight of the KL penalty; 0 loads no reference model
+    clip_eps: float = 0.2  # epsilon: PPO-style clip range for the ratio
+    clip_eps_high: float = -1.0  # epsilon_high: upper clip (DAPO's clip-higher); -1 = clip_eps
+    mu: int = 1  # mu: optimizer steps per rollout batch (old log-probs kept when > 1)
+    loss_type: str = "grpo"  # normalization: grpo (paper), dapo (token mean), dr_grpo (constant)
+    scale_rewards: bool = True  # divide advantages by the group's reward std (paper); off = Dr. GRPO
+    micro_batch_size: int = -1  # completions per forward/backward (gradient accumulation); -1 = all
+    gradient_checkpointing: bool = False  # recompute activations in backward to save memory
+    static_cache: bool = False  # CUDA: static KV cache + torch.compile'd decoding (see README)
+    eval_size: int = 200  # test problems per evaluation (the first N); -1 = all; 0 = no evaluation
+    eval_every: int = 50  # evaluate every N steps (and before and after training); 0 = only before/after
+    eval_samples: int = 0  # k > 0: also sample k answers per problem and report maj@k and pass@k
+    eval_batch_size: int = 64  # problems per evaluation batch
+    eval_only: bool = False  # evaluate --model and exit
+    save_every: int = 50  # write output_dir/checkpoint every N steps; 0 = never
+    resume: bool = False  # continue from output_dir/checkpoint
+    sample_every: int = 10  # print a question with its best and worst completion every N steps; 0 = never
+    seed: int = 0  # seeds data order, sampling and everything else
+    device: str = ""  # cpu, cuda, cuda:1, ...; "" = cuda if available
+    trust_remote_code: bool = False  # let transformers run code shipped with the model (off: safer)
+
+
+def parse_config(argv: list[str] | None = None) -> Config:
+    """Every Config field becomes a --flag; its help text is the comment on its line above."""
+    helps = dict(re.findall(r"^    (\w+): \w+ = .*?  # (.*)$", inspect.getsource(Config), re.M))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    for f in dataclasses.fields(Config):
+        if f.type is bool:  # --x / --no-x; argparse appends the default to the help
+            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default, help=helps[f.name])
+        else:
+            parser.add_argument(f"--{f.name}", type=f.type, default=f.default, help=f"{helps[f.name]} (default: {f.default!r})")
+    return Config(**vars(parser.parse_args(argv)))
+
+
+# ----------------------------------------------------------------------------- Rewards (edit me)
+SYSTEM_PROMPT = """Think step by step, then answer. Reply in exactly this format:
+<reasoning>
+your step by step reasoning
+</reasoning>
+<answer>
+the final number only
+</answer>
+For example, for "What is 2 + 3 * 4?" the whole reply is:
+<reasoning>
+3 * 4 = 12, and 2 + 12 = 14.
+</reasoning>
+<answer>
+14
+</answer>"""
+
+NUMBER = re.compile(r"-?\d+(?:\.\d+)?")  # a plain number, after $ and thousands separators are removed
+
+
+def parse_number(text: str) -> float | None:
+    """The number a short answer states, or None. '$1,234.50' -> 1234.5; '3 or 4' -> None.
+
+    >>> parse_number(" $1,234. "), parse_number("18, 19")
+    (1234.0, None)
+    """
+    text = text.strip().replace("$", "").replace(" ", "").rstrip(".")
+    text = re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", text)  # 1,234 -> 1234 but not 18,19
+    return float(text) if NUMBER.fullmatch(text) else None
+
+
+def extract_answer(completion: str) -> str | None:
+    """The content of the last complete <answer>...</answer> block, stripped; None if there is none.
+
+    >>> extract_answer("<answer>1</answer> <answer> 42 </answer>")
+    '42'
+    """
+    end = completion.rfind("</answer>")
+    start = completion.rfind("<answer>", 0, end) if end >= 0 else -1
+    return completion[start + len("<answer>") : end].strip() if start >= 0 else None
+
+
+def parse_gsm8k_answer(solution: str) -> str:
+    """The gold number after the last '####' of a GSM8K solution, commas removed.
+
+    >>> parse_gsm8k_answer("3 + 4 = 7 apples\\n#### 1,007")
+    '1007'
+    """
+    head, sep, gold = solution.rpartition("####")
+    gold = gold.strip().replace(",", "")
+    if not sep or parse_number(gold) is None:
+        raise ValueError(f"no '#### <number>' at the end of {solution[-60:]!r}")
+    return gold
+
+
+def correctness_reward(completion: str, answer: str, **kwargs) -> float:
+    """1 if the <answer> block states the gold number (18 == 18.0 == $18; 1,234 == 1234), else 0.
+
+    >>> correctness_reward("<answer>\\n$18.00\\n</answer>", "18")
+    1.0
+    """
+    stated = extract_answer(completion)
+    value = parse_number(stated) if stated is not None else None
+    gold = parse_number(answer)
+    return float(value is not None and gold is not None and math.isclose(value, gold, abs_tol=1e-6))
+
+
+def format_reward(completion: str, answer: str, **kwargs) -> float:
+    """1 for exactly '<reasoning>\\n...\\n</reasoning>\\n<answer>\\n...\\n</answer>' (+ one final newline).
+
+    >>> format_reward("<reasoning>\\n2+2=4\\n</reasoning>\\n<answer>\\n4\\n</answer>\\n", "4")
+    1.0
+    """
+    text = completion[:-1] if completion.endswith("\n") else completion
+    if any(completion.count(tag) != 1 for tag in ("<reasoning>", "</reasoning>", "<answer>", "</answer>")):
+        return 0.0
+    head, tail = "<reasoning>\n", "\n</answer>"  # each tag once, so a split is unambiguous (and linear)
+    body = text[len(head) : -len(tail)] if text.startswith(head) and text.endswith(tail) else ""
+    return float("\n</reasoning>\n<answer>\n" in body)
+
+
+def soft_format_reward(completion: str, answer: str, **kwargs) -> float:
+    """1 if a <reasoning> block is followed later by an <answer> block, whatever the spacing.
+
+    >>> soft_format_reward("ok <reasoning>hm</reasoning> <answer>4</answer>", "4")
+    1.0
+    """
+    r0 = completion.find("<reasoning>")
+    r1 = completion.find("</reasoning>", r0) if r0 >= 0 else -1
+    a0 = completion.find("<answer>", r1) if r1 >= 0 else -1
+    return float(a0 >= 0 and completion.find("</answer>", a0) >= 0)
+
+
+def int_answer_reward(completion: str, answer: str, **kwargs) -> float:
+    """1 if the <answer> block holds a whole number (right or wrong): GSM8K answers are integers.
+
+    >>> int_answer_reward("<answer>12</answer>", "7"), int_answer_reward("<answer>twelve</answer>", "7")
+    (1.0, 0.0)
+    """
+    stated = extract_answer(completion)
+    value = parse_number(stated) if stated is not None else None
+    return float(value is not None and value == int(value))
+
+
+def tag_count_reward(completion: str, answer: str, **kwargs) -> float:
+    """1/4 for each of the four tags used exactly once, minus a little for text after </answer>.
+
+    >>> tag_count_reward("<reasoning>\\n</reasoning>\\n<answer>\\n</answer>", "1")
+    1.0
+    """
+    score = sum(0.25 for tag in ("<reasoning>", "</reasoning>", "<answer>", "</answer>") if completion.count(tag) == 1)
+    end = completion.rfind("</answer>")
+    trailing = len(completion) - end - len("</answer>") if end >= 0 else 0
+    return max(0.0, score - 0.001 * max(0, trailing - 1))
+
+
+def lenient_correctness(completion: str, answer: str) -> float:
+    """1 if the last number anywhere in the completion is the gold number (ignores the format).
+
+    >>> lenient_correctness("so the total is 1,234 apples", "1234")
+    1.0
+    """
+    numbers = re.findall(r"-?\d[\d,]*(?:\.\d+)?", completion)
+    last = parse_number(numbers[-1]) if numbers else None
+    gold = parse_number(answer)
+    return float(last is not None and gold is not None and math.isclose(last, gold, abs_tol=1e-6))
+
+
+# (function, weight): the reward of a completion is the weighted sum. Each function is logged
+# under its own name (reward/<name>, unweighted), so an added function shows up by itself.
+# The small partial-credit terms give a learning signal before the strict format is learned.
+REWARD_FUNCS = [
+    (correctness_reward, 2.0),
+    (format_reward, 0.5),
+    (soft_format_reward, 0.25),
+    (int_answer_reward, 0.25),
+    (tag_count_reward, 0.25),
+]
+
+
+# ----------------------------------------------------------------------------- Data
+def load_rows(cfg: Config, split: str) -> list[dict]:
+    """Rows of one split with a parsed 'gold' answer. Local file/folder or a hub dataset."""
+    import datasets  # imported here: it is slow to import and only needed when loading data
+
+    path, kinds = os.path.expanduser(cfg.dataset), {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+    if os.path.isdir(path):
+        files = sorted(f for f in os.listdir(path) if os.path.splitext(f)[1] in kinds and f.startswith(split))
+        if not files:
+            raise SystemExit(f"error: no {split}.jsonl/.json/.parquet in folder {path}: add one, or pass another --dataset")
+        files = [os.path.join(path, f) for f in files]
+    elif os.path.isfile(path):
+        if split != "train":
+            raise SystemExit(f"error: dataset file {path} has no {split} split: pass a folder with train and test files, or --eval_size 0")
+        files = [path]
+    elif path.startswith((".", "/", "~")) or os.path.splitext(path)[1] in kinds or path.count("/") > 1:
+        raise SystemExit(f"error: dataset path {path} does not exist: pass an existing file or folder, or a hub id like openai/gsm8k")
+    else:
+        files = None
+    try:
+        if files:
+            kind = kinds[os.path.splitext(files[0])[1]]
+            ds = datasets.load_dataset(kind, data_files=files, split="train")
+        else:
+            ds = datasets.load_dataset(path, cfg.dataset_config or None, split=split)
+    except Exception as e:  # offline hub, bad file, unknown split: one line, not a traceback
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise SystemExit(f"error: could not load dataset {cfg.dataset!r} ({split}): {first}. Check the path or hub id and your network, or use a local file") from None
+    missing = {"question", "answer"} - set(ds.column_names)
+    if missing:
+        raise SystemExit(f"error: dataset {cfg.dataset} lacks column(s) {sorted(missing)}; it has {ds.column_names}. Rename them to question/answer")
+    rows, bad = [], 0
+    for row in ds:
+        try:
+            rows.append({**row, "gold": parse_gsm8k_answer(str(row["answer"]))})
+        except ValueError:
+            bad += 1
+    if not rows:
+        raise SystemExit(f"error: none of the {bad} answers in {cfg.dataset} ({split}) ends in '#### <number>': fix the answer column")
+    if bad:
+        print(f"skipped {bad} of {bad + len(rows)} {split} rows whose answer has no '#### <number>'", file=sys.stderr)
+    return rows
+
+
+def build_prompt(tok, question: str) -> str:
+    """The chat prompt for one question (the model's own chat template when it has one)."""
+    messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question}]
+    if tok.chat_template is None:  # a base model: plain text
+        return f"{SYSTEM_PROMPT}\n\nQuestion: {question}\nAnswer:\n"
+    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def prompt_indices(n: int, start: int, count: int, seed: int) -> list[int]:
+    """Row indices start..start+count of an endless stream of seeded shuffles of range(n).
+    The stream is a pure function of the position, so resuming needs only the step number."""
+    order = []
+    for epoch in range(start // n, (start + count - 1) // n + 1):
+        order += torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    offset = start - (start // n) * n
+    return order[offset : offset + count]
+
+
+# ----------------------------------------------------------------------------- Rollouts
+def eos_ids(model, tok) -> list[int]:
+    """Every token id that ends a completion (chat models often have several)."""
+    ids = model.generation_config.eos_token_id if model.generation_config is not None else None
+    ids = [ids] if isinstance(ids, int) else list(ids or [])
+    return sorted(set(ids + [tok.eos_token_id]) - {None})
+
+
+@torch.no_grad()
+def rollout(model, prompt_ids, prompt_mask, group_size, max_new_tokens, temperature, eos, pad_id,
+            static_cache=False, ignore_eos=False):
+    """Sample group_size completions for each prompt (temperature 0 = greedy).
+
+    prompt_ids, prompt_mask: (N, P) left-padded prompts. The prompt is prefilled once and its
+    KV cache repeated G times, instead of running the same prompt through the model G times.
+    Returns completion ids (B, L) with B = N*G (row b belongs to prompt b // G), lengths (B,)
+    counting the EOS that ended a completion, and ended (B,), False for cut-off completions.
+    Tokens after a completion's end are pad_id and must be masked by length, not by value.
+    """
+    n, P = prompt_ids.shape
+    B, dev = n * group_size, prompt_ids.device
+    position = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)  # (n, P): left padding shifts positions
+    cache = DynamicCache(config=model.config)
+    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position,
+                past_key_values=cache, use_cache=True, logits_to_keep=1)
+    logits = out.logits[:, -1].float().repeat_interleave(group_size, 0)  # (B, V)
+    if static_cache:  # copy the repeated prefix into fixed-size buffers, so decoding has static shapes
+        cache_len = P + max_new_tokens
+        static = StaticCache(config=model.config, max_cache_len=cache_len)
+        for i, layer in enumerate(cache.layers):
+            static.update(layer.keys.repeat_interleave(group_size, 0), layer.values.repeat_interleave(group_size, 0), i)
+        cache, forward = static, (compiled_decoder(model) if dev.type == "cuda" else model)
+        mask = torch.cat([prompt_mask.repeat_interleave(group_size, 0), prompt_mask.new_ones(B, max_new_tokens)], 1)
+    else:
+        cache.batch_repeat_interleave(group_size)
+        forward, mask = model, prompt_mask.repeat_interleave(group_size, 0)  # (B, P)
+    next_position = position[:, -1:].repeat_interleave(group_size, 0) + 1  # (B, 1)
+    tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=dev)
+    lengths = torch.full((B,), max_new_tokens, dtype=torch.long, device=dev)
+    ended = torch.zeros(B, dtype=torch.bool, device=dev)
+    eos = torch.tensor(eos, device=dev)
+    for t in range(max_new_tokens):
+        if temperature > 0:
+            token = torch.multinomial(torch.softmax(logits / temperature, -1), 1).squeeze(1)  # (B,)
+        else:
+            token = logits.argmax(-1)
+        tokens[:, t] = torch.where(ended, pad_id, token)
+        if not ignore_eos:
+            new_end = ~ended & torch.isin(token, eos)
+            lengths[new_end] = t + 1  # the EOS itself is part of the completion
+            ended |= new_end
+            if bool(ended.all()):  # stop as soon as every completion has ended
+                break
+        if t == max_new_tokens - 1:
+            break
+        if not static_cache:
+            mask = torch.cat([mask, mask.new_ones(B, 1)], 1)  # (B, P + t + 1)
+        cache_position = torch.tensor([P + t], device=dev) if static_cache else None
+        logits = forward(input_ids=tokens[:, t : t + 1], attention_mask=mask, position_ids=next_position,
+                         past_key_values=cache, cache_position=cache_position, use_cache=True).logits[:, -1].float()
+        next_position = next_position + 1
+    return tokens[:, : int(lengths.max())], lengths, ended
+
+
+_compiled = {}
+
+
+def compiled_decoder(model):
+    """The model's forward compiled once for one-token decoding steps (used with the static cache)."""
+    if id(model) not in _compiled:
+        _compiled[id(model)] = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+    return _compiled[id(model)]
+
+
+def tokenize_prompts(tok, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded prompt ids and attention mask (N, P): generation continues from the right edge."""
+    batch = tok(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+    return batch["input_ids"].to(device), batch["attention_mask"].to(device)
+
+
+def decode(tok, completion_ids: torch.Tensor, lengths: torch.Tensor) -> list[str]:
+    """The text of each completion: its first lengths[b] tokens, special tokens (EOS) dropped."""
+    return [tok.decode(ids[:n], skip_special_tokens=True) for ids, n in zip(completion_ids.tolist(), lengths.tolist())]
+
+
+# ----------------------------------------------------------------------------- GRPO math
+# Shapes: N prompts, G completions each, B = N*G, P prompt length, L completion length, V vocab.
+def group_advantages(rewards: torch.Tensor, group_size: int, scale_by_std: bool = True, eps: float = 1e-4) -> torch.Tensor:
+    """A_i = (r_i - mean(r_group)) / (std(r_group) + eps): each answer judged against its siblings.
+    rewards (B,) with each group's G completions contiguous; a group of equal rewards gives 0."""
+    r = rewards.view(-1, group_size)  # (N, G)
+    a = r - r.mean(1, keepdim=True)
+    if scale_by_std:
+        a = a / (r.std(1, keepdim=True) + eps)  # torch.std is unbiased (divides by G - 1)
+    return a.view(-1)  # (B,)
+
+
+def selective_log_softmax(logits: torch.Tensor, ids: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log softmax(logits / T)[id] in fp32, without keeping the fp32 (.., V) tensor around."""
+    logits = logits.float() / temperature
+    return logits.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+
+
+def token_logprobs(model, prompt_ids, prompt_mask, completion_ids, temperature: float, chunk: int = 1024) -> torch.Tensor:
+    """log pi(o_t | q, o_<t) for every completion token: (B, L), fp32.
+
+    The model returns logits only for the L positions that predict completion tokens (not for the
+    prompt), and the fp32 log-softmax runs over at most `chunk` tokens at a time. Under autograd each
+    chunk is recomputed in backward instead of stored, so no fp32 (B, L, V) tensor ever exists.
+    """
+    B, L = completion_ids.shape
+    ids = torch.cat([prompt_ids, completion_ids], 1)  # (B, P + L)
+    mask = torch.cat([prompt_mask, prompt_mask.new_ones(B, L)], 1)  # tokens past the end are masked in the loss
+    position = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=False,
+                   logits_to_keep=L + 1).logits[:, :-1]  # (B, L, V): position P-1+t predicts token t
+    flat_logits, flat_ids = logits.reshape(B * L, -1), completion_ids.reshape(B * L)  # (B*L, V), (B*L,)
+    parts = []
+    for i in range(0, B * L, chunk):
+        args = (flat_logits[i : i + chunk], flat_ids[i : i + chunk], temperature)
+        if torch.is_grad_enabled():
+            parts.append(torch.utils.checkpoint.checkpoint(selective_log_softmax, *args, use_reentrant=False))
+        else:
+            parts.append(selective_log_softmax(*args))
+    return torch.cat(parts).view(B, L)
+
+
+def completion_mask(lengths: torch.Tensor, L: int) -> torch.Tensor:
+    """(B, L) float mask, 1 for the first lengths[b] tokens of row b (its EOS included)."""
+    return (torch.arange(L, device=lengths.device)[None, :] < lengths[:, None]).float()
+
+
+# The loss is -J, with J per token t of completion i (A_i broadcast over the tokens):
+#   (1) rho_it  = exp(logp_it - old_logp_it)
+#   (2) surr_it = min(rho_it A_i, clip(rho_it, 1 - eps, 1 + eps_high) A_i)
+#   (3) KL_it   = exp(ref_logp_it - logp_it) - (ref_logp_it - logp_it) - 1
+#   (4) J_it    = surr_it - beta KL_it
+#   (5) J = grpo:    1/B sum_i (1/|o_i| sum_t J_it)      mean over completions of their token mean (paper)
+#           dapo:    sum_i sum_t J_it / sum_i |o_i|      mean over all tokens of the batch
+#           dr_grpo: sum_i sum_t J_it / (B max_tokens)   a constant normalizer: no length bias
+LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
+
+
+def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps=0.2, beta=0.04, loss_type="grpo",
+              max_tokens=None, clip_eps_high=None):
+    """The GRPO loss (-J above) and a dict of detached stats. logp/old_logp/ref_logp/mask (B, L),
+    advantages (B,); ref_logp may be None when beta == 0; max_tokens defaults to L (dr_grpo)."""
+    eps_high = clip_eps if clip_eps_high is None else clip_eps_high
+    A = advantages.unsqueeze(1)  # (B, 1)
+    ratio = torch.exp(logp - old_logp)  # (1)  (B, L)
+    clipped = torch.clamp(ratio, 1 - clip_eps, 1 + eps_high)  # (2)  (B, L)
+    surrogate = torch.min(ratio * A, clipped * A)  # (2)  (B, L)
+    if beta != 0:
+        kl = torch.exp(ref_logp - logp) - (ref_logp - logp) - 1  # (3)  (B, L)
+        per_token = surrogate - beta * kl  # (4)  (B, L)
+    else:
+        kl, per_token = torch.zeros_like(logp), surrogate  # (4) without the KL term
+    masked = per_token * mask  # (B, L)
+    if loss_type == "grpo":
+        J = (masked.sum(1) / mask.sum(1).clamp(min=1)).mean()  # (5)  scalar
+    elif loss_type == "dapo":
+        J = masked.sum() / mask.sum().clamp(min=1)  # (5)
+    elif loss_type == "dr_grpo":
+        J = masked.sum() / (mask.shape[0] * (max_tokens or mask.shape[1]))  # (5)
+    else:
+        raise ValueError(f"unknown loss_type {loss_type!r}: use one of {LOSS_TYPES}")
+    with torch.no_grad():
+        tokens = mask.sum().clamp(min=1)
+        is_clipped = ((ratio < 1 - clip_eps) & (A < 0)) | ((ratio > 1 + eps_high) & (A > 0))  # no gradient there
+        stats = {"kl": (kl * mask).sum() / tokens, "clip_frac": (is_clipped.float() * mask).sum() / tokens}
+    return -J, stats
+
+
+# ----------------------------------------------------------------------------- Training
+def fail(message: str):
+    """Stop with one line on stderr (no traceback) and exit status 1."""
+    raise SystemExit(f"error: {message}")
+
+
+def check_config(cfg: Config) -> None:
+    if cfg.group_size < 2:
+        fail(f"--group_size {cfg.group_size}: GRPO compares completions within a group, use 2 or more")
+    if cfg.loss_type not in LOSS_TYPES:
+        fail(f"unknown --loss_type {cfg.loss_type!r}: use one of {', '.join(LOSS_TYPES)}")
+    positive = {"steps": cfg.steps, "prompts_per_step": cfg.prompts_per_step, "max_new_tokens": cfg.max_new_tokens,
+                "mu": cfg.mu, "eval_batch_size": cfg.eval_batch_size}
+    for name, value in positive.items():
+        if value < 1:
+            fail(f"--{name} {value}: must be at least 1")
+    if cfg.temperature <= 0:
+        fail(f"--temperature {cfg.temperature}: sampling needs a temperature above 0")
+    if cfg.micro_batch_size == 0 or cfg.micro_batch_size < -1:
+        fail(f"--micro_batch_size {cfg.micro_batch_size}: use a positive number, or -1 for the whole batch")
+
+
+def load_model(name: str, cfg: Config, device):
+    """A causal LM in fp32 (the master weights; bf16 comes from autocast) and its tokenizer."""
+    path = os.path.expanduser(name)
+    if not os.path.isdir(path) and (path.startswith((".", "/", "~")) or path.count("/") > 1):
+        fail(f"model folder {name} does not exist: pass --model an existing folder or a hub id like Qwen/Qwen2.5-0.5B-Instruct")
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        fail(f"could not load model {name!r}: {first} Check the name and your network (HF_HUB_OFFLINE), or pass a local folder")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token  # safe: masks come from lengths, never from token values
+    return model.to(device), tok
+
+
+def setup_distributed(cfg: Config) -> tuple[int, int, torch.device]:
+    """(rank, world size, device). Under torchrun: one process per device, nccl on CUDA, gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return (dist.get_rank() if world > 1 else 0), world, device
+
+
+def reduce_metrics(sums: dict[str, list[float]], world: int, device) -> dict[str, float]:
+    """sums maps a name to [total, count]; returns total/count over all ranks (count-weighted means)."""
+    names = sorted(sums)
+    t = torch.tensor([sums[k] for k in names], dtype=torch.float64, device=device).view(-1, 2)  # (M, 2)
+    if world > 1:
+        dist.all_reduce(t)
+    return {k: (t[i, 0] / t[i, 1].clamp(min=1e-12)).item() for i, k in enumerate(names)}
+
+
+def score(completions: list[str], rows: list[dict]) -> tuple[torch.Tensor, dict[str, list[float]]]:
+    """Total rewards (B,) and each function's unweighted values; rows[i] is completion i's row."""
+    per_fn = {fn.__name__: [] for fn, _ in REWARD_FUNCS}
+    total = []
+    for c, row in zip(completions, rows):
+        extra = {k: v for k, v in row.items() if k not in ("answer", "gold")}  # e.g. question
+        r = 0.0
+        for fn, weight in REWARD_FUNCS:
+            value = float(fn(c, row["gold"], **extra))
+            per_fn[fn.__name__].append(value)
+            r += weight * value
+        total.append(r)
+    return torch.tensor(total, dtype=torch.float32), per_fn
+
+
+def accumulate_gradients(policy, prompt_ids, prompt_mask, completion_ids, lengths, advantages, old_logp, ref_logp,
+                         cfg: Config, micro_batch_size: int, world: int = 1) -> dict[str, list[float]]:
+    """Backward of the loss over the whole batch (B rows), micro_batch_size rows at a time.
+
+    Each micro-batch's loss is weighted by its share of the full batch's normalizer (5), so the
+    accumulated gradient equals the full-batch gradient exactly. Under DDP gradients are averaged
+    over ranks, so dapo's token share is taken of the global token count times the world size.
+    old_logp None means mu == 1: pi_old is the current policy (rho = 1, gradient still flows).
+    Returns {"loss": [value, 1], "kl"/"clip_frac": [token-weighted sum, tokens]} for the metrics.
+    """
+    B = completion_ids.shape[0]
+    mask = completion_mask(lengths, completion_ids.shape[1])  # (B, L)
+    total_tokens = mask.sum()
+    if world > 1 and cfg.loss_type == "dapo":
+        dist.all_reduce(total_tokens)  # dapo normalizes by the tokens of the whole global batch
+    slices = [slice(i, i + micro_batch_size) for i in range(0, B, micro_batch_size)]
+    out = {"loss": [0.0, 1.0], "kl": [0.0, 0.0], "clip_frac": [0.0, 0.0]}
+    for j, s in enumerate(slices):
+        Lm = int(lengths[s].max())  # trim this micro-batch to its longest completion
+        last = j == len(slices) - 1
+        with (policy.no_sync() if world > 1 and not last else contextlib.nullcontext()), autocast(prompt_ids.device):
+            logp = token_logprobs(policy, prompt_ids[s], prompt_mask[s], completion_ids[s, :Lm], cfg.temperature)
+            loss, stats = grpo_loss(logp, logp.detach() if old_logp is None else old_logp[s, :Lm],
+                                    None if ref_logp is None else ref_logp[s, :Lm], advantages[s], mask[s, :Lm],
+                                    cfg.clip_eps, cfg.beta, cfg.loss_type, cfg.max_new_tokens,
+                                    None if cfg.clip_eps_high < 0 else cfg.clip_eps_high)
+            share = mask[s].sum() * world / total_tokens if cfg.loss_type == "dapo" else (s.stop - s.start) / B
+            (loss * share).backward()
+        tokens = mask[s].sum().item()
+        out["loss"][0] += float(loss.item() * share)
+        for k in ("kl", "clip_frac"):
+            out[k][0] += stats[k].item() * tokens
+            out[k][1] += tokens
+    return out
+
+
+def evaluate(model, tok, rows: list[dict], cfg: Config, step: int, device, rank: int = 0, world: int = 1) -> dict[str, float]:
+    """Greedy pass@1 on `rows` (and maj@k / pass@k if --eval_samples k), sharded over ranks.
+    Writes every completion to output_dir/eval_<step>.jsonl and returns eval/* metrics."""
+    model.eval()
+    mine = list(enumerate(rows))[rank::world]
+    records = []
+    for i in range(0, len(mine), cfg.eval_batch_size):
+        index, batch = zip(*mine[i : i + cfg.eval_batch_size])
+        ids, mask = tokenize_prompts(tok, [build_prompt(tok, r["question"]) for r in batch], device)
+        with autocast(device):
+            out, lengths, _ = rollout(model, ids, mask, 1, cfg.max_new_tokens, 0.0, eos_ids(model, tok), tok.pad_token_id,
+                                      static_cache=cfg.static_cache)
+        texts = decode(tok, out, lengths)
+        for idx, r, text in zip(index, batch, texts):
+            records.append({"index": idx, "question": r["question"], "gold": r["gold"], "completion": text,
+                            "extracted": extract_answer(text), "strict": correctness_reward(text, r["gold"]),
+                            "lenient": lenient_correctness(text, r["gold"]), "format": format_reward(text, r["gold"])})
+        if cfg.eval_samples > 0:  # k samples per problem at the training temperature
+            k = cfg.eval_samples
+            with autocast(device):
+                out, lengths, _ = rollout(model, ids, mask, k, cfg.max_new_tokens, cfg.temperature, eos_ids(model, tok),
+                                          tok.pad_token_id, static_cache=cfg.static_cache)
+            texts = decode(tok, out, lengths)
+            for j, r in enumerate(records[-len(batch) :]):
+                samples = texts[j * k : (j + 1) * k]
+                votes = Counter(v for v in (parse_number(extract_answer(s) or "") for s in samples) if v is not None)
+                majority = votes.most_common(1)[0][0] if votes else None
+                r["maj"] = float(majority is not None and math.isclose(majority, float(r["gold"]), abs_tol=1e-6))
+                r["pass"] = float(any(correctness_reward(s, r["gold"]) for s in samples))
+    if world > 1:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, records)
+        records = sorted((r for part in gathered for r in part), key=lambda r: r["index"])
+    metrics = {f"eval/{k}": sum(r[k] for r in records) / max(1, len(records)) for k in ("strict", "lenient", "format")}
+    metrics = {"eval/accuracy_strict": metrics["eval/strict"], "eval/accuracy_lenient": metrics["eval/lenient"],
+               "eval/format": metrics["eval/format"]}
+    if cfg.eval_samples > 0:
+        metrics[f"eval/maj@{cfg.eval_samples}"] = sum(r["maj"] for r in records) / max(1, len(records))
+        metrics[f"eval/pass@{cfg.eval_samples}"] = sum(r["pass"] for r in records) / max(1, len(records))
+    if rank == 0:
+        with open(os.path.join(cfg.output_dir, f"eval_{step}.jsonl"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+    return metrics
+
+
+def autocast(device):
+    """bf16 autocast on CUDA over the fp32 master weights; plain fp32 elsewhere (bf16 is slow on CPU)."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_atomically(path: str, model, tok, trainer_state: dict | None = None) -> None:
+    """Write model + tokenizer (+ trainer state) to path.tmp, then swap it in for path.
+    A crash at any moment leaves either the old or the new folder complete (see latest_checkpoint)."""
+    tmp, old = path + ".tmp", path + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    if trainer_state is not None:
+        torch.save(trainer_state, os.path.join(tmp, "trainer_state.pt"))
+    for name in os.listdir(tmp):  # make sure the bytes are on disk before the folder counts as complete
+        with open(os.path.join(tmp, name), "rb") as f:
+            os.fsync(f.fileno())
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(path):
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_checkpoint(output_dir: str) -> str | None:
+    """The complete checkpoint folder: 'checkpoint', or 'checkpoint.old' if a crash hit mid-swap."""
+    for name in ("checkpoint", "checkpoint.old"):
+        path = os.path.join(output_dir, name)
+        if os.path.isfile(os.path.join(path, "trainer_state.pt")):
+            return path
+    return None
+
+
+def plot_metrics(output_dir: str) -> None:
+    """metrics.png from metrics.jsonl: rewards, accuracies, KL and completion length against step."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("no metrics.png: pip install matplotlib to get plots", file=sys.stderr)
+        return
+    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    panels = [("reward", [k for k in records[0] if k == "reward" or k.startswith("reward/")] if records else []),
+              ("accuracy", ["accuracy", "eval/accuracy_strict", "eval/accuracy_lenient", "eval/format"]),
+              ("KL to reference", ["kl"]), ("completion length (tokens)", ["completion_len"])]
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+    for ax, (title, keys) in zip(axes.flat, panels):
+        for k in keys:
+            points = [(r["step"], r[k]) for r in records if k in r]
+            if points:
+                ax.plot(*zip(*points), marker="o" if k.startswith("eval/") else None, ms=4, label=k)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(output_dir, "metrics.png"), dpi=100)
+    plt.close(fig)
+
+
+def main(cfg: Config, on_step=None) -> None:
+    """Train (or with --eval_only, evaluate). on_step(step, model, metrics, local_metrics) is an
+    optional hook called on every rank after every step (the tests use it)."""
+    check_config(cfg)
+    rank, world, device = setup_distributed(cfg)
+    if cfg.prompts_per_step % world:
+        fail(f"--prompts_per_step {cfg.prompts_per_step} does not divide over {world} processes: use a multiple of {world}")
+    random.seed(cfg.seed + rank)  # sampling differs per rank; model and data order are the same everywhere
+    torch.manual_seed(cfg.seed + rank)
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    log = print if rank == 0 else (lambda *a, **k: None)
+    log(f"device {device} | dtype {'bf16 autocast over fp32 weights' if device.type == 'cuda' else 'fp32'} | ranks {world}")
+
+    resume_from = latest_checkpoint(cfg.output_dir) if cfg.resume else None
+    if cfg.resume and resume_from is None:
+        fail(f"--resume: no checkpoint in {cfg.output_dir}: drop --resume, or pass the --output_dir of the run")
+    model, tok = load_model(resume_from or cfg.model, cfg, device)
+    test_rows = load_rows(cfg, "test") if cfg.eval_size != 0 else []
+    test_rows = test_rows[: cfg.eval_size] if cfg.eval_size > 0 else test_rows
+    metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
+
+    def write_metrics(record: dict) -> None:
+        if rank == 0:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    if cfg.eval_only:
+        metrics = evaluate(model, tok, test_rows, cfg, 0, device, rank, world) if test_rows else {}
+        log(" | ".join(f"{k} {v:.3f}" for k, v in metrics.items()) + f" | {len(test_rows)} problems")
+        write_metrics({"step": 0, **metrics})
+        return
+
+    train_rows = load_rows(cfg, "train")
+    ref_model = None
+    if cfg.beta != 0:  # the frozen reference pi_ref is the initial policy, also after a resume
+        ref_model = load_model(cfg.model, cfg, device)[0] if resume_from else copy.deepcopy(model)
+        ref_model.requires_grad_(False).eval()
+        if device.type == "cuda":
+            ref_model.to(torch.bfloat16)  # it is only ever run under bf16 autocast: half the memory
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    policy = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model  # averages gradients
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
+    start_step, bad_in_a_row, skipped = 0, 0, 0
+    if resume_from:
+        state = torch.load(os.path.join(resume_from, "trainer_state.pt"), weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
+        start_step, skipped = state["step"], state["skipped"]
+        if rank == 0 and os.path.exists(metrics_path):  # forget steps logged after the checkpoint
+            with open(metrics_path) as f:
+                kept = [line for line in f if json.loads(line)["step"] <= start_step]
+            with open(metrics_path, "w") as f:
+                f.writelines(kept)
+        log(f"resumed from {resume_from} at step {start_step}")
+    elif rank == 0:
+        open(metrics_path, "w").close()
+    eos, G = eos_ids(model, tok), cfg.group_size
+    n_local = cfg.prompts_per_step // world  # prompts per rank
+    B = n_local * G  # completions per rank
+    mb = B if cfg.micro_batch_size < 0 else min(cfg.micro_batch_size, B)
+
+    if test_rows and not resume_from:
+        metrics = evaluate(model, tok, test_rows, cfg, 0, device, rank, world)
+        log("eval step 0 | " + " | ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+        write_metrics({"step": 0, **metrics})
+
+    bar = tqdm(range(start_step + 1, cfg.steps + 1), initial=start_step, total=cfg.steps, disable=rank != 0,
+               desc="grpo", dynamic_ncols=True)
+    for step in bar:
+        t0 = time.time()
+        # --- rollout: this rank's share of the step's prompts, G samples each
+        first = (step - 1) * cfg.prompts_per_step + rank * n_local
+        rows = [train_rows[i] for i in prompt_indices(len(train_rows), first, n_local, cfg.seed)]
+        prompt_ids, prompt_mask = tokenize_prompts(tok, [build_prompt(tok, r["question"]) for r in rows], device)
+        model.eval()  # no dropout while sampling
+        with autocast(device):
+            completion_ids, lengths, ended = rollout(model, prompt_ids, prompt_mask, G, cfg.max_new_tokens,
+                                                     cfg.temperature, eos, tok.pad_token_id, cfg.static_cache)
+        prompt_ids, prompt_mask = prompt_ids.repeat_interleave(G, 0), prompt_mask.repeat_interleave(G, 0)  # (B, P)
+        texts = decode(tok, completion_ids, lengths)
+
+        # --- reward and group-relative advantage
+        group_rows = [r for r in rows for _ in range(G)]
+        rewards, per_fn = score(texts, group_rows)  # (B,)
+        advantages = group_advantages(rewards, G, cfg.scale_rewards).to(device)  # (B,)
+
+        # --- log-probs of the frozen models, one micro-batch at a time, before any update
+        model.train()
+        slices = [slice(i, i + mb) for i in range(0, B, mb)]
+        ref_logp = old_logp = None  # (B, L) each, when used
+        with torch.no_grad(), autocast(device):
+            if ref_model is not None:
+                ref_logp = torch.cat([token_logprobs(ref_model, prompt_ids[s], prompt_mask[s], completion_ids[s],
+                                                     cfg.temperature) for s in slices])  # (B, L)
+            if cfg.mu > 1:
+                old_logp = torch.cat([token_logprobs(model, prompt_ids[s], prompt_mask[s], completion_ids[s],
+                                                     cfg.temperature) for s in slices])  # (B, L)
+
+        # --- mu optimizer steps on this batch
+        sums = {"loss": [0.0, 0.0], "kl": [0.0, 0.0], "clip_frac": [0.0, 0.0], "grad_norm": [0.0, 0.0]}
+        for _ in range(cfg.mu):
+            optimizer.zero_grad(set_to_none=True)
+            stats = accumulate_gradients(policy, prompt_ids, prompt_mask, completion_ids, lengths, advantages,
+                                         old_logp, ref_logp, cfg, mb, world)
+            for k, v in stats.items():
+                sums[k] = [sums[k][0] + v[0], sums[k][1] + v[1]]
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            if torch.isfinite(grad_norm) and math.isfinite(stats["loss"][0]):
+                optimizer.step()
+                bad_in_a_row = 0
+            else:  # a non-finite loss or gradient would corrupt the weights: skip this update
+                optimizer.zero_grad(set_to_none=True)
+                bad_in_a_row, skipped = bad_in_a_row + 1, skipped + 1
+                log(f"step {step}: non-finite loss or gradient, update skipped ({skipped} so far)")
+                if bad_in_a_row >= 3:
+                    fail(f"{bad_in_a_row} non-finite updates in a row at step {step}: lower --lr or check the rewards; "
+                         f"the last checkpoint in {cfg.output_dir} is intact (--resume)")
+            sums["grad_norm"] = [sums["grad_norm"][0] + grad_norm.item(), sums["grad_norm"][1] + 1]
+        scheduler.step()
+
+        # --- metrics: count-weighted means over all ranks
+        groups = rewards.view(-1, G)
+        accuracy = [correctness_reward(t, r["gold"]) for t, r in zip(texts, group_rows)]
+        n = float(B)
+        sums.update({"reward": [rewards.sum().item(), n], "accuracy": [sum(accuracy), n],
+                     "completion_len": [lengths.sum().item(), n], "truncated_frac": [(~ended).sum().item(), n],
+                     "frac_zero_std": [(groups.std(1) == 0).sum().item(), float(n_local)],
+                     "skipped_updates": [float(skipped), 1.0]})
+        sums.update({f"reward/{k}": [sum(v), n] for k, v in per_fn.items()})
+        local = {k: v[0] / max(v[1], 1e-12) for k, v in sums.items()}
+        metrics = reduce_metrics(sums, world, device)
+        step_time = time.time() - t0
+        metrics.update(step=step, lr=scheduler.get_last_lr()[0], step_time=step_time,
+                       tokens_per_s=metrics["completion_len"] * B * world / step_time)
+        fn_part = " ".join(f"{k[7:].removesuffix('_reward')} {v:.2f}" for k, v in metrics.items() if k.startswith("reward/"))
+        line = (f"step {step}/{cfg.steps} | reward {metrics['reward']:.3f} ({fn_part}) | acc {metrics['accuracy']:.3f} | "
+                  f"kl {metrics['kl']:.4f} | clip {metrics['clip_frac']:.3f} | len {metrics['completion_len']:.0f} | "
+                  f"trunc {metrics['truncated_frac']:.2f} | {step_time:.1f}s | {metrics['tokens_per_s']:.0f} tok/s")
+        if rank == 0:
+            bar.write(line)
+        if cfg.sample_every and step % cfg.sample_every == 0 and rank == 0:
+            best, worst = int(rewards[:G].argmax()), int(rewards[:G].argmin())
+            bar.write(f"--- question: {rows[0]['question']}\n--- best (reward {rewards[best]:.2f}):\n{texts[best]}\n"
+                      f"--- worst (reward {rewards[worst]:.2f}):\n{texts[worst]}\n---")
+        if test_rows and cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
+            metrics.update(evaluate(model, tok, test_rows, cfg, step, device, rank, world))
+            bar.write(f"eval step {step} | " + " | ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k.startswith("eval/")))
+        write_metrics(metrics)
+        if on_step is not None:
+            on_step(step, model, metrics, local)
+        if cfg.save_every and step % cfg.save_every == 0 and step != cfg.steps:
+            rngs = [None] * world
+            if world > 1:
+                dist.all_gather_object(rngs, rng_state())
+            else:
+                rngs = [rng_state()]
+            if rank == 0:
+                save_atomically(os.path.join(cfg.output_dir, "checkpoint"), model, tok,
+                                {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                 "rng": rngs, "skipped": skipped, "config": dataclasses.asdict(cfg)})
+                plot_metrics(cfg.output_dir)
+    bar.close()
+
+    if test_rows:
+        metrics = evaluate(model, tok, test_rows, cfg, cfg.steps, device, rank, world)
+        log(f"eval step {cfg.steps} | " + " | ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+        write_metrics({"step": cfg.steps, **metrics})
+    if rank == 0:
+        save_atomically(os.path.join(cfg.output_dir, "final"), model, tok)
+        plot_metrics(cfg.output_dir)
+        log(f"saved {os.path.join(cfg.output_dir, 'final')} (AutoModelForCausalLM.from_pretrained loads it)")
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(parse_config())
