@@ -134,7 +134,8 @@ def parse_number(text: str) -> float | None:
     """
     text = text.strip().replace("$", "").replace(" ", "").rstrip(".")
     text = re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", text)  # 1,234 -> 1234 but not 18,19
-    return float(text) if NUMBER.fullmatch(text) else None
+    value = float(text) if NUMBER.fullmatch(text) else None
+    return value if value is not None and math.isfinite(value) else None  # 400 nines is not a number
 
 
 def extract_answer(completion: str) -> str | None:
@@ -571,7 +572,7 @@ def accumulate_gradients(policy, prompt_ids, prompt_mask, completion_ids, length
     total_tokens = mask.sum()
     if world > 1 and cfg.loss_type == "dapo":
         dist.all_reduce(total_tokens)  # dapo normalizes by the tokens of the whole global batch
-    slices = [slice(i, i + micro_batch_size) for i in range(0, B, micro_batch_size)]
+    slices = [slice(i, min(i + micro_batch_size, B)) for i in range(0, B, micro_batch_size)]
     out = {"loss": [0.0, 1.0], "kl": [0.0, 0.0], "clip_frac": [0.0, 0.0]}
     for j, s in enumerate(slices):
         Lm = int(lengths[s].max())  # trim this micro-batch to its longest completion
@@ -757,7 +758,8 @@ def main(cfg: Config, on_step=None) -> None:
         if device.type == "cuda":
             ref_model.to(torch.bfloat16)  # it is only ever run under bf16 autocast: half the memory
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     policy = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model  # averages gradients
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
@@ -809,7 +811,7 @@ def main(cfg: Config, on_step=None) -> None:
 
         # --- log-probs of the frozen models, one micro-batch at a time, before any update
         model.train()
-        slices = [slice(i, i + mb) for i in range(0, B, mb)]
+        slices = [slice(i, min(i + mb, B)) for i in range(0, B, mb)]
         ref_logp = old_logp = None  # (B, L) each, when used
         with torch.no_grad(), autocast(device):
             if ref_model is not None:

@@ -222,7 +222,7 @@ def test_group_advantages():
     assert torch.allclose(a[:4], (g - g.mean()) / (g.std(unbiased=True) + 1e-4))
     assert torch.equal(a[4:], torch.zeros(4))  # equal rewards: zero advantage, not NaN
     assert torch.allclose(grpo.group_advantages(r, 4, scale_by_std=False)[:4], g - 0.5)
-    assert torch.allclose(grpo.group_advantages(r, 2)[:2], torch.tensor([1.0, -1.0]) / (math.sqrt(0.5) + 1e-4))
+    assert torch.allclose(grpo.group_advantages(r, 2)[:2], torch.tensor([0.5, -0.5]) / (math.sqrt(0.5) + 1e-4))  # unbiased std of (1, 0)
 
 
 def random_batch(B=4, L=6, seed=0):
@@ -436,7 +436,12 @@ METRIC_KEYS = ["step", "reward", "accuracy", "kl", "loss", "clip_frac", "complet
                "frac_zero_std", "step_time", "tokens_per_s"]
 
 
-def test_main_end_to_end(tiny_model, tiny_data, tmp_path):
+def test_main_end_to_end(tiny_model, tiny_data, tmp_path, monkeypatch):
+    def short_reward(completion: str, answer: str, **kwargs) -> float:  # a user's added reward: varies at random init
+        assert kwargs["question"]
+        return 1.0 / (1 + len(completion))
+
+    monkeypatch.setattr(grpo, "REWARD_FUNCS", grpo.REWARD_FUNCS + [(short_reward, 1.0)])
     cfg = tiny_config(tiny_model, tiny_data, tmp_path, steps=2, eval_size=2)
     before, _ = load(tiny_model)
     grpo.main(cfg)
