@@ -413,19 +413,34 @@ def selective_log_softmax(logits: torch.Tensor, ids: torch.Tensor, temperature: 
     return logits.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
 
 
-def token_logprobs(model, prompt_ids, prompt_mask, completion_ids, temperature: float, chunk: int = 1024) -> torch.Tensor:
+def token_logprobs(model, prompt_ids, prompt_mask, completion_ids, prompt_index, temperature: float,
+                   chunk: int = 1024) -> torch.Tensor:
     """log pi(o_t | q, o_<t) for every completion token: (B, L), fp32.
 
-    The model returns logits only for the L positions that predict completion tokens (not for the
-    prompt), and the fp32 log-softmax runs over at most `chunk` tokens at a time. Under autograd each
-    chunk is recomputed in backward instead of stored, so no fp32 (B, L, V) tensor ever exists.
+    prompt_ids, prompt_mask (N, P): the distinct prompts; completion_ids (B, L); prompt_index (B,):
+    the prompt row of each completion. Each prompt runs through the model once and its KV cache is
+    shared by its completions (G of them), as in the rollout, so the prompt is not recomputed G times;
+    gradients flow through the shared cache. Logits exist only for the positions that predict
+    completion tokens, and the fp32 log-softmax runs over at most `chunk` tokens at a time; under
+    autograd each chunk is recomputed in backward instead of stored, so no fp32 (B, L, V) tensor exists.
     """
     B, L = completion_ids.shape
-    ids = torch.cat([prompt_ids, completion_ids], 1)  # (B, P + L)
-    mask = torch.cat([prompt_mask, prompt_mask.new_ones(B, L)], 1)  # tokens past the end are masked in the loss
-    position = (mask.long().cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=False,
-                   logits_to_keep=L + 1).logits[:, :-1]  # (B, L, V): position P-1+t predicts token t
+    inner = getattr(model, "module", model)  # the model inside DDP: only the last forward goes through DDP
+    position = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)  # (N, P)
+    mask = torch.cat([prompt_mask[prompt_index], prompt_mask.new_ones(B, L)], 1)  # (B, P + L); past-the-end: loss mask
+    if not (inner.is_activation_checkpointing and inner.training):  # checkpointed layers drop the KV cache
+        cache = DynamicCache(config=inner.config)
+        first = inner(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position, past_key_values=cache,
+                      use_cache=True, logits_to_keep=1).logits  # (N, 1, V): predicts completion token 0
+        cache.batch_select_indices(prompt_index)  # (N, ..) -> (B, ..), differentiable
+        completion_position = position[prompt_index, -1:] + 1 + torch.arange(L, device=position.device)  # (B, L)
+        rest = model(input_ids=completion_ids, attention_mask=mask, position_ids=completion_position,
+                     past_key_values=cache, use_cache=True).logits  # (B, L, V): token t predicts t + 1
+        logits = torch.cat([first[prompt_index], rest[:, :-1]], 1)  # (B, L, V)
+    else:
+        ids = torch.cat([prompt_ids[prompt_index], completion_ids], 1)  # (B, P + L)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=(mask.long().cumsum(-1) - 1).clamp(min=0),
+                       use_cache=False, logits_to_keep=L + 1).logits[:, :-1]  # (B, L, V): position P-1+t predicts t
     flat_logits, flat_ids = logits.reshape(B * L, -1), completion_ids.reshape(B * L)  # (B*L, V), (B*L,)
     parts = []
     for i in range(0, B * L, chunk):
@@ -435,6 +450,17 @@ def token_logprobs(model, prompt_ids, prompt_mask, completion_ids, temperature: 
         else:
             parts.append(selective_log_softmax(*args))
     return torch.cat(parts).view(B, L)
+
+
+def micro_batches(B: int, size: int, group_size: int, device) -> list[tuple[slice, slice, torch.Tensor]]:
+    """Rows [i, i + size) of the batch, the prompt rows they use, and each row's index into those."""
+    out = []
+    for i in range(0, B, size):
+        rows = slice(i, min(i + size, B))
+        prompts = slice(rows.start // group_size, (rows.stop - 1) // group_size + 1)
+        index = torch.arange(rows.start, rows.stop, device=device) // group_size - prompts.start
+        out.append((rows, prompts, index))
+    return out
 
 
 def completion_mask(lengths: torch.Tensor, L: int) -> torch.Tensor:
@@ -518,7 +544,12 @@ def load_model(name: str, cfg: Config, device):
         fail(f"could not load model {name!r}: {first} Check the name and your network (HF_HUB_OFFLINE), or pass a local folder")
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token  # safe: masks come from lengths, never from token values
-    return model.to(device), tok
+    model.to(device)
+    if device.type == "cpu":  # weights may still point into the loaded file, at any alignment, and CPU matmuls
+        with torch.no_grad():  # can round differently by alignment: copy them into torch's own aligned memory,
+            for t in [*model.parameters(), *model.buffers()]:  # so a resumed run computes bit-identically
+                t.data = t.data.clone()
+    return model, tok
 
 
 def setup_distributed(cfg: Config) -> tuple[int, int, torch.device]:
@@ -561,6 +592,7 @@ def score(completions: list[str], rows: list[dict]) -> tuple[torch.Tensor, dict[
 def accumulate_gradients(policy, prompt_ids, prompt_mask, completion_ids, lengths, advantages, old_logp, ref_logp,
                          cfg: Config, micro_batch_size: int, world: int = 1) -> dict[str, list[float]]:
     """Backward of the loss over the whole batch (B rows), micro_batch_size rows at a time.
+    prompt_ids/prompt_mask (N, P) hold each prompt once; completion b belongs to prompt b // G.
 
     Each micro-batch's loss is weighted by its share of the full batch's normalizer (5), so the
     accumulated gradient equals the full-batch gradient exactly. Under DDP gradients are averaged
@@ -573,13 +605,13 @@ def accumulate_gradients(policy, prompt_ids, prompt_mask, completion_ids, length
     total_tokens = mask.sum()
     if world > 1 and cfg.loss_type == "dapo":
         dist.all_reduce(total_tokens)  # dapo normalizes by the tokens of the whole global batch
-    slices = [slice(i, min(i + micro_batch_size, B)) for i in range(0, B, micro_batch_size)]
+    slices = micro_batches(B, micro_batch_size, B // prompt_ids.shape[0], prompt_ids.device)
     out = {"loss": [0.0, 1.0], "kl": [0.0, 0.0], "clip_frac": [0.0, 0.0]}
-    for j, s in enumerate(slices):
+    for j, (s, p, index) in enumerate(slices):
         Lm = int(lengths[s].max())  # trim this micro-batch to its longest completion
         last = j == len(slices) - 1
         with (policy.no_sync() if world > 1 and not last else contextlib.nullcontext()), autocast(prompt_ids.device):
-            logp = token_logprobs(policy, prompt_ids[s], prompt_mask[s], completion_ids[s, :Lm], cfg.temperature)
+            logp = token_logprobs(policy, prompt_ids[p], prompt_mask[p], completion_ids[s, :Lm], index, cfg.temperature)
             loss, stats = grpo_loss(logp, logp.detach() if old_logp is None else old_logp[s, :Lm],
                                     None if ref_logp is None else ref_logp[s, :Lm], advantages[s], mask[s, :Lm],
                                     cfg.clip_eps, cfg.beta, cfg.loss_type, cfg.max_new_tokens,
@@ -720,8 +752,8 @@ def plot_metrics(output_dir: str) -> None:
 
 
 def main(cfg: Config, on_step=None) -> None:
-    """Train (or with --eval_only, evaluate). on_step(step, model, metrics, local_metrics) is an
-    optional hook called on every rank after every step (the tests use it)."""
+    """Train (or with --eval_only, evaluate). on_step(step, model, metrics, sums) is an optional hook
+    called on every rank after every step, sums being this rank's {name: [total, count]} (for tests)."""
     check_config(cfg)
     rank, world, device = setup_distributed(cfg)
     if cfg.prompts_per_step % world:
@@ -801,7 +833,6 @@ def main(cfg: Config, on_step=None) -> None:
         with autocast(device):
             completion_ids, lengths, ended = rollout(model, prompt_ids, prompt_mask, G, cfg.max_new_tokens,
                                                      cfg.temperature, eos, tok.pad_token_id, cfg.static_cache)
-        prompt_ids, prompt_mask = prompt_ids.repeat_interleave(G, 0), prompt_mask.repeat_interleave(G, 0)  # (B, P)
         texts = decode(tok, completion_ids, lengths)
 
         # --- reward and group-relative advantage
@@ -811,15 +842,13 @@ def main(cfg: Config, on_step=None) -> None:
 
         # --- log-probs of the frozen models, one micro-batch at a time, before any update
         model.train()
-        slices = [slice(i, min(i + mb, B)) for i in range(0, B, mb)]
-        ref_logp = old_logp = None  # (B, L) each, when used
+        def frozen_logprobs(m) -> torch.Tensor:  # (B, L)
+            return torch.cat([token_logprobs(m, prompt_ids[p], prompt_mask[p], completion_ids[s], index, cfg.temperature)
+                              for s, p, index in micro_batches(B, mb, G, device)])
+
         with torch.no_grad(), autocast(device):
-            if ref_model is not None:
-                ref_logp = torch.cat([token_logprobs(ref_model, prompt_ids[s], prompt_mask[s], completion_ids[s],
-                                                     cfg.temperature) for s in slices])  # (B, L)
-            if cfg.mu > 1:
-                old_logp = torch.cat([token_logprobs(model, prompt_ids[s], prompt_mask[s], completion_ids[s],
-                                                     cfg.temperature) for s in slices])  # (B, L)
+            ref_logp = frozen_logprobs(ref_model) if ref_model is not None else None
+            old_logp = frozen_logprobs(model) if cfg.mu > 1 else None  # pi_old, kept for the mu updates
 
         # --- mu optimizer steps on this batch
         sums = {"loss": [0.0, 0.0], "kl": [0.0, 0.0], "clip_frac": [0.0, 0.0], "grad_norm": [0.0, 0.0]}
@@ -852,7 +881,6 @@ def main(cfg: Config, on_step=None) -> None:
                      "frac_zero_std": [(groups.std(1) == 0).sum().item(), float(n_local)],
                      "skipped_updates": [float(skipped), 1.0]})
         sums.update({f"reward/{k}": [sum(v), n] for k, v in per_fn.items()})
-        local = {k: v[0] / max(v[1], 1e-12) for k, v in sums.items()}
         metrics = reduce_metrics(sums, world, device)
         step_time = time.time() - t0
         metrics.update(step=step, lr=scheduler.get_last_lr()[0], step_time=step_time,
@@ -872,7 +900,7 @@ def main(cfg: Config, on_step=None) -> None:
             bar.write(f"eval step {step} | " + " | ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k.startswith("eval/")))
         write_metrics(metrics)
         if on_step is not None:
-            on_step(step, model, metrics, local)
+            on_step(step, model, metrics, sums)
         if cfg.save_every and step % cfg.save_every == 0 and step != cfg.steps:
             rngs = [None] * world
             if world > 1:

@@ -316,31 +316,52 @@ def test_grpo_loss_rejects_unknown_loss_type():
 
 # ----------------------------------------------------------------------------- log-probs, masks, rollouts
 def test_token_logprobs_with_left_padding_match_unpadded(tiny_model):
+    """Two prompts of different lengths (left-padded, pad == eos), two completions each sharing the
+    prompt's cache: every row equals the log-softmax of the model run on that row alone, unpadded."""
     model, tok = load(tiny_model)
     prompts = ["<|im_start|>user\n1+2?<|im_end|>\n", "hi"]
     ids, mask = grpo.tokenize_prompts(tok, prompts, "cpu")
-    assert mask[1, 0] == 0 and mask[0].all()  # the short prompt is left-padded (with pad == eos)
-    completion = torch.tensor([[5, 6, 7, tok.eos_token_id], [8, tok.eos_token_id, tok.eos_token_id, tok.eos_token_id]])
+    assert mask[1, 0] == 0 and mask[0].all() and ids[1, 0] == tok.eos_token_id  # left padding, with the EOS id
+    eos = tok.eos_token_id
+    completion = torch.tensor([[5, 6, 7, eos], [9, eos, eos, eos], [8, eos, eos, eos], [10, 11, 12, 13]])
+    index = torch.tensor([0, 0, 1, 1])
     with torch.no_grad():
-        batched = grpo.token_logprobs(model, ids, mask, completion, temperature=0.7)
-        for i, p in enumerate(prompts):
-            alone = torch.tensor([tok(p, add_special_tokens=False).input_ids])
-            full = torch.cat([alone, completion[i : i + 1]], 1)
+        batched = grpo.token_logprobs(model, ids, mask, completion, index, temperature=0.7)
+        for b in range(4):
+            alone = torch.tensor([tok(prompts[index[b]], add_special_tokens=False).input_ids])
+            full = torch.cat([alone, completion[b : b + 1]], 1)
             logits = model(full).logits[0, alone.shape[1] - 1 : -1].float() / 0.7
-            direct = logits.log_softmax(-1).gather(-1, completion[i][:, None]).squeeze(-1)
-            assert torch.allclose(batched[i], direct, atol=1e-5)
+            direct = logits.log_softmax(-1).gather(-1, completion[b][:, None]).squeeze(-1)
+            assert torch.allclose(batched[b], direct, atol=1e-5)
+
+
+def logprobs_and_grad(model, *args, **kw):
+    logp = grpo.token_logprobs(model, *args, **kw)
+    (grad,) = torch.autograd.grad((logp * torch.linspace(-1, 1, logp.numel()).view_as(logp)).sum(),
+                                  model.model.layers[0].self_attn.q_proj.weight)
+    return logp.detach(), grad
+
+
+def test_shared_prompt_cache_equals_full_sequences_with_gradients(tiny_model):
+    model, tok = load(tiny_model)
+    model.train()
+    ids, mask = grpo.tokenize_prompts(tok, ["abc", "de"], "cpu")
+    completion = torch.randint(3, 90, (6, 5), generator=torch.Generator().manual_seed(0))
+    index = torch.tensor([0, 0, 0, 1, 1, 1])
+    shared = logprobs_and_grad(model, ids, mask, completion, index, 1.0)
+    model.activation_checkpointing_enable({"use_reentrant": False})  # forces the full-sequence path
+    full = logprobs_and_grad(model, ids, mask, completion, index, 1.0)
+    assert torch.allclose(shared[0], full[0], atol=1e-5) and torch.allclose(shared[1], full[1], atol=1e-5)
 
 
 def test_chunked_logprobs_equal_unchunked_and_gradients_match(tiny_model):
     model, tok = load(tiny_model)
     ids, mask = grpo.tokenize_prompts(tok, ["abc", "de"], "cpu")
-    completion = torch.randint(3, 90, (2, 7), generator=torch.Generator().manual_seed(0))
-    whole = grpo.token_logprobs(model, ids, mask, completion, 1.0, chunk=10_000)
-    (g_whole,) = torch.autograd.grad(whole.sum(), model.model.embed_tokens.weight)
-    chunked = grpo.token_logprobs(model, ids, mask, completion, 1.0, chunk=3)
-    (g_chunk,) = torch.autograd.grad(chunked.sum(), model.model.embed_tokens.weight)
-    assert torch.allclose(whole, chunked, atol=1e-6)
-    assert torch.allclose(g_whole, g_chunk, atol=1e-6)
+    completion = torch.randint(3, 90, (4, 7), generator=torch.Generator().manual_seed(0))
+    index = torch.tensor([0, 0, 1, 1])
+    whole = logprobs_and_grad(model, ids, mask, completion, index, 1.0, chunk=10_000)
+    chunked = logprobs_and_grad(model, ids, mask, completion, index, 1.0, chunk=3)
+    assert torch.allclose(whole[0], chunked[0], atol=1e-6) and torch.allclose(whole[1], chunked[1], atol=1e-6)
 
 
 def test_completion_mask_from_lengths():
@@ -415,15 +436,14 @@ def test_micro_batched_gradient_equals_full_batch(tiny_model):
     G = 2
     out, lengths, _ = grpo.rollout(model, ids, mask, G, 8, 1.0, grpo.eos_ids(model, tok), tok.pad_token_id)
     lengths[0] = 2  # make lengths differ so every normalization is exercised
-    ids, mask = ids.repeat_interleave(G, 0), mask.repeat_interleave(G, 0)
     adv = torch.randn(6, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        ref = grpo.token_logprobs(model, ids, mask, out, 1.0) + 0.1 * torch.randn(out.shape)
-        old = grpo.token_logprobs(model, ids, mask, out, 1.0) + 0.1 * torch.randn(out.shape)
+        logp = grpo.token_logprobs(model, ids, mask, out, torch.arange(6) // G, 1.0)
+        ref, old = logp + 0.1 * torch.randn(out.shape), logp + 0.1 * torch.randn(out.shape)
     for loss_type in grpo.LOSS_TYPES:
         cfg = grpo.Config(loss_type=loss_type, beta=0.04, max_new_tokens=8)
         grads = []
-        for mb in (6, 4, 1):
+        for mb in (6, 4, 1):  # 4 splits a group across micro-batches
             model.zero_grad()
             grpo.accumulate_gradients(model, ids, mask, out, lengths, adv, old, ref, cfg, mb)
             grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
@@ -722,11 +742,11 @@ sys.path.insert(0, {here!r})
 import grpo
 cfg = grpo.Config(**json.loads(sys.argv[1]))
 records = []
-def on_step(step, model, metrics, local):
+def on_step(step, model, metrics, sums):
     flat = torch.cat([p.detach().flatten() for p in model.parameters()])
     gathered = [torch.zeros_like(flat) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, flat)
-    records.append({{"step": step, "same": all(torch.equal(gathered[0], g) for g in gathered), "local": local,
+    records.append({{"step": step, "same": all(torch.equal(gathered[0], g) for g in gathered), "sums": sums,
                      "metrics": metrics}})
 grpo.main(cfg, on_step=on_step)
 with open(os.path.join(cfg.output_dir, f"rank{{int(os.environ['RANK'])}}.json"), "w") as f:
@@ -750,8 +770,13 @@ def test_distributed_two_processes(tiny_model, tiny_data, tmp_path):
     for step in range(3):
         a, b = ranks[0][step], ranks[1][step]
         assert a["same"] and b["same"]  # parameters identical on both ranks after every step
-        for k in ("reward", "accuracy", "completion_len", "kl", "clip_frac"):  # equal shares: plain mean
-            assert a["metrics"][k] == pytest.approx((a["local"][k] + b["local"][k]) / 2, rel=1e-6, abs=1e-9)
+        timing = ("step_time", "tokens_per_s")  # each rank's own clock
+        assert {k: v for k, v in a["metrics"].items() if k not in timing} == {
+            k: v for k, v in b["metrics"].items() if k not in timing}
+        for k, (total_a, count_a) in a["sums"].items():  # means weighted by counts (tokens for kl, clip_frac)
+            total_b, count_b = b["sums"][k]
+            assert a["metrics"][k] == pytest.approx((total_a + total_b) / (count_a + count_b), rel=1e-9, abs=1e-12)
+        assert a["sums"]["kl"][1] != b["sums"]["kl"][1]  # the ranks' token counts differ, so weighting matters
     logged = [r for r in read_metrics(grpo.Config(output_dir=cfg["output_dir"])) if "reward" in r]
     assert [r["reward"] for r in logged] == pytest.approx([r["metrics"]["reward"] for r in ranks[0]])
     assert os.path.exists(tmp_path / "out" / "final" / "config.json")
