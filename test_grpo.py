@@ -783,6 +783,13 @@ def test_distributed_two_processes(tiny_model, tiny_data, tmp_path):
     assert os.path.exists(tmp_path / "out" / "checkpoint" / "trainer_state.pt")
     with open(tmp_path / "out" / "eval_3.jsonl") as f:
         assert [json.loads(line)["index"] for line in f] == [0, 1, 2, 3]  # sharded eval, gathered in order
+    # --resume under torchrun: continues from the step-2 checkpoint to step 4
+    cmd[-1] = json.dumps({**cfg, "steps": 4, "resume": True, "eval_size": 0})
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    resumed = json.load(open(tmp_path / "out" / "rank0.json"))
+    assert [r["step"] for r in resumed] == [3, 4] and all(r["same"] for r in resumed)
+    assert [r["step"] for r in read_metrics(grpo.Config(output_dir=cfg["output_dir"])) if "reward" in r] == [1, 2, 3, 4]
 
 
 def test_prompts_must_divide_over_ranks(tiny_model, tiny_data, tmp_path, monkeypatch):
