@@ -92,40 +92,62 @@ def run_path(args) -> dict:
         with ac, torch.no_grad():
             if args.path == "fast":
                 eos = [config.vocab_size - 1]
-                clock("prefill", lambda: grpo.rollout(model, prompt_ids, prompt_mask, G, 1, 1.0, eos, 0,
-                                                      args.static_cache, ignore_eos=True))
-                completion, lengths, _ = clock("rollout", lambda: grpo.rollout(
-                    model, prompt_ids, prompt_mask, G, L, 1.0, eos, 0, args.static_cache, ignore_eos=True))
+                clock(
+                    "prefill",
+                    lambda: grpo.rollout(
+                        model, prompt_ids, prompt_mask, G, 1, 1.0, eos, 0, args.static_cache, ignore_eos=True
+                    ),
+                )
+                completion, lengths, _ = clock(
+                    "rollout",
+                    lambda: grpo.rollout(
+                        model, prompt_ids, prompt_mask, G, L, 1.0, eos, 0, args.static_cache, ignore_eos=True
+                    ),
+                )
             else:
                 ids, mask = prompt_ids.repeat_interleave(G, 0), prompt_mask.repeat_interleave(G, 0)
                 kw = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, pad_token_id=0)
-                clock("prefill", lambda: model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=1,
-                                                        min_new_tokens=1, **kw))
-                seq = clock("rollout", lambda: model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=L,
-                                                              min_new_tokens=L, **kw))  # min_new_tokens: no EOS
+                clock(
+                    "prefill",
+                    lambda: model.generate(
+                        input_ids=ids, attention_mask=mask, max_new_tokens=1, min_new_tokens=1, **kw
+                    ),
+                )
+                seq = clock(
+                    "rollout",
+                    lambda: model.generate(
+                        input_ids=ids, attention_mask=mask, max_new_tokens=L, min_new_tokens=L, **kw
+                    ),
+                )  # min_new_tokens: no EOS
                 completion, lengths = seq[:, P:], torch.full((B,), L, device=device)
         times["decode"].append(times["rollout"][-1] - times["prefill"][-1])
         assert completion.shape == (B, L), completion.shape
         model.train()
-        slices = grpo.micro_batches(B, mb, G, device)
         with ac, torch.no_grad():
             if args.path == "fast":
-                frozen = lambda m: torch.cat([grpo.token_logprobs(m, prompt_ids[p], prompt_mask[p], completion[s], i, 1.0)  # noqa: E731
-                                              for s, p, i in slices])
+                frozen = lambda m: grpo.frozen_logprobs(m, prompt_ids, prompt_mask, completion, mb, 1.0)  # noqa: E731
             else:
                 frozen = lambda m: plain_logprobs(m, seq, completion)  # noqa: E731
             ref_logp = clock("ref_logp", lambda: frozen(ref)) if ref is not None else None
             old_logp = clock("old_logp", lambda: frozen(model))
         opt.zero_grad(set_to_none=True)
         if args.path == "fast":
-            clock("policy_fwd_bwd", lambda: grpo.accumulate_gradients(
-                model, prompt_ids, prompt_mask, completion, lengths, advantages, old_logp, ref_logp, cfg, mb))
+            clock(
+                "policy_fwd_bwd",
+                lambda: grpo.accumulate_gradients(
+                    model, prompt_ids, prompt_mask, completion, lengths, advantages, old_logp, ref_logp, cfg, mb
+                ),
+            )
         else:
+
             def plain_update():
                 with ac:
                     logp = plain_logprobs(model, seq, completion)
-                    loss, _ = grpo.grpo_loss(logp, old_logp, ref_logp, advantages, torch.ones_like(logp), beta=args.beta)
+                    loss, _ = grpo.grpo_loss(
+                        logp, old_logp, ref_logp, advantages, torch.ones_like(logp), beta=args.beta
+                    )
                 loss.backward()
+
             clock("policy_fwd_bwd", plain_update)
         clock("optimizer", lambda: (torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0), opt.step()))
         times["step"].append(time.perf_counter() - t_step)
@@ -141,13 +163,19 @@ def run_path(args) -> dict:
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (Linux)
     n_params = sum(p.numel() for p in model.parameters())
-    return {"seconds": median, "peak_mem_gib": peak, "decode_tokens_per_s": B * (L - 1) / median["decode"],
-            "params": n_params}
+    return {
+        "seconds": median,
+        "peak_mem_gib": peak,
+        "decode_tokens_per_s": B * (L - 1) / median["decode"],
+        "params": n_params,
+    }
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="model folder or hub id (with --random_init: only its config is used)")
+    p.add_argument(
+        "--model", required=True, help="model folder or hub id (with --random_init: only its config is used)"
+    )
     p.add_argument("--random_init", action="store_true", help="random weights of the model's shape")
     p.add_argument("--prompts", type=int, default=4, help="P: distinct prompts per step")
     p.add_argument("--group_size", type=int, default=8, help="G: samples per prompt")
@@ -155,11 +183,15 @@ def main() -> None:
     p.add_argument("--new_tokens", type=int, default=64, help="completion tokens, forced (no early EOS)")
     p.add_argument("--beta", type=float, default=0.04, help="KL weight; 0 = no reference pass")
     p.add_argument("--micro_batch_size", type=int, default=-1, help="fast path micro-batch; -1 = whole batch")
-    p.add_argument("--static_cache", action=argparse.BooleanOptionalAction, default=False, help="fast path: static cache")
+    p.add_argument(
+        "--static_cache", action=argparse.BooleanOptionalAction, default=False, help="fast path: static cache"
+    )
     p.add_argument("--gradient_checkpointing", action="store_true", help="both paths")
     p.add_argument("--repeats", type=int, default=2, help="timed repeats after one warmup (median reported)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--bandwidth_gbs", type=float, default=0.0, help="GPU memory bandwidth for the decode roofline (GB/s)")
+    p.add_argument(
+        "--bandwidth_gbs", type=float, default=0.0, help="GPU memory bandwidth for the decode roofline (GB/s)"
+    )
     p.add_argument("--path", choices=["fast", "plain"], help=argparse.SUPPRESS)  # internal: one path in this process
     args = p.parse_args()
     if args.path:
@@ -175,9 +207,15 @@ def main() -> None:
         results[path] = json.loads(proc.stdout.strip().splitlines()[-1])
     fast, plain = results["fast"], results["plain"]
     device = torch.device(args.device)
-    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
-    print(f"\nmachine {machine} | model {args.model} ({fast['params'] / 1e6:.1f}M params{', random init' if args.random_init else ''}) | "
-          f"P={args.prompts} G={args.group_size} prompt {args.prompt_len} new {args.new_tokens} beta {args.beta}\n")
+    machine = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    )
+    print(
+        f"\nmachine {machine} | model {args.model} ({fast['params'] / 1e6:.1f}M params{', random init' if args.random_init else ''}) | "
+        f"P={args.prompts} G={args.group_size} prompt {args.prompt_len} new {args.new_tokens} beta {args.beta}\n"
+    )
     print(f"{'phase':<16}{'fast (s)':>12}{'plain (s)':>12}{'plain/fast':>12}")
     ratios = {}
     for k in PHASES:
@@ -186,16 +224,26 @@ def main() -> None:
             print(f"{k:<16}{fast['seconds'][k]:>12.3f}{plain['seconds'][k]:>12.3f}{ratios[k]:>11.2f}x")
     mem_ratio = fast["peak_mem_gib"] / plain["peak_mem_gib"]
     kind = "CUDA max allocated" if device.type == "cuda" else "peak RSS"
-    print(f"{'peak mem (GiB)':<16}{fast['peak_mem_gib']:>12.2f}{plain['peak_mem_gib']:>12.2f}   fast/plain {mem_ratio:.2f} ({kind})")
+    print(
+        f"{'peak mem (GiB)':<16}{fast['peak_mem_gib']:>12.2f}{plain['peak_mem_gib']:>12.2f}   fast/plain {mem_ratio:.2f} ({kind})"
+    )
     print(f"{'decode tok/s':<16}{fast['decode_tokens_per_s']:>12.0f}{plain['decode_tokens_per_s']:>12.0f}")
-    summary = {"machine": machine, "args": {k: v for k, v in vars(args).items() if k != "path"}, "fast": fast,
-               "plain": plain, "speedup": ratios, "peak_mem_fast_over_plain": mem_ratio}
+    summary = {
+        "machine": machine,
+        "args": {k: v for k, v in vars(args).items() if k != "path"},
+        "fast": fast,
+        "plain": plain,
+        "speedup": ratios,
+        "peak_mem_fast_over_plain": mem_ratio,
+    }
     if device.type == "cuda" and args.bandwidth_gbs > 0:  # weights read once per decode step, in bf16
         step_s = fast["seconds"]["decode"] / (args.new_tokens - 1)
         weight_gbs = fast["params"] * 2 / step_s / 1e9
         summary["decode_weight_bandwidth_fraction"] = weight_gbs / args.bandwidth_gbs
-        print(f"decode: {step_s * 1e3:.2f} ms/step, weights read at {weight_gbs:.0f} GB/s = "
-              f"{weight_gbs / args.bandwidth_gbs:.1%} of {args.bandwidth_gbs:.0f} GB/s")
+        print(
+            f"decode: {step_s * 1e3:.2f} ms/step, weights read at {weight_gbs:.0f} GB/s = "
+            f"{weight_gbs / args.bandwidth_gbs:.1%} of {args.bandwidth_gbs:.0f} GB/s"
+        )
     print(json.dumps(summary))
 
 

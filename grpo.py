@@ -57,6 +57,27 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, StaticCache
 
 
+def fail(message: str):
+    """Stop with one line on stderr (no traceback) and exit status 1."""
+    raise SystemExit(f"error: {message}")
+
+
+def first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def looks_local(path: str) -> bool:
+    """A path the user meant as a local file or folder, not a hub id like 'org/name'."""
+    return path.startswith((".", "/", "~")) or path.count("/") > 1 or path.endswith((".jsonl", ".json", ".parquet"))
+
+
+def autocast(device):
+    """bf16 autocast on CUDA over the fp32 master weights; plain fp32 elsewhere (bf16 is slow on CPU)."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 # ----------------------------------------------------------------------------- Config
 @dataclass
 class Config:
@@ -101,9 +122,13 @@ def parse_config(argv: list[str] | None = None) -> Config:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     for f in dataclasses.fields(Config):
         if f.type is bool:  # --x / --no-x; argparse appends the default to the help
-            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default, help=helps[f.name])
+            parser.add_argument(
+                f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default, help=helps[f.name]
+            )
         else:
-            parser.add_argument(f"--{f.name}", type=f.type, default=f.default, help=f"{helps[f.name]} (default: {f.default!r})")
+            parser.add_argument(
+                f"--{f.name}", type=f.type, default=f.default, help=f"{helps[f.name]} (default: {f.default!r})"
+            )
     return Config(**vars(parser.parse_args(argv)))
 
 
@@ -255,14 +280,14 @@ def load_rows(cfg: Config, split: str) -> list[dict]:
     if os.path.isdir(path):
         files = sorted(f for f in os.listdir(path) if os.path.splitext(f)[1] in kinds and f.startswith(split))
         if not files:
-            raise SystemExit(f"error: no {split}.jsonl/.json/.parquet in folder {path}: add one, or pass another --dataset")
+            fail(f"no {split}.jsonl/.json/.parquet in folder {path}: add one, or pass another --dataset")
         files = [os.path.join(path, f) for f in files]
     elif os.path.isfile(path):
         if split != "train":
-            raise SystemExit(f"error: dataset file {path} has no {split} split: pass a folder with train and test files, or --eval_size 0")
+            fail(f"dataset file {path} has no {split} split: pass a folder with train and test files, or --eval_size 0")
         files = [path]
-    elif path.startswith((".", "/", "~")) or os.path.splitext(path)[1] in kinds or path.count("/") > 1:
-        raise SystemExit(f"error: dataset path {path} does not exist: pass an existing file or folder, or a hub id like openai/gsm8k")
+    elif looks_local(path):
+        fail(f"dataset path {path} does not exist: pass an existing file or folder, or a hub id like openai/gsm8k")
     else:
         files = None
     try:
@@ -272,11 +297,14 @@ def load_rows(cfg: Config, split: str) -> list[dict]:
         else:
             ds = datasets.load_dataset(path, cfg.dataset_config or None, split=split)
     except Exception as e:  # offline hub, bad file, unknown split: one line, not a traceback
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise SystemExit(f"error: could not load dataset {cfg.dataset!r} ({split}): {first}. Check the path or hub id and your network, or use a local file") from None
+        fail(
+            f"could not load dataset {cfg.dataset!r} ({split}): {first_line(e)}. Check the path or hub id and your network, or use a local file"
+        )
     missing = {"question", "answer"} - set(ds.column_names)
     if missing:
-        raise SystemExit(f"error: dataset {cfg.dataset} lacks column(s) {sorted(missing)}; it has {ds.column_names}. Rename them to question/answer")
+        fail(
+            f"dataset {cfg.dataset} lacks column(s) {sorted(missing)}; it has {ds.column_names}. Rename them to question/answer"
+        )
     rows, bad = [], 0
     for row in ds:
         try:
@@ -284,7 +312,7 @@ def load_rows(cfg: Config, split: str) -> list[dict]:
         except ValueError:
             bad += 1
     if not rows:
-        raise SystemExit(f"error: none of the {bad} answers in {cfg.dataset} ({split}) ends in '#### <number>': fix the answer column")
+        fail(f"none of the {bad} answers in {cfg.dataset} ({split}) ends in '#### <number>': fix the answer column")
     if bad:
         print(f"skipped {bad} of {bad + len(rows)} {split} rows whose answer has no '#### <number>'", file=sys.stderr)
     return rows
@@ -319,8 +347,18 @@ def eos_ids(model, tok) -> list[int]:
 
 
 @torch.no_grad()
-def rollout(model, prompt_ids, prompt_mask, group_size, max_new_tokens, temperature, eos, pad_id,
-            static_cache=False, ignore_eos=False):
+def rollout(
+    model,
+    prompt_ids,
+    prompt_mask,
+    group_size,
+    max_new_tokens,
+    temperature,
+    eos,
+    pad_id,
+    static_cache=False,
+    ignore_eos=False,
+):
     """Sample group_size completions for each prompt (temperature 0 = greedy).
 
     prompt_ids, prompt_mask: (N, P) left-padded prompts. The prompt is prefilled once and its
@@ -333,8 +371,14 @@ def rollout(model, prompt_ids, prompt_mask, group_size, max_new_tokens, temperat
     B, dev = n * group_size, prompt_ids.device
     position = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)  # (n, P): left padding shifts positions
     cache = DynamicCache(config=model.config)
-    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position,
-                past_key_values=cache, use_cache=True, logits_to_keep=1)
+    out = model(
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        position_ids=position,
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
     logits = out.logits[:, -1].float().repeat_interleave(group_size, 0)  # (B, V)
     if static_cache:  # copy the repeated prefix into fixed-size buffers, so decoding has static shapes
         cache_len = P + max_new_tokens
@@ -368,8 +412,18 @@ def rollout(model, prompt_ids, prompt_mask, group_size, max_new_tokens, temperat
         if not static_cache:
             mask = torch.cat([mask, mask.new_ones(B, 1)], 1)  # (B, P + t + 1)
         cache_position = torch.tensor([P + t], device=dev) if static_cache else None
-        logits = forward(input_ids=tokens[:, t : t + 1], attention_mask=mask, position_ids=next_position,
-                         past_key_values=cache, cache_position=cache_position, use_cache=True).logits[:, -1].float()
+        logits = (
+            forward(
+                input_ids=tokens[:, t : t + 1],
+                attention_mask=mask,
+                position_ids=next_position,
+                past_key_values=cache,
+                cache_position=cache_position,
+                use_cache=True,
+            )
+            .logits[:, -1]
+            .float()
+        )
         next_position = next_position + 1
     return tokens[:, : int(lengths.max())], lengths, ended
 
@@ -395,9 +449,21 @@ def decode(tok, completion_ids: torch.Tensor, lengths: torch.Tensor) -> list[str
     return [tok.decode(ids[:n], skip_special_tokens=True) for ids, n in zip(completion_ids.tolist(), lengths.tolist())]
 
 
+def generate(model, tok, questions: list[str], group_size: int, temperature: float, cfg: Config, device):
+    """Prompt ids/mask (N, P), completion ids (B, L), lengths (B,), ended (B,) and texts for the questions."""
+    prompt_ids, prompt_mask = tokenize_prompts(tok, [build_prompt(tok, q) for q in questions], device)
+    model.eval()  # no dropout while sampling
+    with autocast(device):
+        out = rollout(model, prompt_ids, prompt_mask, group_size, cfg.max_new_tokens, temperature,
+                      eos_ids(model, tok), tok.pad_token_id, static_cache=cfg.static_cache)  # fmt: skip
+    return prompt_ids, prompt_mask, *out, decode(tok, out[0], out[1])
+
+
 # ----------------------------------------------------------------------------- GRPO math
 # Shapes: N prompts, G completions each, B = N*G, P prompt length, L completion length, V vocab.
-def group_advantages(rewards: torch.Tensor, group_size: int, scale_by_std: bool = True, eps: float = 1e-4) -> torch.Tensor:
+def group_advantages(
+    rewards: torch.Tensor, group_size: int, scale_by_std: bool = True, eps: float = 1e-4
+) -> torch.Tensor:
     """A_i = (r_i - mean(r_group)) / (std(r_group) + eps): each answer judged against its siblings.
     rewards (B,) with each group's G completions contiguous; a group of equal rewards gives 0."""
     r = rewards.view(-1, group_size)  # (N, G)
@@ -413,8 +479,9 @@ def selective_log_softmax(logits: torch.Tensor, ids: torch.Tensor, temperature: 
     return logits.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
 
 
-def token_logprobs(model, prompt_ids, prompt_mask, completion_ids, prompt_index, temperature: float,
-                   chunk: int = 1024) -> torch.Tensor:
+def token_logprobs(
+    model, prompt_ids, prompt_mask, completion_ids, prompt_index, temperature: float, chunk: int = 1024
+) -> torch.Tensor:
     """log pi(o_t | q, o_<t) for every completion token: (B, L), fp32.
 
     prompt_ids, prompt_mask (N, P): the distinct prompts; completion_ids (B, L); prompt_index (B,):
@@ -430,17 +497,33 @@ def token_logprobs(model, prompt_ids, prompt_mask, completion_ids, prompt_index,
     mask = torch.cat([prompt_mask[prompt_index], prompt_mask.new_ones(B, L)], 1)  # (B, P + L); past-the-end: loss mask
     if not (inner.is_activation_checkpointing and inner.training):  # checkpointed layers drop the KV cache
         cache = DynamicCache(config=inner.config)
-        first = inner(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position, past_key_values=cache,
-                      use_cache=True, logits_to_keep=1).logits  # (N, 1, V): predicts completion token 0
+        first = inner(
+            input_ids=prompt_ids,
+            attention_mask=prompt_mask,
+            position_ids=position,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        ).logits  # (N, 1, V): predicts completion token 0
         cache.batch_select_indices(prompt_index)  # (N, ..) -> (B, ..), differentiable
         completion_position = position[prompt_index, -1:] + 1 + torch.arange(L, device=position.device)  # (B, L)
-        rest = model(input_ids=completion_ids, attention_mask=mask, position_ids=completion_position,
-                     past_key_values=cache, use_cache=True).logits  # (B, L, V): token t predicts t + 1
+        rest = model(
+            input_ids=completion_ids,
+            attention_mask=mask,
+            position_ids=completion_position,
+            past_key_values=cache,
+            use_cache=True,
+        ).logits  # (B, L, V): token t predicts t + 1
         logits = torch.cat([first[prompt_index], rest[:, :-1]], 1)  # (B, L, V)
     else:
         ids = torch.cat([prompt_ids[prompt_index], completion_ids], 1)  # (B, P + L)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=(mask.long().cumsum(-1) - 1).clamp(min=0),
-                       use_cache=False, logits_to_keep=L + 1).logits[:, :-1]  # (B, L, V): position P-1+t predicts t
+        logits = model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=(mask.long().cumsum(-1) - 1).clamp(min=0),
+            use_cache=False,
+            logits_to_keep=L + 1,
+        ).logits[:, :-1]  # (B, L, V): position P-1+t predicts t
     flat_logits, flat_ids = logits.reshape(B * L, -1), completion_ids.reshape(B * L)  # (B*L, V), (B*L,)
     parts = []
     for i in range(0, B * L, chunk):
@@ -479,8 +562,18 @@ def completion_mask(lengths: torch.Tensor, L: int) -> torch.Tensor:
 LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
 
 
-def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps=0.2, beta=0.04, loss_type="grpo",
-              max_tokens=None, clip_eps_high=None):
+def grpo_loss(
+    logp,
+    old_logp,
+    ref_logp,
+    advantages,
+    mask,
+    clip_eps=0.2,
+    beta=0.04,
+    loss_type="grpo",
+    max_tokens=None,
+    clip_eps_high=None,
+):
     """The GRPO loss (-J above) and a dict of detached stats. logp/old_logp/ref_logp/mask (B, L),
     advantages (B,); ref_logp may be None when beta == 0; max_tokens defaults to L (dr_grpo)."""
     eps_high = clip_eps if clip_eps_high is None else clip_eps_high
@@ -510,18 +603,18 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps=0.2, beta=0.0
 
 
 # ----------------------------------------------------------------------------- Training
-def fail(message: str):
-    """Stop with one line on stderr (no traceback) and exit status 1."""
-    raise SystemExit(f"error: {message}")
-
-
 def check_config(cfg: Config) -> None:
     if cfg.group_size < 2:
         fail(f"--group_size {cfg.group_size}: GRPO compares completions within a group, use 2 or more")
     if cfg.loss_type not in LOSS_TYPES:
         fail(f"unknown --loss_type {cfg.loss_type!r}: use one of {', '.join(LOSS_TYPES)}")
-    positive = {"steps": cfg.steps, "prompts_per_step": cfg.prompts_per_step, "max_new_tokens": cfg.max_new_tokens,
-                "mu": cfg.mu, "eval_batch_size": cfg.eval_batch_size}
+    positive = {
+        "steps": cfg.steps,
+        "prompts_per_step": cfg.prompts_per_step,
+        "max_new_tokens": cfg.max_new_tokens,
+        "mu": cfg.mu,
+        "eval_batch_size": cfg.eval_batch_size,
+    }
     for name, value in positive.items():
         if value < 1:
             fail(f"--{name} {value}: must be at least 1")
@@ -534,14 +627,17 @@ def check_config(cfg: Config) -> None:
 def load_model(name: str, cfg: Config, device):
     """A causal LM in fp32 (the master weights; bf16 comes from autocast) and its tokenizer."""
     path = os.path.expanduser(name)
-    if not os.path.isdir(path) and (path.startswith((".", "/", "~")) or path.count("/") > 1):
-        fail(f"model folder {name} does not exist: pass --model an existing folder or a hub id like Qwen/Qwen2.5-0.5B-Instruct")
+    if not os.path.isdir(path) and looks_local(path):
+        fail(
+            f"model folder {name} does not exist: pass --model an existing folder or a hub id like Qwen/Qwen2.5-0.5B-Instruct"
+        )
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        fail(f"could not load model {name!r}: {first} Check the name and your network (HF_HUB_OFFLINE), or pass a local folder")
+        fail(
+            f"could not load model {name!r}: {first_line(e)} Check the name and your network (HF_HUB_OFFLINE), or pass a local folder"
+        )
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token  # safe: masks come from lengths, never from token values
     model.to(device)
@@ -589,8 +685,32 @@ def score(completions: list[str], rows: list[dict]) -> tuple[torch.Tensor, dict[
     return torch.tensor(total, dtype=torch.float32), per_fn
 
 
-def accumulate_gradients(policy, prompt_ids, prompt_mask, completion_ids, lengths, advantages, old_logp, ref_logp,
-                         cfg: Config, micro_batch_size: int, world: int = 1) -> dict[str, list[float]]:
+@torch.no_grad()
+def frozen_logprobs(model, prompt_ids, prompt_mask, completion_ids, micro_batch_size: int, temperature: float):
+    """token_logprobs (B, L) of a model that is not being trained (pi_ref, or pi_old for mu > 1)."""
+    B, G = completion_ids.shape[0], completion_ids.shape[0] // prompt_ids.shape[0]
+    with autocast(prompt_ids.device):
+        return torch.cat(
+            [
+                token_logprobs(model, prompt_ids[p], prompt_mask[p], completion_ids[s], index, temperature)
+                for s, p, index in micro_batches(B, micro_batch_size, G, prompt_ids.device)
+            ]
+        )
+
+
+def accumulate_gradients(
+    policy,
+    prompt_ids,
+    prompt_mask,
+    completion_ids,
+    lengths,
+    advantages,
+    old_logp,
+    ref_logp,
+    cfg: Config,
+    micro_batch_size: int,
+    world: int = 1,
+) -> dict[str, list[float]]:
     """Backward of the loss over the whole batch (B rows), micro_batch_size rows at a time.
     prompt_ids/prompt_mask (N, P) hold each prompt once; completion b belongs to prompt b // G.
 
@@ -610,12 +730,20 @@ def accumulate_gradients(policy, prompt_ids, prompt_mask, completion_ids, length
     for j, (s, p, index) in enumerate(slices):
         Lm = int(lengths[s].max())  # trim this micro-batch to its longest completion
         last = j == len(slices) - 1
-        with (policy.no_sync() if world > 1 and not last else contextlib.nullcontext()), autocast(prompt_ids.device):
+        with policy.no_sync() if world > 1 and not last else contextlib.nullcontext(), autocast(prompt_ids.device):
             logp = token_logprobs(policy, prompt_ids[p], prompt_mask[p], completion_ids[s, :Lm], index, cfg.temperature)
-            loss, stats = grpo_loss(logp, logp.detach() if old_logp is None else old_logp[s, :Lm],
-                                    None if ref_logp is None else ref_logp[s, :Lm], advantages[s], mask[s, :Lm],
-                                    cfg.clip_eps, cfg.beta, cfg.loss_type, cfg.max_new_tokens,
-                                    None if cfg.clip_eps_high < 0 else cfg.clip_eps_high)
+            loss, stats = grpo_loss(
+                logp,
+                logp.detach() if old_logp is None else old_logp[s, :Lm],
+                None if ref_logp is None else ref_logp[s, :Lm],
+                advantages[s],
+                mask[s, :Lm],
+                cfg.clip_eps,
+                cfg.beta,
+                cfg.loss_type,
+                cfg.max_new_tokens,
+                None if cfg.clip_eps_high < 0 else cfg.clip_eps_high,
+            )
             share = mask[s].sum() * world / total_tokens if cfg.loss_type == "dapo" else (s.stop - s.start) / B
             (loss * share).backward()
         tokens = mask[s].sum().item()
@@ -626,29 +754,25 @@ def accumulate_gradients(policy, prompt_ids, prompt_mask, completion_ids, length
     return out
 
 
-def evaluate(model, tok, rows: list[dict], cfg: Config, step: int, device, rank: int = 0, world: int = 1) -> dict[str, float]:
+def evaluate(
+    model, tok, rows: list[dict], cfg: Config, step: int, device, rank: int = 0, world: int = 1
+) -> dict[str, float]:
     """Greedy pass@1 on `rows` (and maj@k / pass@k if --eval_samples k), sharded over ranks.
     Writes every completion to output_dir/eval_<step>.jsonl and returns eval/* metrics."""
-    model.eval()
     mine = list(enumerate(rows))[rank::world]
     records = []
     for i in range(0, len(mine), cfg.eval_batch_size):
         index, batch = zip(*mine[i : i + cfg.eval_batch_size])
-        ids, mask = tokenize_prompts(tok, [build_prompt(tok, r["question"]) for r in batch], device)
-        with autocast(device):
-            out, lengths, _ = rollout(model, ids, mask, 1, cfg.max_new_tokens, 0.0, eos_ids(model, tok), tok.pad_token_id,
-                                      static_cache=cfg.static_cache)
-        texts = decode(tok, out, lengths)
+        questions = [r["question"] for r in batch]
+        texts = generate(model, tok, questions, 1, 0.0, cfg, device)[-1]  # greedy
         for idx, r, text in zip(index, batch, texts):
-            records.append({"index": idx, "question": r["question"], "gold": r["gold"], "completion": text,
-                            "extracted": extract_answer(text), "strict": correctness_reward(text, r["gold"]),
-                            "lenient": lenient_correctness(text, r["gold"]), "format": format_reward(text, r["gold"])})
+            gold = r["gold"]
+            records.append({"index": idx, "question": r["question"], "gold": gold, "completion": text,
+                            "extracted": extract_answer(text), "strict": correctness_reward(text, gold),
+                            "lenient": lenient_correctness(text, gold), "format": format_reward(text, gold)})  # fmt: skip
         if cfg.eval_samples > 0:  # k samples per problem at the training temperature
             k = cfg.eval_samples
-            with autocast(device):
-                out, lengths, _ = rollout(model, ids, mask, k, cfg.max_new_tokens, cfg.temperature, eos_ids(model, tok),
-                                          tok.pad_token_id, static_cache=cfg.static_cache)
-            texts = decode(tok, out, lengths)
+            texts = generate(model, tok, questions, k, cfg.temperature, cfg, device)[-1]
             for j, r in enumerate(records[-len(batch) :]):
                 samples = texts[j * k : (j + 1) * k]
                 votes = Counter(v for v in (parse_number(extract_answer(s) or "") for s in samples) if v is not None)
@@ -660,8 +784,11 @@ def evaluate(model, tok, rows: list[dict], cfg: Config, step: int, device, rank:
         dist.all_gather_object(gathered, records)
         records = sorted((r for part in gathered for r in part), key=lambda r: r["index"])
     metrics = {f"eval/{k}": sum(r[k] for r in records) / max(1, len(records)) for k in ("strict", "lenient", "format")}
-    metrics = {"eval/accuracy_strict": metrics["eval/strict"], "eval/accuracy_lenient": metrics["eval/lenient"],
-               "eval/format": metrics["eval/format"]}
+    metrics = {
+        "eval/accuracy_strict": metrics["eval/strict"],
+        "eval/accuracy_lenient": metrics["eval/lenient"],
+        "eval/format": metrics["eval/format"],
+    }
     if cfg.eval_samples > 0:
         metrics[f"eval/maj@{cfg.eval_samples}"] = sum(r["maj"] for r in records) / max(1, len(records))
         metrics[f"eval/pass@{cfg.eval_samples}"] = sum(r["pass"] for r in records) / max(1, len(records))
@@ -669,13 +796,6 @@ def evaluate(model, tok, rows: list[dict], cfg: Config, step: int, device, rank:
         with open(os.path.join(cfg.output_dir, f"eval_{step}.jsonl"), "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
     return metrics
-
-
-def autocast(device):
-    """bf16 autocast on CUDA over the fp32 master weights; plain fp32 elsewhere (bf16 is slow on CPU)."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def rng_state() -> dict:
@@ -732,9 +852,12 @@ def plot_metrics(output_dir: str) -> None:
         return
     with open(os.path.join(output_dir, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f if line.strip()]
-    panels = [("reward", [k for k in records[0] if k == "reward" or k.startswith("reward/")] if records else []),
-              ("accuracy", ["accuracy", "eval/accuracy_strict", "eval/accuracy_lenient", "eval/format"]),
-              ("KL to reference", ["kl"]), ("completion length (tokens)", ["completion_len"])]
+    panels = [
+        ("reward", [k for k in records[0] if k == "reward" or k.startswith("reward/")] if records else []),
+        ("accuracy", ["accuracy", "eval/accuracy_strict", "eval/accuracy_lenient", "eval/format"]),
+        ("KL to reference", ["kl"]),
+        ("completion length (tokens)", ["completion_len"]),
+    ]
     fig, axes = plt.subplots(2, 2, figsize=(11, 7))
     for ax, (title, keys) in zip(axes.flat, panels):
         for k in keys:
@@ -757,12 +880,16 @@ def main(cfg: Config, on_step=None) -> None:
     check_config(cfg)
     rank, world, device = setup_distributed(cfg)
     if cfg.prompts_per_step % world:
-        fail(f"--prompts_per_step {cfg.prompts_per_step} does not divide over {world} processes: use a multiple of {world}")
+        fail(
+            f"--prompts_per_step {cfg.prompts_per_step} does not divide over {world} processes: use a multiple of {world}"
+        )
     random.seed(cfg.seed + rank)  # sampling differs per rank; model and data order are the same everywhere
     torch.manual_seed(cfg.seed + rank)
     os.makedirs(cfg.output_dir, exist_ok=True)
     log = print if rank == 0 else (lambda *a, **k: None)
-    log(f"device {device} | dtype {'bf16 autocast over fp32 weights' if device.type == 'cuda' else 'fp32'} | ranks {world}")
+    log(
+        f"device {device} | dtype {'bf16 autocast over fp32 weights' if device.type == 'cuda' else 'fp32'} | ranks {world}"
+    )
 
     resume_from = latest_checkpoint(cfg.output_dir) if cfg.resume else None
     if cfg.resume and resume_from is None:
@@ -811,7 +938,7 @@ def main(cfg: Config, on_step=None) -> None:
         log(f"resumed from {resume_from} at step {start_step}")
     elif rank == 0:
         open(metrics_path, "w").close()
-    eos, G = eos_ids(model, tok), cfg.group_size
+    G = cfg.group_size
     n_local = cfg.prompts_per_step // world  # prompts per rank
     B = n_local * G  # completions per rank
     mb = B if cfg.micro_batch_size < 0 else min(cfg.micro_batch_size, B)
@@ -821,19 +948,22 @@ def main(cfg: Config, on_step=None) -> None:
         log("eval step 0 | " + " | ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
         write_metrics({"step": 0, **metrics})
 
-    bar = tqdm(range(start_step + 1, cfg.steps + 1), initial=start_step, total=cfg.steps, disable=rank != 0,
-               desc="grpo", dynamic_ncols=True)
+    bar = tqdm(
+        range(start_step + 1, cfg.steps + 1),
+        initial=start_step,
+        total=cfg.steps,
+        disable=rank != 0,
+        desc="grpo",
+        dynamic_ncols=True,
+    )
     for step in bar:
         t0 = time.time()
         # --- rollout: this rank's share of the step's prompts, G samples each
         first = (step - 1) * cfg.prompts_per_step + rank * n_local
         rows = [train_rows[i] for i in prompt_indices(len(train_rows), first, n_local, cfg.seed)]
-        prompt_ids, prompt_mask = tokenize_prompts(tok, [build_prompt(tok, r["question"]) for r in rows], device)
-        model.eval()  # no dropout while sampling
-        with autocast(device):
-            completion_ids, lengths, ended = rollout(model, prompt_ids, prompt_mask, G, cfg.max_new_tokens,
-                                                     cfg.temperature, eos, tok.pad_token_id, cfg.static_cache)
-        texts = decode(tok, completion_ids, lengths)
+        prompt_ids, prompt_mask, completion_ids, lengths, ended, texts = generate(
+            model, tok, [r["question"] for r in rows], G, cfg.temperature, cfg, device
+        )  # (n, P), (n, P), (B, L), (B,), (B,), B strings
 
         # --- reward and group-relative advantage
         group_rows = [r for r in rows for _ in range(G)]
@@ -842,20 +972,17 @@ def main(cfg: Config, on_step=None) -> None:
 
         # --- log-probs of the frozen models, one micro-batch at a time, before any update
         model.train()
-        def frozen_logprobs(m) -> torch.Tensor:  # (B, L)
-            return torch.cat([token_logprobs(m, prompt_ids[p], prompt_mask[p], completion_ids[s], index, cfg.temperature)
-                              for s, p, index in micro_batches(B, mb, G, device)])
-
-        with torch.no_grad(), autocast(device):
-            ref_logp = frozen_logprobs(ref_model) if ref_model is not None else None
-            old_logp = frozen_logprobs(model) if cfg.mu > 1 else None  # pi_old, kept for the mu updates
+        args = (prompt_ids, prompt_mask, completion_ids, mb, cfg.temperature)
+        ref_logp = frozen_logprobs(ref_model, *args) if ref_model is not None else None
+        old_logp = frozen_logprobs(model, *args) if cfg.mu > 1 else None  # pi_old, kept for the mu updates
 
         # --- mu optimizer steps on this batch
         sums = {"loss": [0.0, 0.0], "kl": [0.0, 0.0], "clip_frac": [0.0, 0.0], "grad_norm": [0.0, 0.0]}
         for _ in range(cfg.mu):
             optimizer.zero_grad(set_to_none=True)
-            stats = accumulate_gradients(policy, prompt_ids, prompt_mask, completion_ids, lengths, advantages,
-                                         old_logp, ref_logp, cfg, mb, world)
+            stats = accumulate_gradients(
+                policy, prompt_ids, prompt_mask, completion_ids, lengths, advantages, old_logp, ref_logp, cfg, mb, world
+            )
             for k, v in stats.items():
                 sums[k] = [sums[k][0] + v[0], sums[k][1] + v[1]]
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
@@ -867,8 +994,10 @@ def main(cfg: Config, on_step=None) -> None:
                 bad_in_a_row, skipped = bad_in_a_row + 1, skipped + 1
                 log(f"step {step}: non-finite loss or gradient, update skipped ({skipped} so far)")
                 if bad_in_a_row >= 3:
-                    fail(f"{bad_in_a_row} non-finite updates in a row at step {step}: lower --lr or check the rewards; "
-                         f"the last checkpoint in {cfg.output_dir} is intact (--resume)")
+                    fail(
+                        f"{bad_in_a_row} non-finite updates in a row at step {step}: lower --lr or check the rewards; "
+                        f"the last checkpoint in {cfg.output_dir} is intact (--resume)"
+                    )
             sums["grad_norm"] = [sums["grad_norm"][0] + grad_norm.item(), sums["grad_norm"][1] + 1]
         scheduler.step()
 
@@ -876,28 +1005,46 @@ def main(cfg: Config, on_step=None) -> None:
         groups = rewards.view(-1, G)
         accuracy = [correctness_reward(t, r["gold"]) for t, r in zip(texts, group_rows)]
         n = float(B)
-        sums.update({"reward": [rewards.sum().item(), n], "accuracy": [sum(accuracy), n],
-                     "completion_len": [lengths.sum().item(), n], "truncated_frac": [(~ended).sum().item(), n],
-                     "frac_zero_std": [(groups.std(1) == 0).sum().item(), float(n_local)],
-                     "skipped_updates": [float(skipped), 1.0]})
+        sums.update(
+            {
+                "reward": [rewards.sum().item(), n],
+                "accuracy": [sum(accuracy), n],
+                "completion_len": [lengths.sum().item(), n],
+                "truncated_frac": [(~ended).sum().item(), n],
+                "frac_zero_std": [(groups.std(1) == 0).sum().item(), float(n_local)],
+                "skipped_updates": [float(skipped), 1.0],
+            }
+        )
         sums.update({f"reward/{k}": [sum(v), n] for k, v in per_fn.items()})
         metrics = reduce_metrics(sums, world, device)
         step_time = time.time() - t0
-        metrics.update(step=step, lr=scheduler.get_last_lr()[0], step_time=step_time,
-                       tokens_per_s=metrics["completion_len"] * B * world / step_time)
-        fn_part = " ".join(f"{k[7:].removesuffix('_reward')} {v:.2f}" for k, v in metrics.items() if k.startswith("reward/"))
-        line = (f"step {step}/{cfg.steps} | reward {metrics['reward']:.3f} ({fn_part}) | acc {metrics['accuracy']:.3f} | "
-                  f"kl {metrics['kl']:.4f} | clip {metrics['clip_frac']:.3f} | len {metrics['completion_len']:.0f} | "
-                  f"trunc {metrics['truncated_frac']:.2f} | {step_time:.1f}s | {metrics['tokens_per_s']:.0f} tok/s")
+        metrics.update(
+            step=step,
+            lr=scheduler.get_last_lr()[0],
+            step_time=step_time,
+            tokens_per_s=metrics["completion_len"] * B * world / step_time,
+        )
+        fn_part = " ".join(
+            f"{k[7:].removesuffix('_reward')} {v:.2f}" for k, v in metrics.items() if k.startswith("reward/")
+        )
+        line = (
+            f"step {step}/{cfg.steps} | reward {metrics['reward']:.3f} ({fn_part}) | acc {metrics['accuracy']:.3f} | "
+            f"kl {metrics['kl']:.4f} | clip {metrics['clip_frac']:.3f} | len {metrics['completion_len']:.0f} | "
+            f"trunc {metrics['truncated_frac']:.2f} | {step_time:.1f}s | {metrics['tokens_per_s']:.0f} tok/s"
+        )
         if rank == 0:
             bar.write(line)
         if cfg.sample_every and step % cfg.sample_every == 0 and rank == 0:
             best, worst = int(rewards[:G].argmax()), int(rewards[:G].argmin())
-            bar.write(f"--- question: {rows[0]['question']}\n--- best (reward {rewards[best]:.2f}):\n{texts[best]}\n"
-                      f"--- worst (reward {rewards[worst]:.2f}):\n{texts[worst]}\n---")
+            bar.write(
+                f"--- question: {rows[0]['question']}\n--- best (reward {rewards[best]:.2f}):\n{texts[best]}\n"
+                f"--- worst (reward {rewards[worst]:.2f}):\n{texts[worst]}\n---"
+            )
         if test_rows and cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
             metrics.update(evaluate(model, tok, test_rows, cfg, step, device, rank, world))
-            bar.write(f"eval step {step} | " + " | ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k.startswith("eval/")))
+            bar.write(
+                f"eval step {step} | " + " | ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k.startswith("eval/"))
+            )
         write_metrics(metrics)
         if on_step is not None:
             on_step(step, model, metrics, sums)
@@ -908,9 +1055,19 @@ def main(cfg: Config, on_step=None) -> None:
             else:
                 rngs = [rng_state()]
             if rank == 0:
-                save_atomically(os.path.join(cfg.output_dir, "checkpoint"), model, tok,
-                                {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                 "rng": rngs, "skipped": skipped, "config": dataclasses.asdict(cfg)})
+                save_atomically(
+                    os.path.join(cfg.output_dir, "checkpoint"),
+                    model,
+                    tok,
+                    {
+                        "step": step,
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "rng": rngs,
+                        "skipped": skipped,
+                        "config": dataclasses.asdict(cfg),
+                    },
+                )
                 plot_metrics(cfg.output_dir)
     bar.close()
 

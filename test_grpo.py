@@ -36,7 +36,9 @@ def make_tokenizer():
     t = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<|unk|>"))  # no merges: one token per character
     t.decoder = decoders.Fuse()
     t.add_special_tokens(specials)
-    tok = PreTrainedTokenizerFast(tokenizer_object=t, eos_token="<|im_end|>", pad_token="<|im_end|>", unk_token="<|unk|>")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=t, eos_token="<|im_end|>", pad_token="<|im_end|>", unk_token="<|unk|>"
+    )
     tok.chat_template = CHAT_TEMPLATE
     return tok
 
@@ -49,10 +51,19 @@ def tiny_model(tmp_path_factory) -> str:
     path = str(tmp_path_factory.mktemp("tiny-model"))
     tok = make_tokenizer()
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                         bos_token_id=None)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=None,
+    )
     model = LlamaForCausalLM(config)
     model.generation_config.eos_token_id = tok.eos_token_id
     model.save_pretrained(path)
@@ -84,9 +95,24 @@ def tiny_data(tmp_path_factory) -> str:
 
 
 def tiny_config(tiny_model, tiny_data, tmp_path, **kw) -> grpo.Config:
-    base = dict(model=tiny_model, dataset=tiny_data, output_dir=str(tmp_path / "out"), steps=2, prompts_per_step=2,
-                group_size=4, max_new_tokens=8, lr=1e-3, warmup_steps=0, eval_size=3, eval_every=0, eval_batch_size=2,
-                save_every=0, sample_every=0, device="cpu", seed=0)
+    base = dict(
+        model=tiny_model,
+        dataset=tiny_data,
+        output_dir=str(tmp_path / "out"),
+        steps=2,
+        prompts_per_step=2,
+        group_size=4,
+        max_new_tokens=8,
+        lr=1e-3,
+        warmup_steps=0,
+        eval_size=3,
+        eval_every=0,
+        eval_batch_size=2,
+        save_every=0,
+        sample_every=0,
+        device="cpu",
+        seed=0,
+    )
     base.update(kw)
     return grpo.Config(**base)
 
@@ -106,24 +132,27 @@ def load(path):
 GOOD = "<reasoning>\n9 + 9 = 18\n</reasoning>\n<answer>\n18\n</answer>"
 
 
-@pytest.mark.parametrize("completion, expected", [
-    (GOOD, 1.0),
-    ("<answer>18</answer>", 1.0),
-    ("<answer>\n18.0\n</answer>", 1.0),
-    ("<answer>$18</answer>", 1.0),
-    ("<answer>18.</answer>", 1.0),
-    ("<answer>17</answer>", 0.0),
-    ("<answer>18, 19</answer>", 0.0),  # listing several numbers is not an answer
-    ("<answer>18 or 19</answer>", 0.0),
-    ("<answer>eighteen</answer>", 0.0),
-    ("<answer>18", 0.0),  # unclosed
-    ("18", 0.0),  # right number, no answer block
-    ("<answer>17</answer> <answer>18</answer>", 1.0),  # the last block counts
-    ("<answer>18</answer> <answer>17</answer>", 0.0),
-    ("", 0.0),
-    ("<answer></answer>", 0.0),
-    ("</answer><answer>", 0.0),
-])
+@pytest.mark.parametrize(
+    "completion, expected",
+    [
+        (GOOD, 1.0),
+        ("<answer>18</answer>", 1.0),
+        ("<answer>\n18.0\n</answer>", 1.0),
+        ("<answer>$18</answer>", 1.0),
+        ("<answer>18.</answer>", 1.0),
+        ("<answer>17</answer>", 0.0),
+        ("<answer>18, 19</answer>", 0.0),  # listing several numbers is not an answer
+        ("<answer>18 or 19</answer>", 0.0),
+        ("<answer>eighteen</answer>", 0.0),
+        ("<answer>18", 0.0),  # unclosed
+        ("18", 0.0),  # right number, no answer block
+        ("<answer>17</answer> <answer>18</answer>", 1.0),  # the last block counts
+        ("<answer>18</answer> <answer>17</answer>", 0.0),
+        ("", 0.0),
+        ("<answer></answer>", 0.0),
+        ("</answer><answer>", 0.0),
+    ],
+)
 def test_correctness_reward(completion, expected):
     assert grpo.correctness_reward(completion, "18") == expected
 
@@ -136,19 +165,22 @@ def test_correctness_reward_thousands_and_negative():
     assert grpo.correctness_reward("<answer>5</answer>", "-5") == 0.0
 
 
-@pytest.mark.parametrize("completion, expected", [
-    (GOOD, 1.0),
-    (GOOD + "\n", 1.0),  # one trailing newline allowed
-    (GOOD + "\n\n", 0.0),
-    (GOOD + " extra", 0.0),
-    ("x" + GOOD, 0.0),
-    (GOOD.replace("\n</reasoning>", "</reasoning>"), 0.0),
-    ("<reasoning>\n\n</reasoning>\n<answer>\n\n</answer>", 1.0),  # empty blocks still have the layout
-    (GOOD + "\n<answer>\n18\n</answer>", 0.0),  # a tag twice
-    ("<answer>\n18\n</answer>", 0.0),
-    ("", 0.0),
-    ("\n", 0.0),
-])
+@pytest.mark.parametrize(
+    "completion, expected",
+    [
+        (GOOD, 1.0),
+        (GOOD + "\n", 1.0),  # one trailing newline allowed
+        (GOOD + "\n\n", 0.0),
+        (GOOD + " extra", 0.0),
+        ("x" + GOOD, 0.0),
+        (GOOD.replace("\n</reasoning>", "</reasoning>"), 0.0),
+        ("<reasoning>\n\n</reasoning>\n<answer>\n\n</answer>", 1.0),  # empty blocks still have the layout
+        (GOOD + "\n<answer>\n18\n</answer>", 0.0),  # a tag twice
+        ("<answer>\n18\n</answer>", 0.0),
+        ("", 0.0),
+        ("\n", 0.0),
+    ],
+)
 def test_format_reward(completion, expected):
     assert grpo.format_reward(completion, "18") == expected
 
@@ -222,7 +254,9 @@ def test_group_advantages():
     assert torch.allclose(a[:4], (g - g.mean()) / (g.std(unbiased=True) + 1e-4))
     assert torch.equal(a[4:], torch.zeros(4))  # equal rewards: zero advantage, not NaN
     assert torch.allclose(grpo.group_advantages(r, 4, scale_by_std=False)[:4], g - 0.5)
-    assert torch.allclose(grpo.group_advantages(r, 2)[:2], torch.tensor([0.5, -0.5]) / (math.sqrt(0.5) + 1e-4))  # unbiased std of (1, 0)
+    assert torch.allclose(
+        grpo.group_advantages(r, 2)[:2], torch.tensor([0.5, -0.5]) / (math.sqrt(0.5) + 1e-4)
+    )  # unbiased std of (1, 0)
 
 
 def random_batch(B=4, L=6, seed=0):
@@ -337,8 +371,9 @@ def test_token_logprobs_with_left_padding_match_unpadded(tiny_model):
 
 def logprobs_and_grad(model, *args, **kw):
     logp = grpo.token_logprobs(model, *args, **kw)
-    (grad,) = torch.autograd.grad((logp * torch.linspace(-1, 1, logp.numel()).view_as(logp)).sum(),
-                                  model.model.layers[0].self_attn.q_proj.weight)
+    (grad,) = torch.autograd.grad(
+        (logp * torch.linspace(-1, 1, logp.numel()).view_as(logp)).sum(), model.model.layers[0].self_attn.q_proj.weight
+    )
     return logp.detach(), grad
 
 
@@ -371,15 +406,22 @@ def test_completion_mask_from_lengths():
 
 def plain_generate(model, tok, ids, mask, G, max_new_tokens):
     """The reference path: every prompt repeated G times through model.generate (greedy)."""
-    out = model.generate(input_ids=ids.repeat_interleave(G, 0), attention_mask=mask.repeat_interleave(G, 0),
-                         do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id)
+    out = model.generate(
+        input_ids=ids.repeat_interleave(G, 0),
+        attention_mask=mask.repeat_interleave(G, 0),
+        do_sample=False,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=tok.pad_token_id,
+    )
     return out[:, ids.shape[1] :]
 
 
 @pytest.mark.parametrize("static_cache", [False, True])
 def test_fast_rollout_equals_generate_greedy(tiny_model, static_cache):
     model, tok = load(tiny_model)
-    ids, mask = grpo.tokenize_prompts(tok, [grpo.build_prompt(tok, q) for q in ["1+1?", "what is 12 + 30?", "9?"]], "cpu")
+    ids, mask = grpo.tokenize_prompts(
+        tok, [grpo.build_prompt(tok, q) for q in ["1+1?", "what is 12 + 30?", "9?"]], "cpu"
+    )
     eos = grpo.eos_ids(model, tok)
     out, lengths, ended = grpo.rollout(model, ids, mask, 2, 12, 0.0, eos, tok.pad_token_id, static_cache=static_cache)
     with torch.no_grad():
@@ -404,7 +446,9 @@ def test_rollout_lengths_masks_with_pad_equal_eos(tiny_model):
     bias[eos] = 3.0
     hook = model.lm_head.register_forward_hook(lambda m, i, o: o + bias)
     torch.manual_seed(0)
-    ids, mask = grpo.tokenize_prompts(tok, [grpo.build_prompt(tok, "a"), grpo.build_prompt(tok, "longer question")], "cpu")
+    ids, mask = grpo.tokenize_prompts(
+        tok, [grpo.build_prompt(tok, "a"), grpo.build_prompt(tok, "longer question")], "cpu"
+    )
     out, lengths, ended = grpo.rollout(model, ids, mask, 8, 10, 1.0, [eos], tok.pad_token_id)
     hook.remove()
     assert ended.any() and (lengths > 1).any() and len(set(lengths.tolist())) > 1
@@ -423,8 +467,9 @@ def test_rollout_lengths_masks_with_pad_equal_eos(tiny_model):
 def test_rollout_ignore_eos_runs_full_length(tiny_model):
     model, tok = load(tiny_model)
     ids, mask = grpo.tokenize_prompts(tok, ["x"], "cpu")
-    out, lengths, ended = grpo.rollout(model, ids, mask, 3, 6, 1.0, list(range(len(tok))), tok.pad_token_id,
-                                       ignore_eos=True)
+    out, lengths, ended = grpo.rollout(
+        model, ids, mask, 3, 6, 1.0, list(range(len(tok))), tok.pad_token_id, ignore_eos=True
+    )
     assert out.shape == (3, 6) and lengths.tolist() == [6, 6, 6] and not ended.any()
 
 
@@ -452,8 +497,19 @@ def test_micro_batched_gradient_equals_full_batch(tiny_model):
 
 
 # ----------------------------------------------------------------------------- training end to end
-METRIC_KEYS = ["step", "reward", "accuracy", "kl", "loss", "clip_frac", "completion_len", "truncated_frac",
-               "frac_zero_std", "step_time", "tokens_per_s"]
+METRIC_KEYS = [
+    "step",
+    "reward",
+    "accuracy",
+    "kl",
+    "loss",
+    "clip_frac",
+    "completion_len",
+    "truncated_frac",
+    "frac_zero_std",
+    "step_time",
+    "tokens_per_s",
+]
 
 
 def test_main_end_to_end(tiny_model, tiny_data, tmp_path, monkeypatch):
@@ -482,8 +538,18 @@ def test_main_end_to_end(tiny_model, tiny_data, tmp_path, monkeypatch):
 
 def test_main_mu_beta0_and_options(tiny_model, tiny_data, tmp_path):
     """mu > 1 (old log-probs kept), no reference model, dapo, micro-batches, gradient checkpointing."""
-    cfg = tiny_config(tiny_model, tiny_data, tmp_path, mu=2, beta=0.0, loss_type="dapo", micro_batch_size=3,
-                      gradient_checkpointing=True, eval_size=0, clip_eps_high=0.28)
+    cfg = tiny_config(
+        tiny_model,
+        tiny_data,
+        tmp_path,
+        mu=2,
+        beta=0.0,
+        loss_type="dapo",
+        micro_batch_size=3,
+        gradient_checkpointing=True,
+        eval_size=0,
+        clip_eps_high=0.28,
+    )
     grpo.main(cfg)
     train = [r for r in read_metrics(cfg) if "reward" in r]
     assert len(train) == 2 and all(r["kl"] == 0.0 for r in train)
@@ -496,8 +562,18 @@ def test_learning_raises_reward(tiny_model, tiny_data, tmp_path, monkeypatch):
         return sum(c.isdigit() for c in completion) / max(1, len(completion))
 
     monkeypatch.setattr(grpo, "REWARD_FUNCS", [(digit_share, 1.0)])
-    cfg = tiny_config(tiny_model, tiny_data, tmp_path, steps=30, prompts_per_step=4, group_size=8, max_new_tokens=8,
-                      lr=3e-3, beta=0.0, eval_size=0)
+    cfg = tiny_config(
+        tiny_model,
+        tiny_data,
+        tmp_path,
+        steps=30,
+        prompts_per_step=4,
+        group_size=8,
+        max_new_tokens=8,
+        lr=3e-3,
+        beta=0.0,
+        eval_size=0,
+    )
     grpo.main(cfg)
     rewards = [r["reward"] for r in read_metrics(cfg) if "reward" in r]
     start, end = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
@@ -507,8 +583,12 @@ def test_learning_raises_reward(tiny_model, tiny_data, tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- evaluation
 def test_evaluate_metrics_on_known_completions(tiny_model, tiny_data, tmp_path, monkeypatch):
     model, tok = load(tiny_model)
-    rows = [{"question": "q1", "gold": "3"}, {"question": "q2", "gold": "4"}, {"question": "q3", "gold": "5"},
-            {"question": "q4", "gold": "6"}]
+    rows = [
+        {"question": "q1", "gold": "3"},
+        {"question": "q2", "gold": "4"},
+        {"question": "q3", "gold": "5"},
+        {"question": "q4", "gold": "6"},
+    ]
     completions = [
         "<reasoning>\n1+2\n</reasoning>\n<answer>\n3\n</answer>",  # strict, lenient, format
         "I think it is 4",  # lenient only
@@ -540,9 +620,17 @@ def test_evaluate_metrics_on_known_completions(tiny_model, tiny_data, tmp_path, 
 def test_evaluate_maj_and_pass_at_k(tiny_model, tiny_data, tmp_path, monkeypatch):
     model, tok = load(tiny_model)
     rows = [{"question": "q1", "gold": "3"}, {"question": "q2", "gold": "4"}]
-    samples = {1: ["<answer>3</answer>", "<answer>0</answer>"],  # greedy: right, wrong
-               3: ["<answer>3</answer>", "<answer>1</answer>", "<answer>3</answer>",  # maj 3 (right), pass
-                   "<answer>4</answer>", "<answer>9</answer>", "<answer>9</answer>"]}  # maj 9 (wrong), pass
+    samples = {
+        1: ["<answer>3</answer>", "<answer>0</answer>"],  # greedy: right, wrong
+        3: [
+            "<answer>3</answer>",
+            "<answer>1</answer>",
+            "<answer>3</answer>",  # maj 3 (right), pass
+            "<answer>4</answer>",
+            "<answer>9</answer>",
+            "<answer>9</answer>",
+        ],
+    }  # maj 9 (wrong), pass
 
     def fake_rollout(model, ids, mask, G, max_new_tokens, temperature, eos, pad_id, static_cache=False):
         enc = [tok(t, add_special_tokens=False).input_ids for t in samples[G]]
@@ -587,7 +675,9 @@ def test_resume_is_bit_exact(tiny_model, tiny_data, tmp_path):
         grpo.main(part, on_step=crash)
     assert grpo.latest_checkpoint(part.output_dir).endswith("checkpoint")
     grpo.main(dataclasses_replace(part, resume=True))
-    for a, b in zip(params_of(os.path.join(full.output_dir, "final")), params_of(os.path.join(part.output_dir, "final"))):
+    for a, b in zip(
+        params_of(os.path.join(full.output_dir, "final")), params_of(os.path.join(part.output_dir, "final"))
+    ):
         assert torch.equal(a, b)
     # the metrics file of the resumed run has each step once, and the same numbers
     strip = lambda rs: [{k: v for k, v in r.items() if k not in ("step_time", "tokens_per_s")} for r in rs]  # noqa: E731
@@ -660,8 +750,13 @@ def test_non_finite_updates_are_skipped_then_stop(tiny_model, tiny_data, tmp_pat
 
 # ----------------------------------------------------------------------------- bad input
 def run_cli(*args, env=None):
-    return subprocess.run([sys.executable, os.path.join(HERE, "grpo.py"), *args], capture_output=True, text=True,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}, timeout=300)
+    return subprocess.run(
+        [sys.executable, os.path.join(HERE, "grpo.py"), *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
+        timeout=300,
+    )
 
 
 def assert_one_line_error(result, *words):
@@ -676,21 +771,27 @@ def assert_one_line_error(result, *words):
 def test_cli_errors(tiny_model, tiny_data, tmp_path):
     out = ["--output_dir", str(tmp_path / "o"), "--device", "cpu"]
     assert_one_line_error(run_cli("--model", str(tmp_path / "missing"), *out), "does not exist")
-    assert_one_line_error(run_cli("--model", "nobody-here/no-such-model", "--dataset", tiny_data, *out),
-                          "nobody-here/no-such-model", "network")
+    assert_one_line_error(
+        run_cli("--model", "nobody-here/no-such-model", "--dataset", tiny_data, *out),
+        "nobody-here/no-such-model",
+        "network",
+    )
     assert_one_line_error(run_cli("--model", tiny_model, "--group_size", "1", *out), "group_size")
 
 
-@pytest.mark.parametrize("kw, words", [
-    (dict(group_size=1), ["group_size", "2 or more"]),
-    (dict(loss_type="ppo"), ["loss_type", "grpo, dapo, dr_grpo"]),
-    (dict(prompts_per_step=0), ["prompts_per_step"]),
-    (dict(dataset="/no/such/data.jsonl"), ["does not exist"]),
-    (dict(dataset="./missing_folder"), ["does not exist"]),
-    (dict(dataset="no-such-org/no-such-dataset"), ["could not load dataset"]),
-    (dict(model="/no/such/model"), ["does not exist"]),
-    (dict(resume=True), ["no checkpoint"]),
-])
+@pytest.mark.parametrize(
+    "kw, words",
+    [
+        (dict(group_size=1), ["group_size", "2 or more"]),
+        (dict(loss_type="ppo"), ["loss_type", "grpo, dapo, dr_grpo"]),
+        (dict(prompts_per_step=0), ["prompts_per_step"]),
+        (dict(dataset="/no/such/data.jsonl"), ["does not exist"]),
+        (dict(dataset="./missing_folder"), ["does not exist"]),
+        (dict(dataset="no-such-org/no-such-dataset"), ["could not load dataset"]),
+        (dict(model="/no/such/model"), ["does not exist"]),
+        (dict(resume=True), ["no checkpoint"]),
+    ],
+)
 def test_bad_config_errors(tiny_model, tiny_data, tmp_path, kw, words):
     cfg = tiny_config(tiny_model, tiny_data, tmp_path, **kw)
     with pytest.raises(SystemExit) as e:
@@ -706,7 +807,9 @@ def test_dataset_errors(tiny_model, tmp_path, capsys):
     data.mkdir()
     write_jsonl(data / "train.jsonl", [{"prompt": "1+1", "solution": "2"}])
     cfg = grpo.Config(dataset=str(data))
-    with pytest.raises(SystemExit, match=r"lacks column\(s\) \['answer', 'question'\]; it has \['prompt', 'solution'\]"):
+    with pytest.raises(
+        SystemExit, match=r"lacks column\(s\) \['answer', 'question'\]; it has \['prompt', 'solution'\]"
+    ):
         grpo.load_rows(cfg, "train")
     write_jsonl(data / "train.jsonl", [{"question": "a", "answer": "no marker"}] * 3)
     with pytest.raises(SystemExit, match="none of the 3 answers"):
@@ -757,11 +860,34 @@ with open(os.path.join(cfg.output_dir, f"rank{{int(os.environ['RANK'])}}.json"),
 def test_distributed_two_processes(tiny_model, tiny_data, tmp_path):
     script = tmp_path / "ddp_run.py"
     script.write_text(DDP_SCRIPT.format(here=HERE))
-    cfg = dict(model=tiny_model, dataset=tiny_data, output_dir=str(tmp_path / "out"), steps=3, prompts_per_step=4,
-               group_size=4, max_new_tokens=8, lr=1e-3, eval_size=4, eval_every=2, eval_batch_size=2, save_every=2,
-               sample_every=0, device="cpu", loss_type="dapo")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
-           str(script), json.dumps(cfg)]
+    cfg = dict(
+        model=tiny_model,
+        dataset=tiny_data,
+        output_dir=str(tmp_path / "out"),
+        steps=3,
+        prompts_per_step=4,
+        group_size=4,
+        max_new_tokens=8,
+        lr=1e-3,
+        eval_size=4,
+        eval_every=2,
+        eval_batch_size=2,
+        save_every=2,
+        sample_every=0,
+        device="cpu",
+        loss_type="dapo",
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29531",
+        str(script),
+        json.dumps(cfg),
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -772,7 +898,8 @@ def test_distributed_two_processes(tiny_model, tiny_data, tmp_path):
         assert a["same"] and b["same"]  # parameters identical on both ranks after every step
         timing = ("step_time", "tokens_per_s")  # each rank's own clock
         assert {k: v for k, v in a["metrics"].items() if k not in timing} == {
-            k: v for k, v in b["metrics"].items() if k not in timing}
+            k: v for k, v in b["metrics"].items() if k not in timing
+        }
         for k, (total_a, count_a) in a["sums"].items():  # means weighted by counts (tokens for kl, clip_frac)
             total_b, count_b = b["sums"][k]
             assert a["metrics"][k] == pytest.approx((total_a + total_b) / (count_a + count_b), rel=1e-9, abs=1e-12)
@@ -799,12 +926,25 @@ def test_prompts_must_divide_over_ranks(tiny_model, tiny_data, tmp_path, monkeyp
 
 
 # ----------------------------------------------------------------------------- real model (opt-in)
-@pytest.mark.skipif(not (os.environ.get("GRPO_TEST_MODEL") and os.environ.get("GRPO_TEST_DATA")),
-                    reason="set GRPO_TEST_MODEL (model folder) and GRPO_TEST_DATA (dataset path)")
+@pytest.mark.skipif(
+    not (os.environ.get("GRPO_TEST_MODEL") and os.environ.get("GRPO_TEST_DATA")),
+    reason="set GRPO_TEST_MODEL (model folder) and GRPO_TEST_DATA (dataset path)",
+)
 def test_integration_real_model(tmp_path):
-    cfg = grpo.Config(model=os.environ["GRPO_TEST_MODEL"], dataset=os.environ["GRPO_TEST_DATA"],
-                      output_dir=str(tmp_path / "out"), steps=2, prompts_per_step=2, group_size=4, max_new_tokens=24,
-                      eval_size=4, eval_batch_size=4, save_every=0, sample_every=1, device="cpu")
+    cfg = grpo.Config(
+        model=os.environ["GRPO_TEST_MODEL"],
+        dataset=os.environ["GRPO_TEST_DATA"],
+        output_dir=str(tmp_path / "out"),
+        steps=2,
+        prompts_per_step=2,
+        group_size=4,
+        max_new_tokens=24,
+        eval_size=4,
+        eval_batch_size=4,
+        save_every=0,
+        sample_every=1,
+        device="cpu",
+    )
     grpo.main(cfg)
     train = [r for r in read_metrics(cfg) if "reward" in r]
     assert [r["step"] for r in train] == [1, 2]
