@@ -853,7 +853,7 @@ def plot_metrics(output_dir: str) -> None:
     with open(os.path.join(output_dir, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f if line.strip()]
     panels = [
-        ("reward", [k for k in records[0] if k == "reward" or k.startswith("reward/")] if records else []),
+        ("reward", sorted({k for r in records for k in r if k == "reward" or k.startswith("reward/")})),
         ("accuracy", ["accuracy", "eval/accuracy_strict", "eval/accuracy_lenient", "eval/format"]),
         ("KL to reference", ["kl"]),
         ("completion length (tokens)", ["completion_len"]),
@@ -986,7 +986,12 @@ def main(cfg: Config, on_step=None) -> None:
             for k, v in stats.items():
                 sums[k] = [sums[k][0] + v[0], sums[k][1] + v[1]]
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            if torch.isfinite(grad_norm) and math.isfinite(stats["loss"][0]):
+            finite = torch.tensor(
+                float(math.isfinite(stats["loss"][0]) and bool(torch.isfinite(grad_norm))), device=device
+            )
+            if world > 1:
+                dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # every rank takes the same decision
+            if finite.item() == 1.0:
                 optimizer.step()
                 bad_in_a_row = 0
             else:  # a non-finite loss or gradient would corrupt the weights: skip this update

@@ -534,6 +534,20 @@ def test_main_end_to_end(tiny_model, tiny_data, tmp_path, monkeypatch):
     assert any(changed)
     assert tok.pad_token_id == tok.eos_token_id
     assert os.path.exists(os.path.join(cfg.output_dir, "eval_2.jsonl"))
+    pytest.importorskip("matplotlib")
+    assert os.path.getsize(os.path.join(cfg.output_dir, "metrics.png")) > 10_000
+
+
+def test_plot_has_every_reward_curve(tmp_path, monkeypatch):
+    plt = pytest.importorskip("matplotlib.pyplot")
+    drawn = []
+    monkeypatch.setattr(plt.Axes, "plot", lambda self, *a, **k: drawn.append(k["label"]))
+    records = [{"step": 0, "eval/accuracy_strict": 0.1}] + [
+        {"step": s, "reward": 1.0, "reward/a_reward": 0.5, "reward/b_reward": 0.2, "accuracy": 0.3, "kl": 0.01,
+         "completion_len": 40} for s in (1, 2)]  # fmt: skip
+    write_jsonl(tmp_path / "metrics.jsonl", records)
+    grpo.plot_metrics(str(tmp_path))
+    assert {"reward", "reward/a_reward", "reward/b_reward", "accuracy", "eval/accuracy_strict", "kl"} <= set(drawn)
 
 
 def test_main_mu_beta0_and_options(tiny_model, tiny_data, tmp_path):
