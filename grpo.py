@@ -495,44 +495,36 @@ def token_logprobs(
     inner = getattr(model, "module", model)  # the model inside DDP: only the last forward goes through DDP
     position = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)  # (N, P)
     mask = torch.cat([prompt_mask[prompt_index], prompt_mask.new_ones(B, L)], 1)  # (B, P + L); past-the-end: loss mask
-    if not (inner.is_activation_checkpointing and inner.training):  # checkpointed layers drop the KV cache
-        cache = DynamicCache(config=inner.config)
-        first = inner(
-            input_ids=prompt_ids,
-            attention_mask=prompt_mask,
-            position_ids=position,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        ).logits  # (N, 1, V): predicts completion token 0
-        cache.batch_select_indices(prompt_index)  # (N, ..) -> (B, ..), differentiable
-        completion_position = position[prompt_index, -1:] + 1 + torch.arange(L, device=position.device)  # (B, L)
-        rest = model(
-            input_ids=completion_ids,
-            attention_mask=mask,
-            position_ids=completion_position,
-            past_key_values=cache,
-            use_cache=True,
-        ).logits  # (B, L, V): token t predicts t + 1
-        logits = torch.cat([first[prompt_index], rest[:, :-1]], 1)  # (B, L, V)
-    else:
+    if inner.is_activation_checkpointing and inner.training:  # checkpointed layers drop the KV cache: no sharing
         ids = torch.cat([prompt_ids[prompt_index], completion_ids], 1)  # (B, P + L)
-        logits = model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=(mask.long().cumsum(-1) - 1).clamp(min=0),
-            use_cache=False,
-            logits_to_keep=L + 1,
-        ).logits[:, :-1]  # (B, L, V): position P-1+t predicts t
-    flat_logits, flat_ids = logits.reshape(B * L, -1), completion_ids.reshape(B * L)  # (B*L, V), (B*L,)
+        position = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=False,
+                       logits_to_keep=L + 1).logits  # fmt: skip
+        return chunked_log_softmax(logits[:, :-1], completion_ids, temperature, chunk)  # position P-1+t predicts t
+    cache = DynamicCache(config=inner.config)
+    first = inner(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position, past_key_values=cache,
+                  use_cache=True, logits_to_keep=1).logits  # fmt: skip  # (N, 1, V): predicts completion token 0
+    cache.batch_select_indices(prompt_index)  # (N, ..) -> (B, ..), differentiable
+    completion_position = position[prompt_index, -1:] + 1 + torch.arange(L, device=position.device)  # (B, L)
+    rest = model(input_ids=completion_ids, attention_mask=mask, position_ids=completion_position,
+                 past_key_values=cache, use_cache=True).logits  # fmt: skip  # (B, L, V): token t predicts t + 1
+    return torch.cat([chunked_log_softmax(first[prompt_index], completion_ids[:, :1], temperature, chunk),
+                      chunked_log_softmax(rest[:, :-1], completion_ids[:, 1:], temperature, chunk)], 1)  # fmt: skip
+
+
+def chunked_log_softmax(logits: torch.Tensor, ids: torch.Tensor, temperature: float, chunk: int) -> torch.Tensor:
+    """selective_log_softmax over (B, L, V) logits, about `chunk` tokens (whole rows) at a time:
+    (B, L). Row slices are views, so only one chunk-sized fp32 tensor exists at a time; under
+    autograd each chunk is recomputed in backward instead of stored."""
+    rows = max(1, chunk // max(1, logits.shape[1]))
     parts = []
-    for i in range(0, B * L, chunk):
-        args = (flat_logits[i : i + chunk], flat_ids[i : i + chunk], temperature)
+    for i in range(0, logits.shape[0], rows):
+        args = (logits[i : i + rows], ids[i : i + rows], temperature)
         if torch.is_grad_enabled():
             parts.append(torch.utils.checkpoint.checkpoint(selective_log_softmax, *args, use_reentrant=False))
         else:
             parts.append(selective_log_softmax(*args))
-    return torch.cat(parts).view(B, L)
+    return torch.cat(parts)
 
 
 def micro_batches(B: int, size: int, group_size: int, device) -> list[tuple[slice, slice, torch.Tensor]]:
