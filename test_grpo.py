@@ -895,10 +895,9 @@ def test_distributed_two_processes(tiny_model, tiny_data, tmp_path):
         sys.executable,
         "-m",
         "torch.distributed.run",
+        "--standalone",  # a free port on localhost
         "--nproc_per_node",
         "2",
-        "--master_port",
-        "29531",
         str(script),
         json.dumps(cfg),
     ]
