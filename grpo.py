@@ -100,7 +100,7 @@ class Config:
     mu: int = 1  # mu: optimizer steps per rollout batch (old log-probs kept when > 1)
     loss_type: str = "grpo"  # normalization: grpo (paper), dapo (token mean), dr_grpo (constant)
     scale_rewards: bool = True  # divide advantages by the group's reward std (paper); off = Dr. GRPO
-    micro_batch_size: int = -1  # completions per forward/backward (gradient accumulation); -1 = all
+    micro_batch_size: int = 16  # completions per forward/backward (gradient accumulation); -1 = all
     gradient_checkpointing: bool = False  # recompute activations in backward to save memory
     static_cache: bool = False  # CUDA: static KV cache + torch.compile'd decoding (see README)
     eval_size: int = 200  # test problems per evaluation (the first N); -1 = all; 0 = no evaluation
@@ -156,7 +156,7 @@ def parse_number(text: str) -> float | None:
     >>> parse_number(" $1,234. "), parse_number("18, 19")
     (1234.0, None)
     """
-    text = text.strip().replace("$", "").replace(" ", "").rstrip(".")
+    text = text.strip().replace("$", "").strip().rstrip(".")
     text = re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", text)  # 1,234 -> 1234 but not 18,19
     value = float(text) if NUMBER.fullmatch(text) else None
     return value if value is not None and math.isfinite(value) else None  # 400 nines is not a number
@@ -253,7 +253,7 @@ def lenient_correctness(completion: str, answer: str) -> float:
     >>> lenient_correctness("so the total is 1,234 apples", "1234")
     1.0
     """
-    numbers = re.findall(r"-?\d[\d,]*(?:\.\d+)?", completion)
+    numbers = re.findall(r"-?\d+(?:,\d{3})*(?:\.\d+)?", completion)
     last = parse_number(numbers[-1]) if numbers else None
     gold = parse_number(answer)
     return float(last is not None and gold is not None and math.isclose(last, gold, abs_tol=1e-6))
@@ -405,8 +405,8 @@ def rollout(
             new_end = ~ended & torch.isin(token, eos)
             lengths[new_end] = t + 1  # the EOS itself is part of the completion
             ended |= new_end
-            if bool(ended.all()):  # stop as soon as every completion has ended
-                break
+            if t % 8 == 7 and bool(ended.all()):  # stop once every completion has ended (checked every 8
+                break  # tokens: each check waits for the GPU); the extra tokens are cut off by length below
         if t == max_new_tokens - 1:
             break
         if not static_cache:
@@ -438,9 +438,11 @@ def compiled_decoder(model):
     return _compiled[id(model)]
 
 
-def tokenize_prompts(tok, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded prompt ids and attention mask (N, P): generation continues from the right edge."""
-    batch = tok(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+def tokenize_prompts(tok, prompts: list[str], device, multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded prompt ids and attention mask (N, P): generation continues from the right edge.
+    P is rounded up to a multiple of `multiple` (a few shapes for the static cache to compile for)."""
+    batch = tok(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False,
+                pad_to_multiple_of=multiple)  # fmt: skip
     return batch["input_ids"].to(device), batch["attention_mask"].to(device)
 
 
@@ -451,7 +453,8 @@ def decode(tok, completion_ids: torch.Tensor, lengths: torch.Tensor) -> list[str
 
 def generate(model, tok, questions: list[str], group_size: int, temperature: float, cfg: Config, device):
     """Prompt ids/mask (N, P), completion ids (B, L), lengths (B,), ended (B,) and texts for the questions."""
-    prompt_ids, prompt_mask = tokenize_prompts(tok, [build_prompt(tok, q) for q in questions], device)
+    multiple = 64 if cfg.static_cache else 1
+    prompt_ids, prompt_mask = tokenize_prompts(tok, [build_prompt(tok, q) for q in questions], device, multiple)
     model.eval()  # no dropout while sampling
     with autocast(device):
         out = rollout(model, prompt_ids, prompt_mask, group_size, cfg.max_new_tokens, temperature,
@@ -612,6 +615,9 @@ def check_config(cfg: Config) -> None:
             fail(f"--{name} {value}: must be at least 1")
     if cfg.temperature <= 0:
         fail(f"--temperature {cfg.temperature}: sampling needs a temperature above 0")
+    for name in ("save_every", "sample_every", "eval_every", "eval_samples"):
+        if getattr(cfg, name) < 0:
+            fail(f"--{name} {getattr(cfg, name)}: use 0 (off) or a positive number")
     if cfg.micro_batch_size == 0 or cfg.micro_batch_size < -1:
         fail(f"--micro_batch_size {cfg.micro_batch_size}: use a positive number, or -1 for the whole batch")
 
@@ -644,7 +650,12 @@ def setup_distributed(cfg: Config) -> tuple[int, int, torch.device]:
     """(rank, world size, device). Under torchrun: one process per device, nccl on CUDA, gloo on CPU."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        fail(f"unknown --device {cfg.device!r}: use cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        fail(f"--device {cfg.device}: CUDA is not available here; use --device cpu or install a CUDA build of torch")
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -816,10 +827,10 @@ def save_atomically(path: str, model, tok, trainer_state: dict | None = None) ->
     for name in os.listdir(tmp):  # make sure the bytes are on disk before the folder counts as complete
         with open(os.path.join(tmp, name), "rb") as f:
             os.fsync(f.fileno())
-    shutil.rmtree(old, ignore_errors=True)
-    if os.path.exists(path):
+    if os.path.exists(path):  # path is complete, so an old copy is not needed: keep path until tmp replaces it
+        shutil.rmtree(old, ignore_errors=True)
         os.replace(path, old)
-    os.replace(tmp, path)
+    os.replace(tmp, path)  # from here on path is complete
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -866,6 +877,9 @@ def plot_metrics(output_dir: str) -> None:
     plt.close(fig)
 
 
+RESUME_MUST_MATCH = ("model", "dataset", "seed", "prompts_per_step", "group_size")  # they fix the data stream
+
+
 def main(cfg: Config, on_step=None) -> None:
     """Train (or with --eval_only, evaluate). on_step(step, model, metrics, sums) is an optional hook
     called on every rank after every step, sums being this rank's {name: [total, count]} (for tests)."""
@@ -883,9 +897,12 @@ def main(cfg: Config, on_step=None) -> None:
         f"device {device} | dtype {'bf16 autocast over fp32 weights' if device.type == 'cuda' else 'fp32'} | ranks {world}"
     )
 
-    resume_from = latest_checkpoint(cfg.output_dir) if cfg.resume else None
+    resume_from = latest_checkpoint(cfg.output_dir)
     if cfg.resume and resume_from is None:
         fail(f"--resume: no checkpoint in {cfg.output_dir}: drop --resume, or pass the --output_dir of the run")
+    if not cfg.resume and resume_from is not None and not cfg.eval_only:
+        fail(f"{resume_from} holds an earlier run: pass --resume to continue it, or another --output_dir")
+    resume_from = resume_from if cfg.resume and not cfg.eval_only else None
     model, tok = load_model(resume_from or cfg.model, cfg, device)
     test_rows = load_rows(cfg, "test") if cfg.eval_size != 0 else []
     test_rows = test_rows[: cfg.eval_size] if cfg.eval_size > 0 else test_rows
@@ -912,12 +929,17 @@ def main(cfg: Config, on_step=None) -> None:
     if cfg.gradient_checkpointing:
         model.activation_checkpointing_enable({"use_reentrant": False})
     model.config.use_cache = False
-    policy = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model  # averages gradients
+    ddp = torch.nn.parallel.DistributedDataParallel
+    policy = ddp(model, gradient_as_bucket_view=True) if world > 1 else model  # averages gradients; no 2nd copy
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
     start_step, bad_in_a_row, skipped = 0, 0, 0
     if resume_from:
         state = torch.load(os.path.join(resume_from, "trainer_state.pt"), weights_only=False)
+        changed = [k for k in RESUME_MUST_MATCH if state["config"][k] != getattr(cfg, k)]
+        if changed:
+            fail(f"--resume with changed {', '.join(f'--{k}' for k in changed)}: the checkpoint's data order and "
+                 f"batches depend on them; use the original values or another --output_dir")  # fmt: skip
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
@@ -1026,7 +1048,8 @@ def main(cfg: Config, on_step=None) -> None:
         )
         line = (
             f"step {step}/{cfg.steps} | reward {metrics['reward']:.3f} ({fn_part}) | acc {metrics['accuracy']:.3f} | "
-            f"kl {metrics['kl']:.4f} | clip {metrics['clip_frac']:.3f} | len {metrics['completion_len']:.0f} | "
+            f"kl {metrics['kl']:.4f} | loss {metrics['loss']:.4f} | clip {metrics['clip_frac']:.3f} | "
+            f"zero_std {metrics['frac_zero_std']:.2f} | len {metrics['completion_len']:.0f} | "
             f"trunc {metrics['truncated_frac']:.2f} | {step_time:.1f}s | {metrics['tokens_per_s']:.0f} tok/s"
         )
         if rank == 0:

@@ -163,6 +163,8 @@ def test_correctness_reward_thousands_and_negative():
     assert grpo.correctness_reward("<answer>12,34</answer>", "1234") == 0.0  # not a thousands separator
     assert grpo.correctness_reward("<answer>-5</answer>", "-5") == 1.0
     assert grpo.correctness_reward("<answer>5</answer>", "-5") == 0.0
+    assert grpo.correctness_reward("<answer>1 8</answer>", "18") == 0.0  # two numbers, not 18
+    assert grpo.correctness_reward("<answer> $ 18 </answer>", "18") == 1.0
 
 
 @pytest.mark.parametrize(
@@ -236,6 +238,8 @@ def test_parse_gsm8k_answer_and_lenient():
     assert grpo.lenient_correctness("So 3 + 4 = 7.", "7") == 1.0
     assert grpo.lenient_correctness("7 apples, then 8", "7") == 0.0
     assert grpo.lenient_correctness("no numbers", "7") == 0.0
+    assert grpo.lenient_correctness("The total is 42, done", "42") == 1.0
+    assert grpo.lenient_correctness("3, 4, 1,234", "1234") == 1.0
 
 
 def test_score_weights_and_names(monkeypatch):
@@ -736,6 +740,30 @@ def test_interrupted_save_leaves_a_loadable_checkpoint(tiny_model, tmp_path, mon
     assert found.endswith("checkpoint.old")
     assert torch.load(os.path.join(found, "trainer_state.pt"))["step"] == 1
     load(found)
+    # the next save, with only checkpoint.old on disk, puts the new one in place before deleting the old
+    real_rmtree, seen = grpo.shutil.rmtree, []
+
+    def rmtree_checking(p, *a, **k):
+        if p.endswith(".old"):
+            seen.append(os.path.isfile(os.path.join(path, "trainer_state.pt")))
+        real_rmtree(p, *a, **k)
+
+    monkeypatch.setattr(grpo.shutil, "rmtree", rmtree_checking)
+    grpo.save_atomically(path, model, tok, {"step": 4})
+    assert seen and all(seen)  # checkpoint.old was only ever deleted while a complete checkpoint existed
+    assert torch.load(os.path.join(grpo.latest_checkpoint(str(tmp_path)), "trainer_state.pt"))["step"] == 4
+    assert not os.path.exists(path + ".old")
+
+
+def test_stale_checkpoint_and_changed_config_are_refused(tiny_model, tiny_data, tmp_path):
+    cfg = tiny_config(tiny_model, tiny_data, tmp_path, steps=3, save_every=1, eval_size=0)
+    grpo.main(cfg)
+    with pytest.raises(SystemExit, match="holds an earlier run: pass --resume"):
+        grpo.main(cfg)  # a fresh run would leave the old checkpoint to be resumed by mistake
+    with pytest.raises(SystemExit, match="changed --seed, --group_size"):
+        grpo.main(dataclasses_replace(cfg, resume=True, steps=4, seed=1, group_size=2))
+    grpo.main(dataclasses_replace(cfg, resume=True, steps=4))
+    assert [r["step"] for r in read_metrics(cfg)] == [1, 2, 3, 4]
 
 
 def test_non_finite_updates_are_skipped_then_stop(tiny_model, tiny_data, tmp_path, monkeypatch, capsys):
@@ -804,6 +832,8 @@ def test_cli_errors(tiny_model, tiny_data, tmp_path):
         (dict(dataset="no-such-org/no-such-dataset"), ["could not load dataset"]),
         (dict(model="/no/such/model"), ["does not exist"]),
         (dict(resume=True), ["no checkpoint"]),
+        (dict(device="tpu-ish"), ["unknown --device"]),
+        (dict(save_every=-1), ["--save_every"]),
     ],
 )
 def test_bad_config_errors(tiny_model, tiny_data, tmp_path, kw, words):
@@ -930,6 +960,24 @@ def test_distributed_two_processes(tiny_model, tiny_data, tmp_path):
     resumed = json.load(open(tmp_path / "out" / "rank0.json"))
     assert [r["step"] for r in resumed] == [3, 4] and all(r["same"] for r in resumed)
     assert [r["step"] for r in read_metrics(grpo.Config(output_dir=cfg["output_dir"])) if "reward" in r] == [1, 2, 3, 4]
+
+
+def test_torchrun_one_process_is_unchanged(tiny_model, tiny_data, tmp_path):
+    script = tmp_path / "ddp_run.py"
+    script.write_text(DDP_SCRIPT.format(here=HERE).replace("dist.get_world_size()", "max(1, dist.get_world_size() if dist.is_initialized() else 1)").replace("dist.all_gather(gathered, flat)", "gathered = [flat]"))  # fmt: skip
+    cfg = dict(model=tiny_model, dataset=tiny_data, steps=2, prompts_per_step=2, group_size=4, max_new_tokens=8,
+               lr=1e-3, eval_size=0, save_every=0, sample_every=0, device="cpu")  # fmt: skip
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", str(script),
+           json.dumps({**cfg, "output_dir": str(tmp_path / "t")})]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    plain = grpo.Config(**cfg, output_dir=str(tmp_path / "p"))
+    grpo.main(plain)
+    timing = ("step_time", "tokens_per_s")
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in timing} for r in rs]  # noqa: E731
+    assert strip(read_metrics(plain)) == strip(read_metrics(grpo.Config(output_dir=str(tmp_path / "t"))))
+    for a, b in zip(params_of(str(tmp_path / "p" / "final")), params_of(str(tmp_path / "t" / "final"))):
+        assert torch.equal(a, b)
 
 
 def test_prompts_must_divide_over_ranks(tiny_model, tiny_data, tmp_path, monkeypatch):
