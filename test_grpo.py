@@ -1011,3 +1011,14 @@ def test_integration_real_model(tmp_path):
     assert [r["step"] for r in train] == [1, 2]
     assert all(0 < r["completion_len"] <= 24 for r in train)
     load(os.path.join(cfg.output_dir, "final"))
+
+
+def test_readme_flags_table_matches_config():
+    import dataclasses
+    import re
+
+    with open(os.path.join(HERE, "README.md")) as f:
+        rows = re.findall(r"^\| `--(\w+)`.*? \| `(.*?)` \|", f.read(), re.M)
+    documented = dict(rows)
+    fields = {f.name: repr(f.default) for f in dataclasses.fields(grpo.Config)}
+    assert documented == fields
