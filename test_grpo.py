@@ -1022,3 +1022,18 @@ def test_readme_flags_table_matches_config():
     documented = dict(rows)
     fields = {f.name: repr(f.default) for f in dataclasses.fields(grpo.Config)}
     assert documented == fields
+
+
+def test_readme_objective_line_numbers_are_current():
+    import re
+
+    with open(os.path.join(HERE, "README.md")) as f:
+        table = f.read().split("| term | `grpo.py` line |")[1].split("\n\n")[0]
+    with open(os.path.join(HERE, "grpo.py")) as f:
+        lines = f.read().splitlines()
+    for row in table.splitlines()[2:]:
+        term = re.match(r"\| \((\d)\)", row).group(1)
+        numbers = [int(n) for n in re.findall(r"(?<![\w.(])(\d{3,4})(?![\w.])", row)]
+        assert numbers, row
+        for n in numbers:
+            assert f"# ({term})" in lines[n - 1], (n, lines[n - 1])
