@@ -283,7 +283,7 @@ def test_grpo_loss_matches_direct_formula(loss_type):
     for i in range(logp.shape[0]):
         terms = []
         for t in range(int(mask[i].sum())):
-            lp, o, r, a = float(logp[i, t]), float(old[i, t]), float(ref[i, t]), float(adv[i])
+            lp, o, r, a = float(logp.detach()[i, t]), float(old[i, t]), float(ref[i, t]), float(adv[i])
             rho = math.exp(lp - o)
             kl = math.exp(r - lp) - (r - lp) - 1
             terms.append(min(rho * a, min(max(rho, 1 - eps), 1 + eps_high) * a) - beta * kl)
