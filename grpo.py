@@ -347,18 +347,8 @@ def eos_ids(model, tok) -> list[int]:
 
 
 @torch.no_grad()
-def rollout(
-    model,
-    prompt_ids,
-    prompt_mask,
-    group_size,
-    max_new_tokens,
-    temperature,
-    eos,
-    pad_id,
-    static_cache=False,
-    ignore_eos=False,
-):
+def rollout(model, prompt_ids, prompt_mask, group_size, max_new_tokens, temperature, eos, pad_id,
+            static_cache=False, ignore_eos=False):  # fmt: skip
     """Sample group_size completions for each prompt (temperature 0 = greedy).
 
     prompt_ids, prompt_mask: (N, P) left-padded prompts. The prompt is prefilled once and its
@@ -371,14 +361,8 @@ def rollout(
     B, dev = n * group_size, prompt_ids.device
     position = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)  # (n, P): left padding shifts positions
     cache = DynamicCache(config=model.config)
-    out = model(
-        input_ids=prompt_ids,
-        attention_mask=prompt_mask,
-        position_ids=position,
-        past_key_values=cache,
-        use_cache=True,
-        logits_to_keep=1,
-    )
+    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position, past_key_values=cache,
+                use_cache=True, logits_to_keep=1)  # fmt: skip
     logits = out.logits[:, -1].float().repeat_interleave(group_size, 0)  # (B, V)
     if static_cache:  # copy the repeated prefix into fixed-size buffers, so decoding has static shapes
         cache_len = P + max_new_tokens
@@ -412,18 +396,9 @@ def rollout(
         if not static_cache:
             mask = torch.cat([mask, mask.new_ones(B, 1)], 1)  # (B, P + t + 1)
         cache_position = torch.tensor([P + t], device=dev) if static_cache else None
-        logits = (
-            forward(
-                input_ids=tokens[:, t : t + 1],
-                attention_mask=mask,
-                position_ids=next_position,
-                past_key_values=cache,
-                cache_position=cache_position,
-                use_cache=True,
-            )
-            .logits[:, -1]
-            .float()
-        )
+        out = forward(input_ids=tokens[:, t : t + 1], attention_mask=mask, position_ids=next_position,
+                      past_key_values=cache, cache_position=cache_position, use_cache=True)  # fmt: skip
+        logits = out.logits[:, -1].float()  # (B, V)
         next_position = next_position + 1
     return tokens[:, : int(lengths.max())], lengths, ended
 
@@ -464,9 +439,7 @@ def generate(model, tok, questions: list[str], group_size: int, temperature: flo
 
 # ----------------------------------------------------------------------------- GRPO math
 # Shapes: N prompts, G completions each, B = N*G, P prompt length, L completion length, V vocab.
-def group_advantages(
-    rewards: torch.Tensor, group_size: int, scale_by_std: bool = True, eps: float = 1e-4
-) -> torch.Tensor:
+def group_advantages(rewards: torch.Tensor, group_size: int, scale_by_std: bool = True, eps: float = 1e-4):
     """A_i = (r_i - mean(r_group)) / (std(r_group) + eps): each answer judged against its siblings.
     rewards (B,) with each group's G completions contiguous; a group of equal rewards gives 0."""
     r = rewards.view(-1, group_size)  # (N, G)
@@ -482,9 +455,8 @@ def selective_log_softmax(logits: torch.Tensor, ids: torch.Tensor, temperature: 
     return logits.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
 
 
-def token_logprobs(
-    model, prompt_ids, prompt_mask, completion_ids, prompt_index, temperature: float, chunk: int = 1024
-) -> torch.Tensor:
+def token_logprobs(model, prompt_ids, prompt_mask, completion_ids, prompt_index, temperature: float,
+                   chunk: int = 1024) -> torch.Tensor:  # fmt: skip
     """log pi(o_t | q, o_<t) for every completion token: (B, L), fp32.
 
     prompt_ids, prompt_mask (N, P): the distinct prompts; completion_ids (B, L); prompt_index (B,):
@@ -557,18 +529,8 @@ def completion_mask(lengths: torch.Tensor, L: int) -> torch.Tensor:
 LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
 
 
-def grpo_loss(
-    logp,
-    old_logp,
-    ref_logp,
-    advantages,
-    mask,
-    clip_eps=0.2,
-    beta=0.04,
-    loss_type="grpo",
-    max_tokens=None,
-    clip_eps_high=None,
-):
+def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps=0.2, beta=0.04, loss_type="grpo",
+              max_tokens=None, clip_eps_high=None):  # fmt: skip
     """The GRPO loss (-J above) and a dict of detached stats. logp/old_logp/ref_logp/mask (B, L),
     advantages (B,); ref_logp may be None when beta == 0; max_tokens defaults to L (dr_grpo)."""
     eps_high = clip_eps if clip_eps_high is None else clip_eps_high
@@ -603,16 +565,9 @@ def check_config(cfg: Config) -> None:
         fail(f"--group_size {cfg.group_size}: GRPO compares completions within a group, use 2 or more")
     if cfg.loss_type not in LOSS_TYPES:
         fail(f"unknown --loss_type {cfg.loss_type!r}: use one of {', '.join(LOSS_TYPES)}")
-    positive = {
-        "steps": cfg.steps,
-        "prompts_per_step": cfg.prompts_per_step,
-        "max_new_tokens": cfg.max_new_tokens,
-        "mu": cfg.mu,
-        "eval_batch_size": cfg.eval_batch_size,
-    }
-    for name, value in positive.items():
-        if value < 1:
-            fail(f"--{name} {value}: must be at least 1")
+    for name in ("steps", "prompts_per_step", "max_new_tokens", "mu", "eval_batch_size"):
+        if getattr(cfg, name) < 1:
+            fail(f"--{name} {getattr(cfg, name)}: must be at least 1")
     if cfg.temperature <= 0:
         fail(f"--temperature {cfg.temperature}: sampling needs a temperature above 0")
     for name in ("save_every", "sample_every", "eval_every", "eval_samples"):
@@ -701,19 +656,8 @@ def frozen_logprobs(model, prompt_ids, prompt_mask, completion_ids, micro_batch_
         )
 
 
-def accumulate_gradients(
-    policy,
-    prompt_ids,
-    prompt_mask,
-    completion_ids,
-    lengths,
-    advantages,
-    old_logp,
-    ref_logp,
-    cfg: Config,
-    micro_batch_size: int,
-    world: int = 1,
-) -> dict[str, list[float]]:
+def accumulate_gradients(policy, prompt_ids, prompt_mask, completion_ids, lengths, advantages, old_logp, ref_logp,
+                         cfg: Config, micro_batch_size: int, world: int = 1) -> dict[str, list[float]]:  # fmt: skip
     """Backward of the loss over the whole batch (B rows), micro_batch_size rows at a time.
     prompt_ids/prompt_mask (N, P) hold each prompt once; completion b belongs to prompt b // G.
 
@@ -735,18 +679,11 @@ def accumulate_gradients(
         last = j == len(slices) - 1
         with policy.no_sync() if world > 1 and not last else contextlib.nullcontext(), autocast(prompt_ids.device):
             logp = token_logprobs(policy, prompt_ids[p], prompt_mask[p], completion_ids[s, :Lm], index, cfg.temperature)
-            loss, stats = grpo_loss(
-                logp,
-                logp.detach() if old_logp is None else old_logp[s, :Lm],
-                None if ref_logp is None else ref_logp[s, :Lm],
-                advantages[s],
-                mask[s, :Lm],
-                cfg.clip_eps,
-                cfg.beta,
-                cfg.loss_type,
-                cfg.max_new_tokens,
-                None if cfg.clip_eps_high < 0 else cfg.clip_eps_high,
-            )
+            old = logp.detach() if old_logp is None else old_logp[s, :Lm]  # mu = 1: pi_old is pi_theta
+            ref = None if ref_logp is None else ref_logp[s, :Lm]
+            eps_high = None if cfg.clip_eps_high < 0 else cfg.clip_eps_high
+            loss, stats = grpo_loss(logp, old, ref, advantages[s], mask[s, :Lm], cfg.clip_eps, cfg.beta, cfg.loss_type,
+                                    cfg.max_new_tokens, eps_high)  # fmt: skip
             share = mask[s].sum() * world / total_tokens if cfg.loss_type == "dapo" else (s.stop - s.start) / B
             (loss * share).backward()
         tokens = mask[s].sum().item()
@@ -757,9 +694,7 @@ def accumulate_gradients(
     return out
 
 
-def evaluate(
-    model, tok, rows: list[dict], cfg: Config, step: int, device, rank: int = 0, world: int = 1
-) -> dict[str, float]:
+def evaluate(model, tok, rows: list[dict], cfg: Config, step: int, device, rank=0, world=1) -> dict[str, float]:
     """Greedy pass@1 on `rows` (and maj@k / pass@k if --eval_samples k), sharded over ranks.
     Writes every completion to output_dir/eval_<step>.jsonl and returns eval/* metrics."""
     mine = list(enumerate(rows))[rank::world]
@@ -893,9 +828,8 @@ def main(cfg: Config, on_step=None) -> None:
     torch.manual_seed(cfg.seed + rank)
     os.makedirs(cfg.output_dir, exist_ok=True)
     log = print if rank == 0 else (lambda *a, **k: None)
-    log(
-        f"device {device} | dtype {'bf16 autocast over fp32 weights' if device.type == 'cuda' else 'fp32'} | ranks {world}"
-    )
+    dtype = "bf16 autocast over fp32 weights" if device.type == "cuda" else "fp32"
+    log(f"device {device} | dtype {dtype} | ranks {world}")
 
     resume_from = latest_checkpoint(cfg.output_dir)
     if cfg.resume and resume_from is None:
@@ -962,14 +896,8 @@ def main(cfg: Config, on_step=None) -> None:
         log("eval step 0 | " + " | ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
         write_metrics({"step": 0, **metrics})
 
-    bar = tqdm(
-        range(start_step + 1, cfg.steps + 1),
-        initial=start_step,
-        total=cfg.steps,
-        disable=rank != 0,
-        desc="grpo",
-        dynamic_ncols=True,
-    )
+    steps = range(start_step + 1, cfg.steps + 1)
+    bar = tqdm(steps, initial=start_step, total=cfg.steps, disable=rank != 0, desc="grpo", dynamic_ncols=True)
     for step in bar:
         t0 = time.time()
         # --- rollout: this rank's share of the step's prompts, G samples each
@@ -1024,25 +952,17 @@ def main(cfg: Config, on_step=None) -> None:
         groups = rewards.view(-1, G)
         accuracy = [correctness_reward(t, r["gold"]) for t, r in zip(texts, group_rows)]
         n = float(B)
-        sums.update(
-            {
-                "reward": [rewards.sum().item(), n],
-                "accuracy": [sum(accuracy), n],
-                "completion_len": [lengths.sum().item(), n],
-                "truncated_frac": [(~ended).sum().item(), n],
-                "frac_zero_std": [(groups.std(1) == 0).sum().item(), float(n_local)],
-                "skipped_updates": [float(skipped), 1.0],
-            }
-        )
+        sums["reward"] = [rewards.sum().item(), n]
+        sums["accuracy"] = [sum(accuracy), n]
+        sums["completion_len"] = [lengths.sum().item(), n]
+        sums["truncated_frac"] = [(~ended).sum().item(), n]
+        sums["frac_zero_std"] = [(groups.std(1) == 0).sum().item(), float(n_local)]  # groups without signal
+        sums["skipped_updates"] = [float(skipped), 1.0]
         sums.update({f"reward/{k}": [sum(v), n] for k, v in per_fn.items()})
         metrics = reduce_metrics(sums, world, device)
         step_time = time.time() - t0
-        metrics.update(
-            step=step,
-            lr=scheduler.get_last_lr()[0],
-            step_time=step_time,
-            tokens_per_s=metrics["completion_len"] * B * world / step_time,
-        )
+        tokens_per_s = metrics["completion_len"] * B * world / step_time  # completion tokens, all ranks
+        metrics.update(step=step, lr=scheduler.get_last_lr()[0], step_time=step_time, tokens_per_s=tokens_per_s)
         fn_part = " ".join(
             f"{k[7:].removesuffix('_reward')} {v:.2f}" for k, v in metrics.items() if k.startswith("reward/")
         )
@@ -1075,19 +995,9 @@ def main(cfg: Config, on_step=None) -> None:
             else:
                 rngs = [rng_state()]
             if rank == 0:
-                save_atomically(
-                    os.path.join(cfg.output_dir, "checkpoint"),
-                    model,
-                    tok,
-                    {
-                        "step": step,
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "rng": rngs,
-                        "skipped": skipped,
-                        "config": dataclasses.asdict(cfg),
-                    },
-                )
+                state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                         "rng": rngs, "skipped": skipped, "config": dataclasses.asdict(cfg)}  # fmt: skip
+                save_atomically(os.path.join(cfg.output_dir, "checkpoint"), model, tok, state)
                 plot_metrics(cfg.output_dir)
     bar.close()
 
