@@ -876,8 +876,12 @@ def main(cfg: Config, on_step=None) -> None:
                  f"batches depend on them; use the original values or another --output_dir")  # fmt: skip
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
         start_step, skipped = state["step"], state["skipped"]
+        if rank < len(state["rng"]):
+            set_rng_state(state["rng"][rank])
+        else:  # more ranks than the run that saved: a fresh seed of its own for this rank
+            random.seed(cfg.seed + rank + 100_003 * start_step)
+            torch.manual_seed(cfg.seed + rank + 100_003 * start_step)
         if rank == 0 and os.path.exists(metrics_path):  # forget steps logged after the checkpoint
             with open(metrics_path) as f:
                 kept = [line for line in f if json.loads(line)["step"] <= start_step]
