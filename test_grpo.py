@@ -702,6 +702,12 @@ def test_resume_is_bit_exact(tiny_model, tiny_data, tmp_path):
     assert strip(read_metrics(full)) == strip(read_metrics(part))
 
 
+def dataclasses_asdict(cfg) -> dict:
+    import dataclasses
+
+    return dataclasses.asdict(cfg)
+
+
 def dataclasses_replace(cfg, **kw):
     import dataclasses
 
@@ -904,23 +910,8 @@ with open(os.path.join(cfg.output_dir, f"rank{{int(os.environ['RANK'])}}.json"),
 def test_distributed_two_processes(tiny_model, tiny_data, tmp_path):
     script = tmp_path / "ddp_run.py"
     script.write_text(DDP_SCRIPT.format(here=HERE))
-    cfg = dict(
-        model=tiny_model,
-        dataset=tiny_data,
-        output_dir=str(tmp_path / "out"),
-        steps=3,
-        prompts_per_step=4,
-        group_size=4,
-        max_new_tokens=8,
-        lr=1e-3,
-        eval_size=4,
-        eval_every=2,
-        eval_batch_size=2,
-        save_every=2,
-        sample_every=0,
-        device="cpu",
-        loss_type="dapo",
-    )
+    overrides = dict(steps=3, prompts_per_step=4, eval_size=4, eval_every=2, save_every=2, warmup_steps=10)
+    cfg = dataclasses_asdict(tiny_config(tiny_model, tiny_data, tmp_path, loss_type="dapo", **overrides))
     cmd = [
         sys.executable,
         "-m",
@@ -965,8 +956,8 @@ def test_distributed_two_processes(tiny_model, tiny_data, tmp_path):
 def test_torchrun_one_process_is_unchanged(tiny_model, tiny_data, tmp_path):
     script = tmp_path / "ddp_run.py"
     script.write_text(DDP_SCRIPT.format(here=HERE).replace("dist.get_world_size()", "max(1, dist.get_world_size() if dist.is_initialized() else 1)").replace("dist.all_gather(gathered, flat)", "gathered = [flat]"))  # fmt: skip
-    cfg = dict(model=tiny_model, dataset=tiny_data, steps=2, prompts_per_step=2, group_size=4, max_new_tokens=8,
-               lr=1e-3, eval_size=0, save_every=0, sample_every=0, device="cpu")  # fmt: skip
+    cfg = dataclasses_asdict(tiny_config(tiny_model, tiny_data, tmp_path, eval_size=0, warmup_steps=10))
+    del cfg["output_dir"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", str(script),
            json.dumps({**cfg, "output_dir": str(tmp_path / "t")})]  # fmt: skip
     result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
