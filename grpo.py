@@ -71,11 +71,14 @@ def looks_local(path: str) -> bool:
     return path.startswith((".", "/", "~")) or path.count("/") > 1 or path.endswith((".jsonl", ".json", ".parquet"))
 
 
-def autocast(device):
-    """bf16 autocast on CUDA over the fp32 master weights; plain fp32 elsewhere (bf16 is slow on CPU)."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def use_bf16(cfg, device) -> bool:
+    """--precision: auto is bf16 on CUDA and fp32 elsewhere (bf16 matmuls are slow on most CPUs)."""
+    return cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+
+
+def autocast(device, bf16: bool):
+    """bf16 compute over the fp32 master weights (and fp32 AdamW state), or plain fp32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
 
 # ----------------------------------------------------------------------------- Config
@@ -102,7 +105,8 @@ class Config:
     scale_rewards: bool = True  # divide advantages by the group's reward std (paper); off = Dr. GRPO
     micro_batch_size: int = 16  # completions per forward/backward (gradient accumulation); -1 = all
     gradient_checkpointing: bool = False  # recompute activations in backward to save memory
-    static_cache: bool = False  # CUDA: static KV cache + torch.compile'd decoding (see README)
+    precision: str = "auto"  # bf16 (bf16 compute and sampling over fp32 weights), fp32, or auto (bf16 on CUDA)
+    static_cache: bool = False  # static KV cache; on CUDA also torch.compile'd decoding with CUDA graphs (see README)
     eval_size: int = 200  # test problems per evaluation (the first N); -1 = all; 0 = no evaluation
     eval_every: int = 50  # evaluate every N steps (and before and after training); 0 = only before/after
     eval_samples: int = 0  # k > 0: also sample k answers per problem and report maj@k and pass@k
@@ -346,71 +350,142 @@ def eos_ids(model, tok) -> list[int]:
     return sorted(set(ids + [tok.eos_token_id]) - {None})
 
 
+def bf16_copy(model):
+    """A frozen copy whose parameters are bf16 (half the memory, and bf16 compute with no autocast).
+    Buffers such as the rotary inv_freq stay fp32: in bf16 they would be off by up to ~0.5 rad at
+    position 600 for rope theta 1e6."""
+    twin = copy.deepcopy(model).requires_grad_(False).eval()
+    for p in twin.parameters():  # tied weights are one Parameter: converted once, still tied
+        p.data = p.data.to(torch.bfloat16)
+    return twin
+
+
+def sample(logits: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token per row from softmax(logits / T) (argmax when T = 0), and its log-prob: (R,), (R,).
+    argmax(p / q) with q ~ Exponential(1) is an exact draw from p (the smallest of independent
+    Exponential(p_i) clocks rings first, at index i with probability p_i), and unlike
+    torch.multinomial it never waits for the GPU."""
+    logp = torch.log_softmax(logits.float() / (temperature or 1.0), -1)  # (R, V)
+    if temperature > 0:
+        q = torch.empty_like(logp).exponential_().clamp_(min=torch.finfo(logp.dtype).tiny)  # no 0/0
+        token = (logp.exp() / q).argmax(-1)
+    else:
+        token = logits.argmax(-1)
+    return token, logp.gather(-1, token[:, None]).squeeze(1)
+
+
+def attention_mask_4d(keep: torch.Tensor, model) -> torch.Tensor:
+    """keep (R, K) bool, True where a query may attend -> the 4-D mask (R, 1, 1, K) that the attention
+    kernels take as is. Passing a 2-D mask instead makes transformers rebuild the 4-D one at every
+    step and ask the GPU whether there is any padding (a host sync per token)."""
+    if model.config._attn_implementation == "eager":  # eager attention adds the mask to the scores
+        return torch.zeros(keep.shape, dtype=model.dtype, device=keep.device).masked_fill(~keep, -1e9)[:, None, None]
+    return keep[:, None, None]  # sdpa and flex: True = attend
+
+
 @torch.no_grad()
 def rollout(model, prompt_ids, prompt_mask, group_size, max_new_tokens, temperature, eos, pad_id,
-            static_cache=False, ignore_eos=False):  # fmt: skip
+            static_cache=False, ignore_eos=False, compile_decoder=None):  # fmt: skip
     """Sample group_size completions for each prompt (temperature 0 = greedy).
 
     prompt_ids, prompt_mask: (N, P) left-padded prompts. The prompt is prefilled once and its
-    KV cache repeated G times, instead of running the same prompt through the model G times.
+    KV cache shared by its G samples, instead of running the same prompt through the model G times.
     Returns completion ids (B, L) with B = N*G (row b belongs to prompt b // G), lengths (B,)
-    counting the EOS that ended a completion, and ended (B,), False for cut-off completions.
+    counting the EOS that ended a completion, ended (B,), False for cut-off completions, and
+    sample_logp (B, L): the log-prob under `model` at `temperature` of each sampled token.
     Tokens after a completion's end are pad_id and must be masked by length, not by value.
+    The model computes in its own dtype (run it outside autocast): a bf16 model keeps a bf16 cache.
     """
     n, P = prompt_ids.shape
     B, dev = n * group_size, prompt_ids.device
+    R = rows_for_static_cache(B) if static_cache else B  # padded rows copy the last real one
+    row_prompt = torch.arange(R, device=dev).clamp(max=B - 1) // group_size  # (R,) the prompt of each row
+    # --- prefill: each prompt once; its KV cache is then repeated for its G rows
     position = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)  # (n, P): left padding shifts positions
     cache = DynamicCache(config=model.config)
     out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position, past_key_values=cache,
                 use_cache=True, logits_to_keep=1)  # fmt: skip
-    logits = out.logits[:, -1].float().repeat_interleave(group_size, 0)  # (B, V)
-    if static_cache:  # copy the repeated prefix into fixed-size buffers, so decoding has static shapes
-        cache_len = P + max_new_tokens
-        static = StaticCache(config=model.config, max_cache_len=cache_len)
-        for i, layer in enumerate(cache.layers):
-            static.update(layer.keys.repeat_interleave(group_size, 0), layer.values.repeat_interleave(group_size, 0), i)
-        cache, forward = static, (compiled_decoder(model) if dev.type == "cuda" else model)
-        mask = torch.cat([prompt_mask.repeat_interleave(group_size, 0), prompt_mask.new_ones(B, max_new_tokens)], 1)
-    else:
-        cache.batch_repeat_interleave(group_size)
-        forward, mask = model, prompt_mask.repeat_interleave(group_size, 0)  # (B, P)
-    next_position = position[:, -1:].repeat_interleave(group_size, 0) + 1  # (B, 1)
-    tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=dev)
-    lengths = torch.full((B,), max_new_tokens, dtype=torch.long, device=dev)
-    ended = torch.zeros(B, dtype=torch.bool, device=dev)
+    logits = out.logits[:, -1].float()[row_prompt]  # (R, V)
+    cache.batch_select_indices(row_prompt)  # (n, ...) -> (R, ...)
+    forward, K = model, P + max_new_tokens  # K: key/value slots the decode steps attend over
+    if static_cache:  # fixed-size buffers: every decode step has the same shapes, so it compiles once
+        cache = static_cache_with(model, cache, R, K)
+        K = cache.layers[0].max_cache_len
+        if dev.type == "cuda" if compile_decoder is None else compile_decoder:
+            forward = compiled_decoder(model)
+    keep = torch.cat([prompt_mask.bool()[row_prompt], prompt_mask.new_ones(R, K - P, dtype=torch.bool)], 1)  # (R, K)
+    slot = torch.arange(K, device=dev)  # (K,)
+    next_position = position[row_prompt, -1:] + 1  # (R, 1)
+    tokens = torch.full((R, max_new_tokens), pad_id, dtype=torch.long, device=dev)
+    sample_logp = torch.zeros(R, max_new_tokens, device=dev)
+    lengths = torch.full((R,), max_new_tokens, dtype=torch.long, device=dev)
+    ended = torch.zeros(R, dtype=torch.bool, device=dev)
     eos = torch.tensor(eos, device=dev)
+    # --- decode: one token per row per step. No line here waits for the GPU except the "all ended?"
+    # check every 8 tokens, so the CPU queues kernels ahead of the GPU.
     for t in range(max_new_tokens):
-        if temperature > 0:
-            token = torch.multinomial(torch.softmax(logits / temperature, -1), 1).squeeze(1)  # (B,)
-        else:
-            token = logits.argmax(-1)
+        token, sample_logp[:, t] = sample(logits, temperature)
         tokens[:, t] = torch.where(ended, pad_id, token)
         if not ignore_eos:
             new_end = ~ended & torch.isin(token, eos)
-            lengths[new_end] = t + 1  # the EOS itself is part of the completion
-            ended |= new_end
-            if t % 8 == 7 and bool(ended.all()):  # stop once every completion has ended (checked every 8
-                break  # tokens: each check waits for the GPU); the extra tokens are cut off by length below
+            lengths = torch.where(new_end, t + 1, lengths)  # the EOS itself is part of the completion
+            ended = ended | new_end
+            if t % 8 == 7 and bool(ended[:B].all()):  # the one host sync; tokens past the end are cut by length
+                break
         if t == max_new_tokens - 1:
             break
-        if not static_cache:
-            mask = torch.cat([mask, mask.new_ones(B, 1)], 1)  # (B, P + t + 1)
-        cache_position = torch.tensor([P + t], device=dev) if static_cache else None
-        out = forward(input_ids=tokens[:, t : t + 1], attention_mask=mask, position_ids=next_position,
-                      past_key_values=cache, cache_position=cache_position, use_cache=True)  # fmt: skip
-        logits = out.logits[:, -1].float()  # (B, V)
+        # token t sits at slot P + t and may see the prompt (less its padding) and the tokens so far
+        mask = keep & (slot <= P + t) if static_cache else keep[:, : P + t + 1]
+        if forward is not model and dev.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
+        out = forward(input_ids=tokens[:, t : t + 1], attention_mask=attention_mask_4d(mask, model),
+                      position_ids=next_position, past_key_values=cache, use_cache=True)  # fmt: skip
+        logits = out.logits[:, -1].float()  # (R, V)
         next_position = next_position + 1
-    return tokens[:, : int(lengths.max())], lengths, ended
+    L = int(lengths[:B].max())
+    return tokens[:B, :L], lengths[:B], ended[:B], sample_logp[:B, :L]
 
 
-_compiled = {}
+def rows_for_static_cache(B: int) -> int:
+    """Batch rows rounded up to a power of two: one static cache and one compiled graph serve every
+    batch of up to that many rows (the last evaluation batch is often smaller)."""
+    return 1 << (B - 1).bit_length()
+
+
+_static_caches, _compiled = {}, {}
+
+
+def static_cache_with(model, prefill, rows: int, length: int) -> StaticCache:
+    """A StaticCache for (model, rows) holding the prefilled prompt keys/values. It is allocated once
+    and reset for every rollout, so its buffers keep their addresses and a captured CUDA graph is
+    replayed, not re-recorded (a new cache per rollout re-records every time, and after 128
+    re-records torch silently falls back to eager). Its length grows in steps of 256 tokens, only
+    when a longer prompt arrives, so a few sizes cover every prompt."""
+    key = (id(model), rows)
+    if key not in _static_caches or _static_caches[key][1].layers[0].max_cache_len < length:
+        size = -(-length // 256) * 256  # rounded up to a multiple of 256
+        _static_caches[key] = (model, StaticCache(config=model.config, max_cache_len=size))  # model: keeps id unique
+    cache = _static_caches[key][1]
+    cache.reset()  # zeros in place: same addresses
+    for i, layer in enumerate(prefill.layers):
+        cache.update(layer.keys, layer.values, i)  # fills slots 0..P-1
+    return cache
+
+
+def refresh_sampler(sampler, model) -> None:
+    """After an optimizer step: copy the fp32 weights into the bf16 sampler, one fused foreach copy."""
+    if sampler is not model:
+        with torch.no_grad():
+            torch._foreach_copy_(list(sampler.parameters()), list(model.parameters()))
 
 
 def compiled_decoder(model):
-    """The model's forward compiled once for one-token decoding steps (used with the static cache)."""
+    """The model's forward compiled for one-token decoding steps over the static cache: CUDA graphs on
+    CUDA (mode reduce-overhead, recorded once per shape), plain inductor kernels elsewhere."""
     if id(model) not in _compiled:
-        _compiled[id(model)] = torch.compile(model.forward, mode="reduce-overhead")  # graph breaks allowed
-    return _compiled[id(model)]
+        mode = "reduce-overhead" if model.device.type == "cuda" else None
+        _compiled[id(model)] = (model, torch.compile(model.forward, mode=mode, dynamic=False))  # graph breaks allowed
+    return _compiled[id(model)][1]
 
 
 def tokenize_prompts(tok, prompts: list[str], device, multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -426,14 +501,13 @@ def decode(tok, completion_ids: torch.Tensor, lengths: torch.Tensor) -> list[str
     return [tok.decode(ids[:n], skip_special_tokens=True) for ids, n in zip(completion_ids.tolist(), lengths.tolist())]
 
 
-def generate(model, tok, questions: list[str], group_size: int, temperature: float, cfg: Config, device):
-    """Prompt ids/mask (N, P), completion ids (B, L), lengths (B,), ended (B,) and texts for the questions."""
+def generate(sampler, tok, questions: list[str], group_size: int, temperature: float, cfg: Config, device):
+    """Prompt ids/mask (N, P), completion ids (B, L), lengths (B,), ended (B,), sample_logp (B, L) and
+    texts for the questions. sampler: the policy itself (fp32), or its bf16 copy (--precision bf16)."""
     multiple = 64 if cfg.static_cache else 1
     prompt_ids, prompt_mask = tokenize_prompts(tok, [build_prompt(tok, q) for q in questions], device, multiple)
-    model.eval()  # no dropout while sampling
-    with autocast(device):
-        out = rollout(model, prompt_ids, prompt_mask, group_size, cfg.max_new_tokens, temperature,
-                      eos_ids(model, tok), tok.pad_token_id, static_cache=cfg.static_cache)  # fmt: skip
+    out = rollout(sampler, prompt_ids, prompt_mask, group_size, cfg.max_new_tokens, temperature,
+                  eos_ids(sampler, tok), tok.pad_token_id, static_cache=cfg.static_cache)  # fmt: skip
     return prompt_ids, prompt_mask, *out, decode(tok, out[0], out[1])
 
 
@@ -493,8 +567,8 @@ def chunked_log_softmax(logits: torch.Tensor, ids: torch.Tensor, temperature: fl
     autograd each chunk is recomputed in backward instead of stored."""
     rows = max(1, chunk // max(1, logits.shape[1]))
     parts = []
-    for i in range(0, logits.shape[0], rows):
-        args = (logits[i : i + rows], ids[i : i + rows], temperature)
+    for part, part_ids in zip(logits.split(rows), ids.split(rows)):  # split: in backward the chunks' gradients are
+        args = (part, part_ids, temperature)  # concatenated once (indexing would add each into a zeroed full copy)
         if torch.is_grad_enabled():
             parts.append(torch.utils.checkpoint.checkpoint(selective_log_softmax, *args, use_reentrant=False))
         else:
@@ -573,6 +647,8 @@ def check_config(cfg: Config) -> None:
     for name in ("save_every", "sample_every", "eval_every", "eval_samples"):
         if getattr(cfg, name) < 0:
             fail(f"--{name} {getattr(cfg, name)}: use 0 (off) or a positive number")
+    if cfg.precision not in ("auto", "fp32", "bf16"):
+        fail(f"unknown --precision {cfg.precision!r}: use auto, fp32 or bf16")
     if cfg.micro_batch_size == 0 or cfg.micro_batch_size < -1:
         fail(f"--micro_batch_size {cfg.micro_batch_size}: use a positive number, or -1 for the whole batch")
 
@@ -644,10 +720,11 @@ def score(completions: list[str], rows: list[dict]) -> tuple[torch.Tensor, dict[
 
 
 @torch.no_grad()
-def frozen_logprobs(model, prompt_ids, prompt_mask, completion_ids, micro_batch_size: int, temperature: float):
+def frozen_logprobs(model, prompt_ids, prompt_mask, completion_ids, micro_batch_size: int, temperature: float,
+                    bf16: bool = False):  # fmt: skip
     """token_logprobs (B, L) of a model that is not being trained (pi_ref, or pi_old for mu > 1)."""
     B, G = completion_ids.shape[0], completion_ids.shape[0] // prompt_ids.shape[0]
-    with autocast(prompt_ids.device):
+    with autocast(prompt_ids.device, bf16):
         return torch.cat(
             [
                 token_logprobs(model, prompt_ids[p], prompt_mask[p], completion_ids[s], index, temperature)
@@ -657,7 +734,7 @@ def frozen_logprobs(model, prompt_ids, prompt_mask, completion_ids, micro_batch_
 
 
 def accumulate_gradients(policy, prompt_ids, prompt_mask, completion_ids, lengths, advantages, old_logp, ref_logp,
-                         cfg: Config, micro_batch_size: int, world: int = 1) -> dict[str, list[float]]:  # fmt: skip
+                         cfg: Config, micro_batch_size: int, world: int = 1, sample_logp=None) -> dict[str, list[float]]:  # fmt: skip
     """Backward of the loss over the whole batch (B rows), micro_batch_size rows at a time.
     prompt_ids/prompt_mask (N, P) hold each prompt once; completion b belongs to prompt b // G.
 
@@ -665,7 +742,9 @@ def accumulate_gradients(policy, prompt_ids, prompt_mask, completion_ids, length
     accumulated gradient equals the full-batch gradient exactly. Under DDP gradients are averaged
     over ranks, so dapo's token share is taken of the global token count times the world size.
     old_logp None means mu == 1: pi_old is the current policy (rho = 1, gradient still flows).
-    Returns {"loss": [value, 1], "kl"/"clip_frac": [token-weighted sum, tokens]} for the metrics.
+    Returns {"loss": [value, 1], "kl"/"clip_frac": [token-weighted sum, tokens]} for the metrics, and
+    with sample_logp (B, L), the sampler's log-probs of the tokens, "logp_mismatch": the summed
+    |sample_logp - logp| (the bf16 sampler and the trained policy do not compute identically).
     """
     B = completion_ids.shape[0]
     mask = completion_mask(lengths, completion_ids.shape[1])  # (B, L)
@@ -674,10 +753,16 @@ def accumulate_gradients(policy, prompt_ids, prompt_mask, completion_ids, length
         dist.all_reduce(total_tokens)  # dapo normalizes by the tokens of the whole global batch
     slices = micro_batches(B, micro_batch_size, B // prompt_ids.shape[0], prompt_ids.device)
     out = {"loss": [0.0, 1.0], "kl": [0.0, 0.0], "clip_frac": [0.0, 0.0]}
+    if sample_logp is not None:
+        out["logp_mismatch"] = [0.0, 0.0]
+    bf16 = use_bf16(cfg, prompt_ids.device)
     for j, (s, p, index) in enumerate(slices):
         Lm = int(lengths[s].max())  # trim this micro-batch to its longest completion
         last = j == len(slices) - 1
-        with policy.no_sync() if world > 1 and not last else contextlib.nullcontext(), autocast(prompt_ids.device):
+        with (
+            policy.no_sync() if world > 1 and not last else contextlib.nullcontext(),
+            autocast(prompt_ids.device, bf16),
+        ):
             logp = token_logprobs(policy, prompt_ids[p], prompt_mask[p], completion_ids[s, :Lm], index, cfg.temperature)
             old = logp.detach() if old_logp is None else old_logp[s, :Lm]  # mu = 1: pi_old is pi_theta
             ref = None if ref_logp is None else ref_logp[s, :Lm]
@@ -691,10 +776,13 @@ def accumulate_gradients(policy, prompt_ids, prompt_mask, completion_ids, length
         for k in ("kl", "clip_frac"):
             out[k][0] += stats[k].item() * tokens
             out[k][1] += tokens
+        if sample_logp is not None:
+            gap = (sample_logp[s, :Lm] - logp.detach()).abs() * mask[s, :Lm]  # (mb, Lm)
+            out["logp_mismatch"] = [out["logp_mismatch"][0] + gap.sum().item(), out["logp_mismatch"][1] + tokens]
     return out
 
 
-def evaluate(model, tok, rows: list[dict], cfg: Config, step: int, device, rank=0, world=1) -> dict[str, float]:
+def evaluate(sampler, tok, rows: list[dict], cfg: Config, step: int, device, rank=0, world=1) -> dict[str, float]:
     """Greedy pass@1 on `rows` (and maj@k / pass@k if --eval_samples k), sharded over ranks.
     Writes every completion to output_dir/eval_<step>.jsonl and returns eval/* metrics."""
     mine = list(enumerate(rows))[rank::world]
@@ -702,7 +790,7 @@ def evaluate(model, tok, rows: list[dict], cfg: Config, step: int, device, rank=
     for i in range(0, len(mine), cfg.eval_batch_size):
         index, batch = zip(*mine[i : i + cfg.eval_batch_size])
         questions = [r["question"] for r in batch]
-        texts = generate(model, tok, questions, 1, 0.0, cfg, device)[-1]  # greedy
+        texts = generate(sampler, tok, questions, 1, 0.0, cfg, device)[-1]  # greedy
         for idx, r, text in zip(index, batch, texts):
             gold = r["gold"]
             records.append({"index": idx, "question": r["question"], "gold": gold, "completion": text,
@@ -710,7 +798,7 @@ def evaluate(model, tok, rows: list[dict], cfg: Config, step: int, device, rank=
                             "lenient": lenient_correctness(text, gold), "format": format_reward(text, gold)})  # fmt: skip
         if cfg.eval_samples > 0:  # k samples per problem at the training temperature
             k = cfg.eval_samples
-            texts = generate(model, tok, questions, k, cfg.temperature, cfg, device)[-1]
+            texts = generate(sampler, tok, questions, k, cfg.temperature, cfg, device)[-1]
             for j, r in enumerate(records[-len(batch) :]):
                 samples = texts[j * k : (j + 1) * k]
                 votes = Counter(v for v in (parse_number(extract_answer(s) or "") for s in samples) if v is not None)
@@ -828,7 +916,8 @@ def main(cfg: Config, on_step=None) -> None:
     torch.manual_seed(cfg.seed + rank)
     os.makedirs(cfg.output_dir, exist_ok=True)
     log = print if rank == 0 else (lambda *a, **k: None)
-    dtype = "bf16 autocast over fp32 weights" if device.type == "cuda" else "fp32"
+    bf16 = use_bf16(cfg, device)
+    dtype = "bf16 compute over fp32 weights, bf16 sampler" if bf16 else "fp32"
     log(f"device {device} | dtype {dtype} | ranks {world}")
 
     resume_from = latest_checkpoint(cfg.output_dir)
@@ -847,8 +936,9 @@ def main(cfg: Config, on_step=None) -> None:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
+    sampler = bf16_copy(model) if bf16 else model  # rollouts read bf16 weights once per token, keep a bf16 cache
     if cfg.eval_only:
-        metrics = evaluate(model, tok, test_rows, cfg, 0, device, rank, world) if test_rows else {}
+        metrics = evaluate(sampler, tok, test_rows, cfg, 0, device, rank, world) if test_rows else {}
         log(" | ".join(f"{k} {v:.3f}" for k, v in metrics.items()) + f" | {len(test_rows)} problems")
         write_metrics({"step": 0, **metrics})
         return
@@ -856,10 +946,8 @@ def main(cfg: Config, on_step=None) -> None:
     train_rows = load_rows(cfg, "train")
     ref_model = None
     if cfg.beta != 0:  # the frozen reference pi_ref is the initial policy, also after a resume
-        ref_model = load_model(cfg.model, cfg, device)[0] if resume_from else copy.deepcopy(model)
-        ref_model.requires_grad_(False).eval()
-        if device.type == "cuda":
-            ref_model.to(torch.bfloat16)  # it is only ever run under bf16 autocast: half the memory
+        initial = load_model(cfg.model, cfg, device)[0] if resume_from else model
+        ref_model = bf16_copy(initial) if bf16 else copy.deepcopy(initial).requires_grad_(False).eval()
     if cfg.gradient_checkpointing:
         model.activation_checkpointing_enable({"use_reentrant": False})
     model.config.use_cache = False
@@ -869,7 +957,7 @@ def main(cfg: Config, on_step=None) -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
     start_step, bad_in_a_row, skipped = 0, 0, 0
     if resume_from:
-        state = torch.load(os.path.join(resume_from, "trainer_state.pt"), weights_only=False)
+        state = torch.load(os.path.join(resume_from, "trainer_state.pt"), map_location=device, weights_only=False)
         changed = [k for k in RESUME_MUST_MATCH if state["config"][k] != getattr(cfg, k)]
         if changed:
             fail(f"--resume with changed {', '.join(f'--{k}' for k in changed)}: the checkpoint's data order and "
@@ -896,7 +984,7 @@ def main(cfg: Config, on_step=None) -> None:
     mb = B if cfg.micro_batch_size < 0 else min(cfg.micro_batch_size, B)
 
     if test_rows and not resume_from:
-        metrics = evaluate(model, tok, test_rows, cfg, 0, device, rank, world)
+        metrics = evaluate(sampler, tok, test_rows, cfg, 0, device, rank, world)
         log("eval step 0 | " + " | ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
         write_metrics({"step": 0, **metrics})
 
@@ -907,9 +995,9 @@ def main(cfg: Config, on_step=None) -> None:
         # --- rollout: this rank's share of the step's prompts, G samples each
         first = (step - 1) * cfg.prompts_per_step + rank * n_local
         rows = [train_rows[i] for i in prompt_indices(len(train_rows), first, n_local, cfg.seed)]
-        prompt_ids, prompt_mask, completion_ids, lengths, ended, texts = generate(
-            model, tok, [r["question"] for r in rows], G, cfg.temperature, cfg, device
-        )  # (n, P), (n, P), (B, L), (B,), (B,), B strings
+        prompt_ids, prompt_mask, completion_ids, lengths, ended, sample_logp, texts = generate(
+            sampler, tok, [r["question"] for r in rows], G, cfg.temperature, cfg, device
+        )  # (n, P), (n, P), (B, L), (B,), (B,), (B, L), B strings
 
         # --- reward and group-relative advantage
         group_rows = [r for r in rows for _ in range(G)]
@@ -918,19 +1006,18 @@ def main(cfg: Config, on_step=None) -> None:
 
         # --- log-probs of the frozen models, one micro-batch at a time, before any update
         model.train()
-        args = (prompt_ids, prompt_mask, completion_ids, mb, cfg.temperature)
+        args = (prompt_ids, prompt_mask, completion_ids, mb, cfg.temperature, bf16)
         ref_logp = frozen_logprobs(ref_model, *args) if ref_model is not None else None
         old_logp = frozen_logprobs(model, *args) if cfg.mu > 1 else None  # pi_old, kept for the mu updates
 
         # --- mu optimizer steps on this batch
         sums = {"loss": [0.0, 0.0], "kl": [0.0, 0.0], "clip_frac": [0.0, 0.0], "grad_norm": [0.0, 0.0]}
-        for _ in range(cfg.mu):
+        for i in range(cfg.mu):
             optimizer.zero_grad(set_to_none=True)
-            stats = accumulate_gradients(
-                policy, prompt_ids, prompt_mask, completion_ids, lengths, advantages, old_logp, ref_logp, cfg, mb, world
-            )
+            stats = accumulate_gradients(policy, prompt_ids, prompt_mask, completion_ids, lengths, advantages,
+                                         old_logp, ref_logp, cfg, mb, world, sample_logp if i == 0 else None)  # fmt: skip
             for k, v in stats.items():
-                sums[k] = [sums[k][0] + v[0], sums[k][1] + v[1]]
+                sums[k] = [sums.get(k, [0.0, 0.0])[0] + v[0], sums.get(k, [0.0, 0.0])[1] + v[1]]
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
             finite = torch.tensor(
                 float(math.isfinite(stats["loss"][0]) and bool(torch.isfinite(grad_norm))), device=device
@@ -939,6 +1026,7 @@ def main(cfg: Config, on_step=None) -> None:
                 dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # every rank takes the same decision
             if finite.item() == 1.0:
                 optimizer.step()
+                refresh_sampler(sampler, model)
                 bad_in_a_row = 0
             else:  # a non-finite loss or gradient would corrupt the weights: skip this update
                 optimizer.zero_grad(set_to_none=True)
@@ -974,7 +1062,7 @@ def main(cfg: Config, on_step=None) -> None:
             f"step {step}/{cfg.steps} | reward {metrics['reward']:.3f} ({fn_part}) | acc {metrics['accuracy']:.3f} | "
             f"kl {metrics['kl']:.4f} | loss {metrics['loss']:.4f} | clip {metrics['clip_frac']:.3f} | "
             f"zero_std {metrics['frac_zero_std']:.2f} | len {metrics['completion_len']:.0f} | "
-            f"trunc {metrics['truncated_frac']:.2f} | {step_time:.1f}s | {metrics['tokens_per_s']:.0f} tok/s"
+            f"trunc {metrics['truncated_frac']:.2f} | mismatch {metrics['logp_mismatch']:.4f} | {step_time:.1f}s | {metrics['tokens_per_s']:.0f} tok/s"
         )
         if rank == 0:
             bar.write(line)
@@ -985,7 +1073,7 @@ def main(cfg: Config, on_step=None) -> None:
                 f"--- worst (reward {rewards[worst]:.2f}):\n{texts[worst]}\n---"
             )
         if test_rows and cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
-            metrics.update(evaluate(model, tok, test_rows, cfg, step, device, rank, world))
+            metrics.update(evaluate(sampler, tok, test_rows, cfg, step, device, rank, world))
             bar.write(
                 f"eval step {step} | " + " | ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k.startswith("eval/"))
             )
@@ -1006,7 +1094,7 @@ def main(cfg: Config, on_step=None) -> None:
     bar.close()
 
     if test_rows:
-        metrics = evaluate(model, tok, test_rows, cfg, cfg.steps, device, rank, world)
+        metrics = evaluate(sampler, tok, test_rows, cfg, cfg.steps, device, rank, world)
         log(f"eval step {cfg.steps} | " + " | ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
         write_metrics({"step": cfg.steps, **metrics})
     if rank == 0:

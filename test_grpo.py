@@ -71,6 +71,37 @@ def tiny_model(tmp_path_factory) -> str:
     return path
 
 
+@pytest.fixture(scope="session")
+def tiny_qwen(tmp_path_factory) -> str:
+    """A 2-layer random Qwen2 shaped like the default model in the ways that matter for dtypes:
+    q/k/v biases, grouped-query attention (4 heads, 2 KV heads), rope theta 1e6, tied embeddings."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    path = str(tmp_path_factory.mktemp("tiny-qwen"))
+    tok = make_tokenizer()
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        rope_theta=1e6,
+        tie_word_embeddings=True,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=None,
+    )
+    model = Qwen2ForCausalLM(config)
+    assert model.model.layers[0].self_attn.q_proj.bias is not None
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
 def arithmetic_rows(n: int, seed: int) -> list[dict]:
     rng = random.Random(seed)
     rows = []
@@ -427,7 +458,9 @@ def test_fast_rollout_equals_generate_greedy(tiny_model, static_cache):
         tok, [grpo.build_prompt(tok, q) for q in ["1+1?", "what is 12 + 30?", "9?"]], "cpu"
     )
     eos = grpo.eos_ids(model, tok)
-    out, lengths, ended = grpo.rollout(model, ids, mask, 2, 12, 0.0, eos, tok.pad_token_id, static_cache=static_cache)
+    out, lengths, ended, _ = grpo.rollout(
+        model, ids, mask, 2, 12, 0.0, eos, tok.pad_token_id, static_cache=static_cache
+    )
     with torch.no_grad():
         ref = plain_generate(model, tok, ids, mask, 2, 12)
     for b in range(out.shape[0]):
@@ -453,7 +486,7 @@ def test_rollout_lengths_masks_with_pad_equal_eos(tiny_model):
     ids, mask = grpo.tokenize_prompts(
         tok, [grpo.build_prompt(tok, "a"), grpo.build_prompt(tok, "longer question")], "cpu"
     )
-    out, lengths, ended = grpo.rollout(model, ids, mask, 8, 10, 1.0, [eos], tok.pad_token_id)
+    out, lengths, ended, _ = grpo.rollout(model, ids, mask, 8, 10, 1.0, [eos], tok.pad_token_id)
     hook.remove()
     assert ended.any() and (lengths > 1).any() and len(set(lengths.tolist())) > 1
     for b in range(out.shape[0]):
@@ -471,7 +504,7 @@ def test_rollout_lengths_masks_with_pad_equal_eos(tiny_model):
 def test_rollout_ignore_eos_runs_full_length(tiny_model):
     model, tok = load(tiny_model)
     ids, mask = grpo.tokenize_prompts(tok, ["x"], "cpu")
-    out, lengths, ended = grpo.rollout(
+    out, lengths, ended, _ = grpo.rollout(
         model, ids, mask, 3, 6, 1.0, list(range(len(tok))), tok.pad_token_id, ignore_eos=True
     )
     assert out.shape == (3, 6) and lengths.tolist() == [6, 6, 6] and not ended.any()
@@ -483,7 +516,7 @@ def test_micro_batched_gradient_equals_full_batch(tiny_model):
     prompts = [grpo.build_prompt(tok, q) for q in ["1+1?", "22+3?", "7?"]]
     ids, mask = grpo.tokenize_prompts(tok, prompts, "cpu")
     G = 2
-    out, lengths, _ = grpo.rollout(model, ids, mask, G, 8, 1.0, grpo.eos_ids(model, tok), tok.pad_token_id)
+    out, lengths, _, _ = grpo.rollout(model, ids, mask, G, 8, 1.0, grpo.eos_ids(model, tok), tok.pad_token_id)
     lengths[0] = 2  # make lengths differ so every normalization is exercised
     adv = torch.randn(6, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -498,6 +531,143 @@ def test_micro_batched_gradient_equals_full_batch(tiny_model):
             grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
         assert torch.allclose(grads[0], grads[1], atol=1e-6), loss_type
         assert torch.allclose(grads[0], grads[2], atol=1e-6), loss_type
+
+
+# ----------------------------------------------------------------------------- the bf16 (CUDA) path, on CPU
+def prompts_of(tok, questions):
+    return grpo.tokenize_prompts(tok, [grpo.build_prompt(tok, q) for q in questions], "cpu")
+
+
+def test_bf16_copy_keeps_buffers_fp32_and_refresh_copies_weights(tiny_qwen):
+    model, tok = load(tiny_qwen)
+    sampler = grpo.bf16_copy(model)
+    assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in sampler.parameters())
+    assert sampler.model.rotary_emb.inv_freq.dtype == torch.float32  # rotary angles stay exact
+    assert torch.equal(sampler.model.rotary_emb.inv_freq, model.model.rotary_emb.inv_freq)
+    assert sampler.lm_head.weight is sampler.model.embed_tokens.weight  # still tied
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    assert not torch.equal(sampler.model.norm.weight, model.model.norm.weight.bfloat16())
+    grpo.refresh_sampler(sampler, model)
+    for s, p in zip(sampler.parameters(), model.parameters()):
+        assert s.dtype == torch.bfloat16 and torch.equal(s, p.bfloat16())
+
+
+def test_sample_logp_is_the_policy_logp_of_the_sampled_tokens(tiny_qwen):
+    """The rollout's own log-prob of each sampled token equals a full recompute (fp32): the
+    train/sample mismatch metric then measures only what the bf16 sampler changes."""
+    model, tok = load(tiny_qwen)
+    ids, mask = prompts_of(tok, ["1+1?", "what is 12 + 30?"])
+    torch.manual_seed(0)
+    out, lengths, _, sample_logp = grpo.rollout(
+        model, ids, mask, 3, 10, 0.7, grpo.eos_ids(model, tok), tok.pad_token_id
+    )
+    with torch.no_grad():
+        logp = grpo.token_logprobs(model, ids, mask, out, torch.arange(6) // 3, 0.7)
+    m = grpo.completion_mask(lengths, out.shape[1]).bool()
+    assert torch.allclose(sample_logp[m], logp[m], atol=1e-4)
+
+
+@pytest.mark.parametrize("which", ["tiny_model", "tiny_qwen"])
+def test_bf16_static_cache_rollout_equals_dynamic(which, request):
+    model, tok = load(request.getfixturevalue(which))
+    sampler = grpo.bf16_copy(model)
+    ids, mask = prompts_of(tok, ["1+1?", "what is 12 + 30?", "9?"])
+    eos = grpo.eos_ids(model, tok)
+    dynamic = grpo.rollout(sampler, ids, mask, 2, 24, 0.0, eos, tok.pad_token_id)
+    static = grpo.rollout(sampler, ids, mask, 2, 24, 0.0, eos, tok.pad_token_id, static_cache=True)
+    assert torch.equal(dynamic[0], static[0]) and torch.equal(dynamic[1], static[1])  # same greedy tokens
+    # the same kernels over a longer (zero, masked) cache: log-probs agree to bf16 rounding
+    assert torch.allclose(dynamic[3], static[3], atol=0.02)
+    again = grpo.rollout(sampler, ids[:1], mask[:1], 6, 24, 0.0, eos, tok.pad_token_id, static_cache=True)
+    assert torch.equal(again[0][0], dynamic[0][0][: again[0].shape[1]])  # the cache is reused, reset, still right
+
+
+def count_host_syncs(fn) -> int:
+    """Calls that copy a GPU value to the host (.item(), bool(tensor), nonzero): each one stalls a GPU."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(e.name in ("aten::_local_scalar_dense", "aten::nonzero") for e in prof.events())
+
+
+@pytest.mark.parametrize("static_cache", [False, True])
+def test_decode_loop_has_no_per_token_host_sync(tiny_qwen, static_cache):
+    model, tok = load(tiny_qwen)
+    sampler = grpo.bf16_copy(model)
+    ids, mask = prompts_of(tok, ["1+1?", "what is 12 + 30?"])
+    never = [len(tok) + 5]  # an EOS id that never comes: every completion runs K tokens
+    syncs = {}
+    for K in (16, 64):
+
+        def run(K=K):
+            return grpo.rollout(sampler, ids, mask, 4, K, 1.0, never, tok.pad_token_id, static_cache=static_cache)
+
+        run()  # warm up (allocates the static cache)
+        syncs[K] = count_host_syncs(run)
+        assert syncs[K] <= K / 8 + 4, syncs  # the "all ended?" check every 8 tokens plus a constant
+    assert syncs[64] - syncs[16] == 48 / 8, syncs  # exactly one per 8 decode steps
+
+
+def test_compiled_decoding_compiles_once_per_bucket(tiny_qwen):
+    """Inductor on CPU (CUDA graphs need CUDA): rollouts with different prompt lengths and batch
+    sizes reuse one compiled graph per bucket of rows, and give the uncompiled tokens."""
+    from torch._dynamo.utils import counters
+
+    model, tok = load(tiny_qwen)
+    sampler = grpo.bf16_copy(model)
+    eos = grpo.eos_ids(model, tok)
+    counters.clear()
+    graphs = []
+    for questions, G in [(["1+1?", "what is 12 + 30?"], 2), (["a longer question: what is 123 + 456?", "x"], 2),
+                         (["9?"], 3), (["7 + 7?"], 5), (["q", "r"], 4)]:  # fmt: skip
+        ids, mask = prompts_of(tok, questions)
+        compiled = grpo.rollout(sampler, ids, mask, G, 12, 0.0, eos, tok.pad_token_id, static_cache=True,
+                                compile_decoder=True)  # fmt: skip
+        plain = grpo.rollout(sampler, ids, mask, G, 12, 0.0, eos, tok.pad_token_id)
+        assert torch.equal(compiled[0], plain[0])
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs == [1, 1, 1, 2, 2], graphs  # rows 4, 4, 3 -> 4: one graph; rows 5 and 8 -> 8: a second
+
+
+@pytest.mark.parametrize("static_cache", [False, True])
+@pytest.mark.parametrize("which", ["tiny_model", "tiny_qwen"])
+def test_main_bf16_end_to_end(which, static_cache, request, tiny_data, tmp_path):
+    """What a GPU runs (bf16 compute over fp32 weights, bf16 sampler and reference), run on CPU."""
+    path = request.getfixturevalue(which)
+    cfg = tiny_config(path, tiny_data, tmp_path, precision="bf16", static_cache=static_cache, eval_every=1)
+    grpo.main(cfg)
+    records = read_metrics(cfg)
+    train = [r for r in records if "reward" in r]
+    assert [r["step"] for r in train] == [1, 2]
+    for r in train:
+        assert all(math.isfinite(v) for v in r.values()), r
+        assert 0 <= r["logp_mismatch"] < 1.0  # bf16 sampler vs bf16-autocast policy: small, logged
+    assert sum("eval/accuracy_strict" in r for r in records) == 3  # before, at step 1, after
+    final, _ = load(os.path.join(cfg.output_dir, "final"))
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in final.parameters())  # fp32 master
+    trained = zip(params_of(os.path.join(cfg.output_dir, "final")), params_of(path))
+    assert any(not torch.equal(a, b) for a, b in trained)  # the updates reached the saved weights
+
+
+def test_checkpoint_saved_on_gpu_resumes_on_cpu(tiny_model, tiny_data, tmp_path, monkeypatch):
+    cfg = tiny_config(tiny_model, tiny_data, tmp_path, steps=2, save_every=1, eval_size=0)
+    grpo.main(cfg)
+    state_path = os.path.join(cfg.output_dir, "checkpoint", "trainer_state.pt")
+    state = torch.load(state_path, weights_only=False)
+    # write it again with every tensor tagged as stored on cuda:0, as a GPU run writes it
+    gpu_tag = (0, lambda storage: "cuda:0" if storage.device.type == "cpu" else None, lambda obj, location: None)
+    monkeypatch.setattr(torch.serialization, "_package_registry", [gpu_tag, *torch.serialization._package_registry])
+    torch.save(state, state_path)
+    monkeypatch.undo()
+    with pytest.raises(RuntimeError, match="CUDA"):
+        torch.load(state_path, weights_only=False)  # it really is a GPU checkpoint now
+    os.remove(os.path.join(cfg.output_dir, "final", "model.safetensors"))
+    grpo.main(dataclasses_replace(cfg, resume=True))  # mapped onto this run's device
+    assert read_metrics(cfg)[-1]["step"] == 2
+    assert os.path.isfile(os.path.join(cfg.output_dir, "final", "model.safetensors"))
 
 
 # ----------------------------------------------------------------------------- training end to end
@@ -621,7 +791,7 @@ def test_evaluate_metrics_on_known_completions(tiny_model, tiny_data, tmp_path, 
         enc = [tok(t, add_special_tokens=False).input_ids + [tok.eos_token_id] for t in texts]
         L = max(map(len, enc))
         out = torch.tensor([e + [pad_id] * (L - len(e)) for e in enc])
-        return out, torch.tensor([len(e) for e in enc]), torch.ones(n, dtype=torch.bool)
+        return out, torch.tensor([len(e) for e in enc]), torch.ones(n, dtype=torch.bool), torch.zeros(out.shape)
 
     fake_rollout.i = 0
     monkeypatch.setattr(grpo, "rollout", fake_rollout)
@@ -654,7 +824,7 @@ def test_evaluate_maj_and_pass_at_k(tiny_model, tiny_data, tmp_path, monkeypatch
         enc = [tok(t, add_special_tokens=False).input_ids for t in samples[G]]
         L = max(map(len, enc))
         out = torch.tensor([e + [pad_id] * (L - len(e)) for e in enc])
-        return out, torch.tensor([len(e) for e in enc]), torch.ones(len(enc), dtype=torch.bool)
+        return out, torch.tensor([len(e) for e in enc]), torch.ones(len(enc), dtype=torch.bool), torch.zeros(out.shape)
 
     monkeypatch.setattr(grpo, "rollout", fake_rollout)
     cfg = tiny_config(tiny_model, tiny_data, tmp_path, eval_samples=3, eval_batch_size=2)
@@ -840,6 +1010,7 @@ def test_cli_errors(tiny_model, tiny_data, tmp_path):
         (dict(resume=True), ["no checkpoint"]),
         (dict(device="tpu-ish"), ["unknown --device"]),
         (dict(save_every=-1), ["--save_every"]),
+        (dict(precision="fp16"), ["--precision", "auto, fp32 or bf16"]),
     ],
 )
 def test_bad_config_errors(tiny_model, tiny_data, tmp_path, kw, words):
