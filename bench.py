@@ -4,8 +4,9 @@
     python bench.py --model qwen-shape --random_init --prompts 8 --group_size 8 --prompt_len 200 \\
         --new_tokens 300 --device cuda                          # GPU: the Qwen2.5-0.5B shape (README)
 
-fast  = grpo.py as it trains: grpo.rollout (each prompt prefilled once, its KV cache shared by its G
-        samples, optional static cache), grpo.token_logprobs (prompt cache shared, logits only for
+fast  = grpo.py as it trains: grpo.rollout on the sampler (a bf16 copy of the policy under --precision
+        bf16, the default on CUDA; each prompt prefilled once, its KV cache shared by its G samples,
+        optional static cache), grpo.token_logprobs (prompt cache shared, logits only for
         completion positions, chunked fp32 log-softmax), grpo.accumulate_gradients (micro-batches).
 plain = the straightforward path: model.generate over the P*G repeated prompts with the default
         dynamic cache, then each log-prob pass on the full (B, P+L) sequences with the full fp32
@@ -45,19 +46,20 @@ def build(args, device):
     else:
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     model.to(device)
+    bf16 = grpo.use_bf16(grpo.Config(precision=args.precision), device)
     ref = None
     if args.beta != 0:
-        ref = AutoModelForCausalLM.from_config(config, dtype=torch.float32).to(device).eval().requires_grad_(False)
-        ref.load_state_dict(model.state_dict())
-        if device.type == "cuda":
-            ref.to(torch.bfloat16)  # as grpo.main keeps it
-    return model, ref, config
+        ref = grpo.bf16_copy(model) if bf16 else AutoModelForCausalLM.from_config(config).to(device)
+        ref.load_state_dict(model.state_dict())  # as grpo.main keeps it (bf16 weights, fp32 rotary buffers)
+        ref.eval().requires_grad_(False)
+    return model, ref, config, bf16
 
 
 def run_path(args) -> dict:
     """Time every phase of one step, args.repeats times after a warmup; medians of each phase."""
     device = torch.device(args.device)
-    model, ref, config = build(args, device)
+    model, ref, config, bf16 = build(args, device)
+    sampler = grpo.bf16_copy(model) if bf16 and args.path == "fast" else model
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable({"use_reentrant": False})
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
@@ -67,9 +69,9 @@ def run_path(args) -> dict:
     prompt_ids = torch.randint(0, config.vocab_size, (N, P), generator=gen).to(device)
     prompt_mask = torch.ones_like(prompt_ids)
     advantages = torch.randn(B, generator=gen).to(device)
-    cfg = grpo.Config(beta=args.beta, max_new_tokens=L, temperature=1.0)
+    cfg = grpo.Config(beta=args.beta, max_new_tokens=L, temperature=1.0, precision=args.precision)
     mb = B if args.micro_batch_size < 0 else args.micro_batch_size
-    ac = grpo.autocast(device)
+    ac = grpo.autocast(device, bf16)
     times = {k: [] for k in PHASES}
 
     def clock(name, fn):
@@ -89,22 +91,22 @@ def run_path(args) -> dict:
             torch.cuda.reset_peak_memory_stats(device)
         t_step = time.perf_counter()
         model.eval()
+        if args.path == "fast":  # the sampler computes in its own dtype: no autocast
+            eos = [config.vocab_size - 1]
+            clock(
+                "prefill",
+                lambda: grpo.rollout(
+                    sampler, prompt_ids, prompt_mask, G, 1, 1.0, eos, 0, args.static_cache, ignore_eos=True
+                ),
+            )
+            completion, lengths, _, _ = clock(
+                "rollout",
+                lambda: grpo.rollout(
+                    sampler, prompt_ids, prompt_mask, G, L, 1.0, eos, 0, args.static_cache, ignore_eos=True
+                ),
+            )
         with ac, torch.no_grad():
-            if args.path == "fast":
-                eos = [config.vocab_size - 1]
-                clock(
-                    "prefill",
-                    lambda: grpo.rollout(
-                        model, prompt_ids, prompt_mask, G, 1, 1.0, eos, 0, args.static_cache, ignore_eos=True
-                    ),
-                )
-                completion, lengths, _ = clock(
-                    "rollout",
-                    lambda: grpo.rollout(
-                        model, prompt_ids, prompt_mask, G, L, 1.0, eos, 0, args.static_cache, ignore_eos=True
-                    ),
-                )
-            else:
+            if args.path == "plain":
                 ids, mask = prompt_ids.repeat_interleave(G, 0), prompt_mask.repeat_interleave(G, 0)
                 kw = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, pad_token_id=0)
                 clock(
@@ -125,7 +127,7 @@ def run_path(args) -> dict:
         model.train()
         with ac, torch.no_grad():
             if args.path == "fast":
-                frozen = lambda m: grpo.frozen_logprobs(m, prompt_ids, prompt_mask, completion, mb, 1.0)  # noqa: E731
+                frozen = lambda m: grpo.frozen_logprobs(m, prompt_ids, prompt_mask, completion, mb, 1.0, bf16)  # noqa: E731
             else:
                 frozen = lambda m: plain_logprobs(m, seq, completion)  # noqa: E731
             ref_logp = clock("ref_logp", lambda: frozen(ref)) if ref is not None else None
@@ -149,7 +151,14 @@ def run_path(args) -> dict:
                 loss.backward()
 
             clock("policy_fwd_bwd", plain_update)
-        clock("optimizer", lambda: (torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0), opt.step()))
+        clock(  # the fast path also copies the new weights into its bf16 sampler
+            "optimizer",
+            lambda: (
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0),
+                opt.step(),
+                grpo.refresh_sampler(sampler, model),
+            ),
+        )
         times["step"].append(time.perf_counter() - t_step)
 
     one_step()  # warmup: allocations, optimizer state, compilation
@@ -187,6 +196,7 @@ def main() -> None:
         "--static_cache", action=argparse.BooleanOptionalAction, default=False, help="fast path: static cache"
     )
     p.add_argument("--gradient_checkpointing", action="store_true", help="both paths")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="as grpo.py's --precision")
     p.add_argument("--repeats", type=int, default=2, help="timed repeats after one warmup (median reported)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument(

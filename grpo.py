@@ -506,6 +506,7 @@ def generate(sampler, tok, questions: list[str], group_size: int, temperature: f
     texts for the questions. sampler: the policy itself (fp32), or its bf16 copy (--precision bf16)."""
     multiple = 64 if cfg.static_cache else 1
     prompt_ids, prompt_mask = tokenize_prompts(tok, [build_prompt(tok, q) for q in questions], device, multiple)
+    sampler.eval()  # no dropout, and no activation checkpointing (it would drop the KV cache)
     out = rollout(sampler, prompt_ids, prompt_mask, group_size, cfg.max_new_tokens, temperature,
                   eos_ids(sampler, tok), tok.pad_token_id, static_cache=cfg.static_cache)  # fmt: skip
     return prompt_ids, prompt_mask, *out, decode(tok, out[0], out[1])

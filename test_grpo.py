@@ -1199,3 +1199,14 @@ def test_readme_objective_line_numbers_are_current():
         assert numbers, row
         for n in numbers:
             assert f"# ({term})" in lines[n - 1], (n, lines[n - 1])
+
+
+def test_bench_runs_the_bf16_static_cache_path(tiny_qwen):
+    """bench.py end to end on the tiny Qwen2: both paths, the bf16 sampler, the static cache."""
+    args = ["--model", tiny_qwen, "--random_init", "--prompts", "2", "--group_size", "2", "--prompt_len", "16"]
+    args += ["--new_tokens", "6", "--precision", "bf16", "--static_cache", "--repeats", "1", "--device", "cpu"]
+    result = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), *args], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["fast"]["seconds"]["step"] > 0 and summary["plain"]["seconds"]["step"] > 0
+    assert set(summary["speedup"]) >= {"rollout", "decode", "step"}
