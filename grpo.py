@@ -35,12 +35,14 @@ Where this departs from the paper (each is a deliberate, common choice):
 """
 
 import argparse
+import ast
 import contextlib
 import copy
 import dataclasses
 import inspect
 import json
 import math
+import operator
 import os
 import random
 import re
@@ -273,6 +275,89 @@ REWARD_FUNCS = [
     (int_answer_reward, 0.25),
     (tag_count_reward, 0.25),
 ]
+
+
+# ----------------------------------------------------------------------------- Tools
+# The model may write <calc>EXPRESSION</calc> mid-answer; the environment appends <result>VALUE</result>.
+TOOL_CALL = ("<calc>", "</calc>")
+TOOL_RESULT = ("<result>", "</result>")
+CALC_MAX_CHARS = 200  # checked before parsing, so parse time and the number of AST nodes are bounded
+CALC_MAX_DEPTH = 100  # nesting of the tree, bounds the recursion (1+1+...+1 in 200 characters fits)
+CALC_MAX_ABS = 10**30  # every intermediate value; keeps each operation on small numbers
+CALC_BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+               ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}  # fmt: skip
+CALC_UNARY = {ast.UAdd: operator.pos, ast.USub: operator.neg}
+CALC_SIGNS = str.maketrans({"\N{MULTIPLICATION SIGN}": "*", "\N{DIVISION SIGN}": "/", "\N{MINUS SIGN}": "-"})
+
+
+def calculator(expression: str) -> str:
+    """Evaluate arithmetic: numbers, + - * / // % **, parentheses (the unicode multiplication, division
+    and minus signs read as * / -). Anything else, or anything too big, is 'error: ...', never an
+    exception. Integers are exact; other results are rounded to 6 decimals, zeros stripped. ^ is an
+    error with a hint rather than a power: one spelling to learn, and in Python ^ means XOR.
+
+    >>> calculator("347 * 86"), calculator("(1 + 2) / 4"), calculator("6 / 3"), calculator("2 ^ 3")
+    ('29842', '0.75', '2', 'error: ^ is not an operator here, use ** for powers')
+    """
+    if len(expression) > CALC_MAX_CHARS:
+        return f"error: longer than {CALC_MAX_CHARS} characters"
+    if "^" in expression:
+        return "error: ^ is not an operator here, use ** for powers"
+    text = " ".join(expression.translate(CALC_SIGNS).split())  # one line, no indent
+
+    def walk(node: ast.AST, depth: int) -> int | float:
+        if depth > CALC_MAX_DEPTH:
+            raise ValueError("too deeply nested")
+        if isinstance(node, ast.Constant) and type(node.value) in (int, float):  # not bool, str, complex
+            x = node.value
+        elif isinstance(node, ast.UnaryOp) and type(node.op) in CALC_UNARY:
+            x = CALC_UNARY[type(node.op)](walk(node.operand, depth + 1))
+        elif isinstance(node, ast.BinOp) and type(node.op) in CALC_BINARY:
+            a, b = walk(node.left, depth + 1), walk(node.right, depth + 1)
+            if isinstance(node.op, ast.Pow) and abs(a) not in (0, 1) and b * math.log10(abs(a)) > 31:
+                raise ValueError("result too large")  # estimated before computing: 9**9**9 never starts
+            if isinstance(node.op, ast.Div) and type(a) is type(b) is int and b and a % b == 0:
+                x = a // b  # exact, where a float would round 10**30 / 10
+            else:
+                x = CALC_BINARY[type(node.op)](a, b)
+        else:
+            raise ValueError(f"{type(getattr(node, 'op', node)).__name__} is not allowed")
+        if type(x) not in (int, float) or not abs(x) <= CALC_MAX_ABS:  # complex from (-8)**0.5; inf; nan
+            raise ValueError("result too large" if type(x) in (int, float) else "not a real number")
+        return x
+
+    try:
+        tree = ast.parse(text, mode="eval")  # a syntax tree only: nothing is compiled to code or run
+    except Exception:  # SyntaxError; ValueError for null bytes; RecursionError if the length cap is raised
+        return "error: invalid syntax"
+    try:
+        x = walk(tree.body, 0)
+    except ZeroDivisionError:
+        return "error: division by zero"
+    except ValueError as e:  # raised by walk, with a short message
+        return f"error: {e}"
+    except Exception as e:  # OverflowError, MemoryError, RecursionError: not expected, but never raise
+        return f"error: {type(e).__name__}"
+    if isinstance(x, int):
+        return str(x)
+    if abs(x) >= 1e9:  # 6 decimals would print float noise: 15 significant digits, 1e+20 past 1e15
+        return f"{x:.15g}"
+    return f"{round(x, 6) or 0.0:.6f}".rstrip("0").rstrip(".")  # 'or 0.0': -0.0000001 prints as 0
+
+
+def tool_response(text: str) -> str | None:
+    """The <result>...</result> to append if `text` ends with a complete, unanswered <calc> call, else None.
+
+    >>> tool_response("So 12 * 7 = <calc>12 * 7</calc>"), tool_response("<calc>1</calc><result>1</result>")
+    ('<result>84</result>', None)
+    """
+    (open_tag, close_tag), (result_open, result_close) = TOOL_CALL, TOOL_RESULT
+    if not text.endswith(close_tag):
+        return None
+    end = len(text) - len(close_tag)
+    previous = text.rfind(close_tag, 0, end)  # an earlier call's end: the opening tag must come after it
+    start = text.rfind(open_tag, previous + len(close_tag) if previous >= 0 else 0, end)
+    return f"{result_open}{calculator(text[start + len(open_tag) : end])}{result_close}" if start >= 0 else None
 
 
 # ----------------------------------------------------------------------------- Data

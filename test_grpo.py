@@ -5,13 +5,17 @@ many chat models) in a temporary folder, so nothing is downloaded. The integrati
 when GRPO_TEST_MODEL (a model folder) and GRPO_TEST_DATA (a dataset path) are set.
 """
 
+import ast
+import builtins
 import json
 import math
+import operator
 import os
 import random
 import string
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -279,6 +283,244 @@ def test_score_weights_and_names(monkeypatch):
     total, per_fn = grpo.score([GOOD, "<answer>18</answer>"], rows)
     assert total.tolist() == [2.5, 2.0]
     assert per_fn == {"correctness_reward": [1.0, 1.0], "format_reward": [1.0, 0.0]}
+
+
+# ----------------------------------------------------------------------------- tools
+@pytest.mark.parametrize(
+    "expression, expected",
+    [
+        ("1 + 2 * 3", "7"),  # precedence
+        ("(1 + 2) * 3", "9"),
+        ("10 - 4 - 3", "3"),  # left to right
+        ("2 ** 3 ** 2", "512"),  # right to left
+        ("-3 ** 2", "-9"),  # ** binds tighter than unary minus, as in Python
+        ("(-3) ** 2", "9"),
+        ("-(-5)", "5"),
+        ("+7 - -2", "9"),
+        ("((((2))))", "2"),
+        ("7 / 2", "3.5"),  # true division
+        ("6 / 3", "2"),  # an integral quotient prints as an integer
+        ("1 / 3", "0.333333"),
+        ("2 / 3", "0.666667"),
+        ("-1 / 8", "-0.125"),
+        ("7 // 2", "3"),
+        ("-7 // 2", "-4"),
+        ("7 % 3", "1"),
+        ("-7 % 3", "2"),
+        ("7.5 % 2", "1.5"),
+        ("2 ** -1", "0.5"),
+        ("2 ** 0.5", "1.414214"),
+        ("0 ** 0", "1"),
+        ("(-1) ** 1000001", "-1"),
+        ("0.1 + 0.2", "0.3"),
+        ("2.50 * 2", "5"),
+        ("3.14159 * 2", "6.28318"),
+        ("1.5e3", "1500"),
+        ("0.0000001", "0"),
+        ("-0.0000001", "0"),  # not '-0'
+        ("0.00001", "0.00001"),  # not '1e-05'
+        ("347 × 86", "29842"),
+        ("84 ÷ 4", "21"),
+        ("5 − 7", "-2"),
+        ("−(3 − 5)", "2"),
+        ("  12 *\t3 ", "36"),
+        ("\n3 +\n4\n", "7"),
+        ("123456789 * 987654321", "121932631112635269"),  # exact integers
+        ("2 ** 99", str(2**99)),
+        ("10 ** 30", "1" + "0" * 30),  # the largest allowed magnitude
+        ("-(10 ** 30)", "-1" + "0" * 30),
+        ("10 ** 30 / 10", "1" + "0" * 29),  # exact, not a rounded float
+        ("1e12 / 3", "333333333333.333"),  # 15 significant digits, no float noise
+        ("1e20 + 0.5", "1e+20"),
+        ("1+" * 99 + "1", "100"),  # 199 characters, 99 levels deep
+        ("(" * 99 + "1" + ")" * 99, "1"),  # parentheses add no depth to the tree
+    ],
+)
+def test_calculator_arithmetic(expression, expected):
+    assert grpo.calculator(expression) == expected
+
+
+HOSTILE = [
+    "__import__('os').system('echo hi')",
+    "().__class__.__bases__[0].__subclasses__()",
+    "open('/etc/passwd').read()",
+    "lambda: 1",
+    "(x := 1)",
+    "[c for c in ()]",
+    "{1: 2}",
+    "a.b",
+    "x[0]",
+    "x",
+    "__builtins__",
+    "'abc'",
+    "f'{1}'",
+    "True",
+    "None",
+    "1j",
+    "1 < 2",
+    "1 if 1 else 2",
+    "1 and 2",
+    "~1",
+    "1 & 2",
+    "1 << 100",
+    "2 ^ 3",
+    "[1] * 10**9",
+    "'a' * 10**9",
+    "9**9**9",
+    "10**10**6",
+    "2**100000",
+    "(10**30)**(10**30)",
+    "0.1**-1000",
+    "(-2)**1e30",
+    "(-8) ** 0.5",  # a complex number
+    "10**30 + 1",
+    "10**30 * 10**30",
+    "10**15*" * 20 + "1",
+    "1e309",
+    "9" * 199,
+    "1/0",
+    "1%0",
+    "1//0",
+    "0 ** -1",
+    "1.5 % 0",
+    "",
+    "   ",
+    "1 +",
+    "1 2",
+    "import os",
+    "1; 2",
+    "1\x00",
+    "\ud800",
+    "(" * 10_000 + "1" + ")" * 10_000,
+    "1+" * 50_000 + "1",
+    "-" * 100_000 + "1",
+    "-" * 150 + "1",
+    "1" * 100_000,
+]
+
+
+@pytest.mark.parametrize("expression", HOSTILE, ids=lambda e: repr(e[:30]) + (f"...{len(e)}" if len(e) > 30 else ""))
+def test_calculator_rejects_hostile_input_quickly(expression):
+    t0 = time.perf_counter()
+    result = grpo.calculator(expression)
+    elapsed = time.perf_counter() - t0
+    assert result.startswith("error: ") and len(result) < 80, result
+    assert elapsed < 0.05, f"{elapsed * 1000:.1f} ms"
+
+
+@pytest.mark.parametrize(
+    "expression, expected",
+    [  # the model reads these, so they should say what went wrong
+        ("x", "error: Name is not allowed"),
+        ("'abc'", "error: Constant is not allowed"),
+        ("1 < 2", "error: Compare is not allowed"),
+        ("2 ^ 3", "error: ^ is not an operator here, use ** for powers"),
+        ("1 % 0", "error: division by zero"),
+        ("9**9**9", "error: result too large"),
+        ("(-8) ** 0.5", "error: not a real number"),
+        ("1 +", "error: invalid syntax"),
+        ("-" * 150 + "1", "error: too deeply nested"),
+        ("1" * 201, "error: longer than 200 characters"),
+    ],
+    ids=lambda v: v[:24],
+)
+def test_calculator_error_messages(expression, expected):
+    assert grpo.calculator(expression) == expected
+
+
+def test_calculator_runs_no_code(tmp_path, monkeypatch):
+    target = tmp_path / "pwned"
+    attacks = [
+        f"open({str(target)!r}, 'w').write('x')",
+        f"__import__('os').system('touch {target}')",
+        f"__import__('pathlib').Path({str(target)!r}).touch()",
+        f"[].__class__.__base__.__subclasses__() or open({str(target)!r}, 'w')",
+    ]
+    compiled = []
+
+    def only_ast(source, filename, mode, flags=0, *args, **kwargs):  # ast.parse goes through compile()
+        compiled.append(flags)
+        return real_compile(source, filename, mode, flags, *args, **kwargs)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("eval/exec called")
+
+    real_compile = builtins.compile
+    monkeypatch.setattr(builtins, "compile", only_ast)
+    monkeypatch.setattr(builtins, "eval", forbidden)
+    monkeypatch.setattr(builtins, "exec", forbidden)
+    for attack in attacks:
+        assert len(attack) <= grpo.CALC_MAX_CHARS  # parsed and walked, not just refused for its length
+        assert grpo.calculator(attack).startswith("error: "), attack
+    assert grpo.calculator("2 * 21") == "42"
+    assert not target.exists()
+    assert compiled and all(flags & ast.PyCF_ONLY_AST for flags in compiled)  # a syntax tree, never bytecode
+
+
+def test_calculator_matches_python_on_random_arithmetic():
+    rng = random.Random(0)
+    ops = {"+": operator.add, "-": operator.sub, "*": operator.mul, "//": operator.floordiv, "%": operator.mod,
+           "**": operator.pow}  # fmt: skip
+
+    def expression(depth: int) -> tuple[str, int | str]:
+        """Random integer arithmetic and its value by Python, or the error the calculator must give."""
+        if depth == 0 or rng.random() < 0.3:
+            n = rng.randint(-99, 99)
+            return (str(n) if n >= 0 else f"({n})"), n  # (-3) ** 2, not -(3 ** 2)
+        op = rng.choice(list(ops))
+        (left, a), (right, b) = expression(depth - 1), expression(0) if op == "**" else expression(depth - 1)
+        if op == "**":
+            right, b = str(abs(b) % 6), abs(b) % 6
+        if isinstance(a, str) or isinstance(b, str):  # the first error, left to right
+            return f"({left} {op} {right})", a if isinstance(a, str) else b
+        if op in ("//", "%") and b == 0:
+            return f"({left} {op} {right})", "error: division by zero"
+        value = ops[op](a, b)
+        return f"({left} {op} {right})", value if abs(value) <= 10**30 else "error: result too large"
+
+    counts = {"value": 0, "error": 0}
+    for _ in range(1000):
+        text, expected = expression(4)
+        if len(text) <= 200:
+            assert grpo.calculator(text) == str(expected), text
+            counts["error" if isinstance(expected, str) else "value"] += 1
+    assert counts["value"] > 300 and counts["error"] > 10, counts
+    for _ in range(2000):  # random junk from the calculator's own alphabet: always a string, never an exception
+        text = "".join(rng.choice("0123456789.+-*/%()^ ×÷−e_xj") for _ in range(rng.randint(0, 40)))
+        assert isinstance(grpo.calculator(text), str)
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("So 12 * 7 = <calc>12 * 7</calc>", "<result>84</result>"),
+        ("<calc>2 + 3</calc>", "<result>5</result>"),
+        ("<calc>1</calc><result>1</result> and <calc>2 × 3</calc>", "<result>6</result>"),  # a second call
+        ("<calc>1+<calc>2</calc>", "<result>2</result>"),  # the last opening tag counts
+        ("<calc></calc>", "<result>error: invalid syntax</result>"),
+        ("<calc>x</calc>", "<result>error: Name is not allowed</result>"),  # errors go back to the model
+        ("<calc>1/0</calc>", "<result>error: division by zero</result>"),
+        ("<calc>2 + 3</calc><result>5</result>", None),  # already answered
+        ("<calc>2 + 3</calc> so", None),
+        ("<calc>2 + 3", None),  # not closed yet
+        ("<calc>1</calc> then 2 * 3</calc>", None),  # a closing tag with no opening of its own
+        ("2 * 3</calc>", None),
+        ("</calc>", None),
+        ("", None),
+        ("no tools here", None),
+    ],
+)
+def test_tool_response(text, expected):
+    assert grpo.tool_response(text) == expected
+
+
+def test_tool_response_long_inputs_are_fast():
+    for text in ["x" * 1_000_000 + "</calc>", "<calc>" * 200_000 + "</calc>", "</calc>" * 200_000,
+                 "<calc>" + "1+" * 500_000 + "1</calc>", "<calc>" + "9" * 10**6 + "</calc>"]:  # fmt: skip
+        t0 = time.perf_counter()
+        result = grpo.tool_response(text)
+        assert result is None or result.startswith("<result>error: ")
+        assert time.perf_counter() - t0 < 0.05
 
 
 # ----------------------------------------------------------------------------- GRPO math
