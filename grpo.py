@@ -147,19 +147,31 @@ the final number only
 # system prompt), and it is where the format reward first gets a signal. Set to () to drop it.
 EXAMPLE = ("What is 2 + 3 * 4?", "<reasoning>\n3 * 4 = 12, and 2 + 12 = 14.\n</reasoning>\n<answer>\n14\n</answer>")
 
-NUMBER = re.compile(r"-?\d+(?:\.\d+)?")  # a plain number, after $ and thousands separators are removed
+# One number as people write it: a sign (-, + or the unicode minus; not after a letter or digit, so
+# 5-18 is two numbers), digits with optional thousands commas (1,234 but not 12,34), a decimal part.
+NUMBER = re.compile(r"(?:(?<![\w.])[-+\u2212])?(?:(?:\d{1,3}(?:,\d{3}(?!\d))+|\d+)(?:\.\d+)?|\.\d+)")
 
 
-def parse_number(text: str) -> float | None:
-    """The number a short answer states, or None. '$1,234.50' -> 1234.5; '3 or 4' -> None.
+def number_value(token: str) -> float | None:
+    """The value of one NUMBER token; None if it is too large to be finite (400 nines)."""
+    value = float(token.replace(",", "").replace("\u2212", "-"))
+    return value if math.isfinite(value) else None
 
-    >>> parse_number(" $1,234. "), parse_number("18, 19")
-    (1234.0, None)
+
+def stated_number(text: str) -> float | None:
+    """The one number `text` states, however it is wrapped (\\boxed{18}, **18**, $18$, 18%, 18 apples,
+    x = 18, +18, −18 with the unicode minus); None when it states no number or several ('18 or 19',
+    '2 + 16 = 18'). The rule for every answer check: rewards, lenient accuracy and the maj@k vote.
+
+    >>> stated_number("\\boxed{1,234}"), stated_number("**−18** apples"), stated_number("18 or 19")
+    (1234.0, -18.0, None)
     """
-    text = text.strip().replace("$", "").strip().rstrip(".")
-    text = re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", text)  # 1,234 -> 1234 but not 18,19
-    value = float(text) if NUMBER.fullmatch(text) else None
-    return value if value is not None and math.isfinite(value) else None  # 400 nines is not a number
+    found = NUMBER.findall(text)  # one linear scan; the wrapping around the number is ignored
+    return number_value(found[0]) if len(found) == 1 else None
+
+
+def same_number(a: float | None, b: float | None) -> bool:
+    return a is not None and b is not None and math.isclose(a, b, abs_tol=1e-6)
 
 
 def extract_answer(completion: str) -> str | None:
@@ -181,21 +193,18 @@ def parse_gsm8k_answer(solution: str) -> str:
     """
     head, sep, gold = solution.rpartition("####")
     gold = gold.strip().replace(",", "")
-    if not sep or parse_number(gold) is None:
+    if not sep or stated_number(gold) is None:
         raise ValueError(f"no '#### <number>' at the end of {solution[-60:]!r}")
     return gold
 
 
 def correctness_reward(completion: str, answer: str, **kwargs) -> float:
-    """1 if the <answer> block states the gold number (18 == 18.0 == $18; 1,234 == 1234), else 0.
+    """1 if the <answer> block states the gold number and no other (18 == 18.0 == $18 == \\boxed{18}).
 
     >>> correctness_reward("<answer>\\n$18.00\\n</answer>", "18")
     1.0
     """
-    stated = extract_answer(completion)
-    value = parse_number(stated) if stated is not None else None
-    gold = parse_number(answer)
-    return float(value is not None and gold is not None and math.isclose(value, gold, abs_tol=1e-6))
+    return float(same_number(stated_number(extract_answer(completion) or ""), stated_number(answer)))
 
 
 def format_reward(completion: str, answer: str, **kwargs) -> float:
@@ -225,13 +234,12 @@ def soft_format_reward(completion: str, answer: str, **kwargs) -> float:
 
 
 def int_answer_reward(completion: str, answer: str, **kwargs) -> float:
-    """1 if the <answer> block holds a whole number (right or wrong): GSM8K answers are integers.
+    """1 if the <answer> block states one whole number (right or wrong): GSM8K answers are integers.
 
     >>> int_answer_reward("<answer>12</answer>", "7"), int_answer_reward("<answer>twelve</answer>", "7")
     (1.0, 0.0)
     """
-    stated = extract_answer(completion)
-    value = parse_number(stated) if stated is not None else None
+    value = stated_number(extract_answer(completion) or "")
     return float(value is not None and value == int(value))
 
 
@@ -248,15 +256,15 @@ def tag_count_reward(completion: str, answer: str, **kwargs) -> float:
 
 
 def lenient_correctness(completion: str, answer: str) -> float:
-    """1 if the last number anywhere in the completion is the gold number (ignores the format).
+    """1 if the completion is correct (correctness_reward) or the last number anywhere in it is the
+    gold number (ignores the format). Never below correctness_reward, so lenient >= strict.
 
     >>> lenient_correctness("so the total is 1,234 apples", "1234")
     1.0
     """
-    numbers = re.findall(r"-?\d+(?:,\d{3})*(?:\.\d+)?", completion)
-    last = parse_number(numbers[-1]) if numbers else None
-    gold = parse_number(answer)
-    return float(last is not None and gold is not None and math.isclose(last, gold, abs_tol=1e-6))
+    numbers = NUMBER.findall(completion)
+    last = number_value(numbers[-1]) if numbers else None
+    return max(correctness_reward(completion, answer), float(same_number(last, stated_number(answer))))
 
 
 # (function, weight): the reward of a completion is the weighted sum. Each function is logged
@@ -713,9 +721,9 @@ def evaluate(model, tok, rows: list[dict], cfg: Config, step: int, device, rank=
             texts = generate(model, tok, questions, k, cfg.temperature, cfg, device)[-1]
             for j, r in enumerate(records[-len(batch) :]):
                 samples = texts[j * k : (j + 1) * k]
-                votes = Counter(v for v in (parse_number(extract_answer(s) or "") for s in samples) if v is not None)
+                votes = Counter(v for v in (stated_number(extract_answer(s) or "") for s in samples) if v is not None)
                 majority = votes.most_common(1)[0][0] if votes else None
-                r["maj"] = float(majority is not None and math.isclose(majority, float(r["gold"]), abs_tol=1e-6))
+                r["maj"] = float(same_number(majority, stated_number(r["gold"])))
                 r["pass"] = float(any(correctness_reward(s, r["gold"]) for s in samples))
     if world > 1:
         gathered = [None] * world

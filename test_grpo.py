@@ -167,6 +167,66 @@ def test_correctness_reward_thousands_and_negative():
     assert grpo.correctness_reward("<answer> $ 18 </answer>", "18") == 1.0
 
 
+# Inside <answer>: one stated number counts however it is wrapped; two or more, or none, never count.
+WRAPPED = [
+    ("\\boxed{18}", "18", 1.0),
+    ("$\\boxed{18}$", "18", 1.0),
+    ("**18**", "18", 1.0),
+    ("$18$", "18", 1.0),
+    ("\\(18\\)", "18", 1.0),
+    ("18%", "18", 1.0),
+    ("18 apples", "18", 1.0),
+    ("x = 18", "18", 1.0),
+    ("+18", "18", 1.0),
+    ("\u221218", "-18", 1.0),  # the unicode minus
+    ("\u221218", "18", 0.0),
+    ("-18", "18", 0.0),
+    ("The answer is **$1,234.00**.", "1234", 1.0),
+    ("\\boxed{\\text{18 dollars}}", "18", 1.0),
+    ("\\boxed{17}", "18", 0.0),
+    ("18 or 19", "18", 0.0),
+    ("2 + 16 = 18", "18", 0.0),
+    ("18, 19", "18", 0.0),
+    ("5-18", "18", 0.0),  # a range, not -18
+    ("1e400", "1", 0.0),
+    ("1.2.3", "1.2", 0.0),
+    ("\\boxed{}", "18", 0.0),
+    ("**eighteen**", "18", 0.0),
+    ("", "18", 0.0),
+]
+
+
+@pytest.mark.parametrize("inner, gold, expected", WRAPPED)
+def test_wrapped_answers_score(inner, gold, expected):
+    completion = f"<reasoning>\nwork\n</reasoning>\n<answer>\n{inner}\n</answer>"
+    assert grpo.correctness_reward(completion, gold) == expected
+    one_number = grpo.stated_number(inner)
+    assert grpo.int_answer_reward(completion, gold) == float(one_number is not None and one_number == int(one_number))
+    assert grpo.lenient_correctness(completion, gold) >= grpo.correctness_reward(completion, gold)
+
+
+@pytest.mark.parametrize(
+    "inner, expected",
+    [
+        ("\\boxed{" * 50_000 + "18" + "}" * 50_000, 1.0),  # deeply nested braces
+        ("*" * 100_000 + "18" + "*" * 100_000, 1.0),
+        ("18 " + "apples " * 20_000, 1.0),
+        ("\u2212" * 100_000 + "18", 0.0),
+        ("18 " + "1," * 50_000, 0.0),
+        ("{" * 100_000, 0.0),
+    ],
+)
+def test_wrapped_answers_hostile_and_fast(inner, expected):
+    import time
+
+    completion = f"<answer>{inner}</answer>"
+    t0 = time.time()
+    assert grpo.correctness_reward(completion, "18") == expected
+    assert grpo.lenient_correctness(completion, "18") >= expected
+    grpo.int_answer_reward(completion, "18")
+    assert time.time() - t0 < 0.5
+
+
 @pytest.mark.parametrize(
     "completion, expected",
     [
@@ -214,6 +274,9 @@ ADVERSARIAL = [
     "\ud800 invalid surrogate <answer>5</answer>",
     "<answer>nan</answer>",
     "<answer>1e400</answer>",
+    "<answer>" + "\\boxed{" * 50_000 + "5" + "}" * 50_000 + "</answer>",
+    "<answer>" + "\u2212+" * 50_000 + "5</answer>",
+    "<answer>" + "." * 100_000 + "5</answer>",
 ]
 
 
