@@ -702,6 +702,73 @@ def accumulate_gradients(policy, prompt_ids, prompt_mask, completion_ids, length
     return out
 
 
+def clip_and_step(model, optimizer, loss: float, max_grad_norm: float, world: int) -> tuple[bool, float]:
+    """Clip the accumulated gradient and take the optimizer step, unless the loss or the gradient is
+    not finite on some rank: that update would corrupt the weights, so every rank skips it alike.
+    Returns (whether the update was applied, the gradient norm before clipping)."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    finite = torch.tensor(float(math.isfinite(loss) and bool(torch.isfinite(grad_norm))), device=grad_norm.device)
+    if world > 1:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # every rank takes the same decision
+    if finite.item() == 1.0:
+        optimizer.step()
+    else:
+        optimizer.zero_grad(set_to_none=True)
+    return finite.item() == 1.0, grad_norm.item()
+
+
+def grpo_step(policy, ref_model, tok, optimizer, rows: list[dict], cfg: Config, world: int = 1):
+    """One GRPO step on this rank's questions `rows`: rollout -> reward -> advantage -> reference
+    log-probs -> update. Returns this rank's metric sums {name: [total, count]} (main averages them
+    over ranks), whether each of the mu updates was applied (False: skipped as non-finite), and the
+    B = len(rows) * G completions with their rewards (B,)."""
+    model = getattr(policy, "module", policy)  # the model inside DDP
+    device, G = next(model.parameters()).device, cfg.group_size
+    B = len(rows) * G  # completions on this rank
+    mb = B if cfg.micro_batch_size < 0 else min(cfg.micro_batch_size, B)
+
+    # --- 1. rollout: G samples per question from the current policy (pi_old)
+    prompt_ids, prompt_mask, completion_ids, lengths, ended, texts = generate(
+        model, tok, [r["question"] for r in rows], G, cfg.temperature, cfg, device
+    )  # (n, P), (n, P), (B, L), (B,), (B,), B strings
+
+    # --- 2. reward: the weighted sum of REWARD_FUNCS for each completion
+    group_rows = [r for r in rows for _ in range(G)]
+    rewards, per_fn = score(texts, group_rows)  # (B,)
+
+    # --- 3. advantage: each completion judged against the others of its group
+    advantages = group_advantages(rewards, G, cfg.scale_rewards).to(device)  # (B,)
+
+    # --- 4. log-probs of the frozen models, one micro-batch at a time, before any update
+    model.train()
+    args = (prompt_ids, prompt_mask, completion_ids, mb, cfg.temperature)
+    ref_logp = frozen_logprobs(ref_model, *args) if ref_model is not None else None
+    old_logp = frozen_logprobs(model, *args) if cfg.mu > 1 else None  # pi_old, kept for the mu updates
+
+    # --- 5. update: mu optimizer steps on this batch (mu = 1: one step, pi_old = pi_theta)
+    sums = {"loss": [0.0, 0.0], "kl": [0.0, 0.0], "clip_frac": [0.0, 0.0], "grad_norm": [0.0, 0.0]}
+    applied = []
+    for _ in range(cfg.mu):
+        optimizer.zero_grad(set_to_none=True)
+        stats = accumulate_gradients(
+            policy, prompt_ids, prompt_mask, completion_ids, lengths, advantages, old_logp, ref_logp, cfg, mb, world
+        )
+        ok, grad_norm = clip_and_step(model, optimizer, stats["loss"][0], cfg.max_grad_norm, world)
+        applied.append(ok)
+        for k, v in {**stats, "grad_norm": [grad_norm, 1]}.items():
+            sums[k] = [sums[k][0] + v[0], sums[k][1] + v[1]]
+
+    # --- what to watch: this rank's sums (main averages them over ranks)
+    n = float(B)
+    sums["reward"] = [rewards.sum().item(), n]
+    sums["accuracy"] = [sum(correctness_reward(t, r["gold"]) for t, r in zip(texts, group_rows)), n]
+    sums["completion_len"] = [lengths.sum().item(), n]
+    sums["truncated_frac"] = [(~ended).sum().item(), n]
+    sums["frac_zero_std"] = [(rewards.view(-1, G).std(1) == 0).sum().item(), float(len(rows))]  # groups without signal
+    sums.update({f"reward/{k}": [sum(v), n] for k, v in per_fn.items()})
+    return sums, applied, texts, rewards
+
+
 def evaluate(model, tok, rows: list[dict], cfg: Config, step: int, device, rank=0, world=1) -> dict[str, float]:
     """Greedy pass@1 on `rows` (and maj@k / pass@k if --eval_samples k), sharded over ranks.
     Writes every completion to output_dir/eval_<step>.jsonl and returns eval/* metrics."""
@@ -823,6 +890,113 @@ def plot_metrics(output_dir: str) -> None:
 RESUME_MUST_MATCH = ("model", "dataset", "seed", "prompts_per_step", "group_size")  # they fix the data stream
 
 
+def read_checkpoint(cfg: Config) -> tuple[str | None, dict | None]:
+    """The checkpoint folder to continue from and its trainer state; (None, None) for a new run."""
+    resume_from = latest_checkpoint(cfg.output_dir)
+    if cfg.resume and resume_from is None:
+        fail(f"--resume: no checkpoint in {cfg.output_dir}: drop --resume, or pass the --output_dir of the run")
+    if not cfg.resume and resume_from is not None and not cfg.eval_only:
+        fail(f"{resume_from} holds an earlier run: pass --resume to continue it, or another --output_dir")
+    if not cfg.resume or cfg.eval_only:
+        return None, None
+    state = torch.load(os.path.join(resume_from, "trainer_state.pt"), weights_only=False)
+    changed = [k for k in RESUME_MUST_MATCH if state["config"][k] != getattr(cfg, k)]
+    if changed:
+        fail(f"--resume with changed {', '.join(f'--{k}' for k in changed)}: the checkpoint's data order and "
+             f"batches depend on them; use the original values or another --output_dir")  # fmt: skip
+    return resume_from, state
+
+
+def setup_training(model, cfg: Config, resume_from: str | None, world: int, device):
+    """The frozen reference model (None when beta is 0), the policy as trained (DDP-wrapped when
+    there are several ranks: it averages their gradients), AdamW and its warmup schedule."""
+    ref_model = None
+    if cfg.beta != 0:  # the frozen reference pi_ref is the initial policy, also after a resume
+        ref_model = load_model(cfg.model, cfg, device)[0] if resume_from else copy.deepcopy(model)
+        ref_model.requires_grad_(False).eval()
+        if device.type == "cuda":
+            ref_model.to(torch.bfloat16)  # it is only ever run under bf16 autocast: half the memory
+    if cfg.gradient_checkpointing:
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    model.config.use_cache = False
+    ddp = torch.nn.parallel.DistributedDataParallel
+    policy = ddp(model, gradient_as_bucket_view=True) if world > 1 else model  # averages gradients; no 2nd copy
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
+    return policy, ref_model, optimizer, scheduler
+
+
+def resume_state(state: dict | None, optimizer, scheduler, cfg: Config, rank: int) -> tuple[int, int]:
+    """(step, skipped updates) to start from. A new run starts at 0 with an empty metrics.jsonl; a
+    resumed one gets back the optimizer, schedule and RNG as saved, and forgets later logged steps."""
+    metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
+    if state is None:
+        if rank == 0:
+            open(metrics_path, "w").close()
+        return 0, 0
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    start_step, skipped = state["step"], state["skipped"]
+    if rank < len(state["rng"]):
+        set_rng_state(state["rng"][rank])
+    else:  # more ranks than the run that saved: a fresh seed of its own for this rank
+        random.seed(cfg.seed + rank + 100_003 * start_step)
+        torch.manual_seed(cfg.seed + rank + 100_003 * start_step)
+    if rank == 0 and os.path.exists(metrics_path):  # forget steps logged after the checkpoint
+        with open(metrics_path) as f:
+            kept = [line for line in f if json.loads(line)["step"] <= start_step]
+        with open(metrics_path, "w") as f:
+            f.writelines(kept)
+    return start_step, skipped
+
+
+def save_checkpoint(cfg: Config, model, tok, optimizer, scheduler, step: int, skipped: int, rank: int, world: int):
+    """output_dir/checkpoint: weights, optimizer and schedule state, every rank's RNG state, the step
+    and the config; enough for --resume to continue exactly."""
+    rngs = [None] * world
+    if world > 1:
+        dist.all_gather_object(rngs, rng_state())
+    else:
+        rngs = [rng_state()]
+    if rank == 0:
+        state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "rng": rngs, "skipped": skipped, "config": dataclasses.asdict(cfg)}  # fmt: skip
+        save_atomically(os.path.join(cfg.output_dir, "checkpoint"), model, tok, state)
+        plot_metrics(cfg.output_dir)
+
+
+def write_metrics(cfg: Config, record: dict) -> None:
+    with open(os.path.join(cfg.output_dir, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def log_step(bar, metrics: dict, cfg: Config, question: str, texts: list[str], rewards: torch.Tensor) -> None:
+    """Rank 0's record of a step: one |-separated line, every --sample_every steps the question with
+    its best and worst completion, the evaluation if there was one, and a line of metrics.jsonl."""
+    step = metrics["step"]
+    fn_part = " ".join(
+        f"{k[7:].removesuffix('_reward')} {v:.2f}" for k, v in metrics.items() if k.startswith("reward/")
+    )
+    bar.write(
+        f"step {step}/{cfg.steps} | reward {metrics['reward']:.3f} ({fn_part}) | acc {metrics['accuracy']:.3f} | "
+        f"kl {metrics['kl']:.4f} | loss {metrics['loss']:.4f} | clip {metrics['clip_frac']:.3f} | "
+        f"zero_std {metrics['frac_zero_std']:.2f} | len {metrics['completion_len']:.0f} | "
+        f"trunc {metrics['truncated_frac']:.2f} | {metrics['step_time']:.1f}s | {metrics['tokens_per_s']:.0f} tok/s"
+    )
+    if cfg.sample_every and step % cfg.sample_every == 0:
+        G = cfg.group_size
+        best, worst = int(rewards[:G].argmax()), int(rewards[:G].argmin())
+        bar.write(
+            f"--- question: {question}\n--- best (reward {rewards[best]:.2f}):\n{texts[best]}\n"
+            f"--- worst (reward {rewards[worst]:.2f}):\n{texts[worst]}\n---"
+        )
+    if any(k.startswith("eval/") for k in metrics):
+        bar.write(
+            f"eval step {step} | " + " | ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k.startswith("eval/"))
+        )
+    write_metrics(cfg, metrics)
+
+
 def main(cfg: Config, on_step=None) -> None:
     """Train (or with --eval_only, evaluate). on_step(step, model, metrics, sums) is an optional hook
     called on every rank after every step, sums being this rank's {name: [total, count]} (for tests)."""
@@ -839,184 +1013,65 @@ def main(cfg: Config, on_step=None) -> None:
     dtype = "bf16 autocast over fp32 weights" if device.type == "cuda" else "fp32"
     log(f"device {device} | dtype {dtype} | ranks {world}")
 
-    resume_from = latest_checkpoint(cfg.output_dir)
-    if cfg.resume and resume_from is None:
-        fail(f"--resume: no checkpoint in {cfg.output_dir}: drop --resume, or pass the --output_dir of the run")
-    if not cfg.resume and resume_from is not None and not cfg.eval_only:
-        fail(f"{resume_from} holds an earlier run: pass --resume to continue it, or another --output_dir")
-    resume_from = resume_from if cfg.resume and not cfg.eval_only else None
+    resume_from, state = read_checkpoint(cfg)
     model, tok = load_model(resume_from or cfg.model, cfg, device)
     test_rows = load_rows(cfg, "test") if cfg.eval_size != 0 else []
     test_rows = test_rows[: cfg.eval_size] if cfg.eval_size > 0 else test_rows
-    metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
-
-    def write_metrics(record: dict) -> None:
-        if rank == 0:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-
     if cfg.eval_only:
         metrics = evaluate(model, tok, test_rows, cfg, 0, device, rank, world) if test_rows else {}
         log(" | ".join(f"{k} {v:.3f}" for k, v in metrics.items()) + f" | {len(test_rows)} problems")
-        write_metrics({"step": 0, **metrics})
+        if rank == 0:
+            write_metrics(cfg, {"step": 0, **metrics})
         return
 
     train_rows = load_rows(cfg, "train")
-    ref_model = None
-    if cfg.beta != 0:  # the frozen reference pi_ref is the initial policy, also after a resume
-        ref_model = load_model(cfg.model, cfg, device)[0] if resume_from else copy.deepcopy(model)
-        ref_model.requires_grad_(False).eval()
-        if device.type == "cuda":
-            ref_model.to(torch.bfloat16)  # it is only ever run under bf16 autocast: half the memory
-    if cfg.gradient_checkpointing:
-        model.activation_checkpointing_enable({"use_reentrant": False})
-    model.config.use_cache = False
-    ddp = torch.nn.parallel.DistributedDataParallel
-    policy = ddp(model, gradient_as_bucket_view=True) if world > 1 else model  # averages gradients; no 2nd copy
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
-    start_step, bad_in_a_row, skipped = 0, 0, 0
+    policy, ref_model, optimizer, scheduler = setup_training(model, cfg, resume_from, world, device)
+    start_step, skipped = resume_state(state, optimizer, scheduler, cfg, rank)
     if resume_from:
-        state = torch.load(os.path.join(resume_from, "trainer_state.pt"), weights_only=False)
-        changed = [k for k in RESUME_MUST_MATCH if state["config"][k] != getattr(cfg, k)]
-        if changed:
-            fail(f"--resume with changed {', '.join(f'--{k}' for k in changed)}: the checkpoint's data order and "
-                 f"batches depend on them; use the original values or another --output_dir")  # fmt: skip
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_step, skipped = state["step"], state["skipped"]
-        if rank < len(state["rng"]):
-            set_rng_state(state["rng"][rank])
-        else:  # more ranks than the run that saved: a fresh seed of its own for this rank
-            random.seed(cfg.seed + rank + 100_003 * start_step)
-            torch.manual_seed(cfg.seed + rank + 100_003 * start_step)
-        if rank == 0 and os.path.exists(metrics_path):  # forget steps logged after the checkpoint
-            with open(metrics_path) as f:
-                kept = [line for line in f if json.loads(line)["step"] <= start_step]
-            with open(metrics_path, "w") as f:
-                f.writelines(kept)
         log(f"resumed from {resume_from} at step {start_step}")
-    elif rank == 0:
-        open(metrics_path, "w").close()
-    G = cfg.group_size
-    n_local = cfg.prompts_per_step // world  # prompts per rank
-    B = n_local * G  # completions per rank
-    mb = B if cfg.micro_batch_size < 0 else min(cfg.micro_batch_size, B)
-
-    if test_rows and not resume_from:
+    elif test_rows:
         metrics = evaluate(model, tok, test_rows, cfg, 0, device, rank, world)
         log("eval step 0 | " + " | ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
-        write_metrics({"step": 0, **metrics})
+        if rank == 0:
+            write_metrics(cfg, {"step": 0, **metrics})
 
-    steps = range(start_step + 1, cfg.steps + 1)
-    bar = tqdm(steps, initial=start_step, total=cfg.steps, disable=rank != 0, desc="grpo", dynamic_ncols=True)
+    n_local, bad_in_a_row = cfg.prompts_per_step // world, 0  # prompts per rank
+    bar = tqdm(range(start_step + 1, cfg.steps + 1), initial=start_step, total=cfg.steps, disable=rank != 0,
+               desc="grpo", dynamic_ncols=True)  # fmt: skip
     for step in bar:
         t0 = time.time()
-        # --- rollout: this rank's share of the step's prompts, G samples each
-        first = (step - 1) * cfg.prompts_per_step + rank * n_local
+        first = (step - 1) * cfg.prompts_per_step + rank * n_local  # this rank's share of the step's prompts
         rows = [train_rows[i] for i in prompt_indices(len(train_rows), first, n_local, cfg.seed)]
-        prompt_ids, prompt_mask, completion_ids, lengths, ended, texts = generate(
-            model, tok, [r["question"] for r in rows], G, cfg.temperature, cfg, device
-        )  # (n, P), (n, P), (B, L), (B,), (B,), B strings
-
-        # --- reward and group-relative advantage
-        group_rows = [r for r in rows for _ in range(G)]
-        rewards, per_fn = score(texts, group_rows)  # (B,)
-        advantages = group_advantages(rewards, G, cfg.scale_rewards).to(device)  # (B,)
-
-        # --- log-probs of the frozen models, one micro-batch at a time, before any update
-        model.train()
-        args = (prompt_ids, prompt_mask, completion_ids, mb, cfg.temperature)
-        ref_logp = frozen_logprobs(ref_model, *args) if ref_model is not None else None
-        old_logp = frozen_logprobs(model, *args) if cfg.mu > 1 else None  # pi_old, kept for the mu updates
-
-        # --- mu optimizer steps on this batch
-        sums = {"loss": [0.0, 0.0], "kl": [0.0, 0.0], "clip_frac": [0.0, 0.0], "grad_norm": [0.0, 0.0]}
-        for _ in range(cfg.mu):
-            optimizer.zero_grad(set_to_none=True)
-            stats = accumulate_gradients(
-                policy, prompt_ids, prompt_mask, completion_ids, lengths, advantages, old_logp, ref_logp, cfg, mb, world
-            )
-            for k, v in stats.items():
-                sums[k] = [sums[k][0] + v[0], sums[k][1] + v[1]]
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            finite = torch.tensor(
-                float(math.isfinite(stats["loss"][0]) and bool(torch.isfinite(grad_norm))), device=device
-            )
-            if world > 1:
-                dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # every rank takes the same decision
-            if finite.item() == 1.0:
-                optimizer.step()
-                bad_in_a_row = 0
-            else:  # a non-finite loss or gradient would corrupt the weights: skip this update
-                optimizer.zero_grad(set_to_none=True)
-                bad_in_a_row, skipped = bad_in_a_row + 1, skipped + 1
-                log(f"step {step}: non-finite loss or gradient, update skipped ({skipped} so far)")
-                if bad_in_a_row >= 3:
-                    fail(
-                        f"{bad_in_a_row} non-finite updates in a row at step {step}: lower --lr or check the rewards; "
-                        f"the last checkpoint in {cfg.output_dir} is intact (--resume)"
-                    )
-            sums["grad_norm"] = [sums["grad_norm"][0] + grad_norm.item(), sums["grad_norm"][1] + 1]
+        sums, applied, texts, rewards = grpo_step(policy, ref_model, tok, optimizer, rows, cfg, world)
         scheduler.step()
-
-        # --- metrics: count-weighted means over all ranks
-        groups = rewards.view(-1, G)
-        accuracy = [correctness_reward(t, r["gold"]) for t, r in zip(texts, group_rows)]
-        n = float(B)
-        sums["reward"] = [rewards.sum().item(), n]
-        sums["accuracy"] = [sum(accuracy), n]
-        sums["completion_len"] = [lengths.sum().item(), n]
-        sums["truncated_frac"] = [(~ended).sum().item(), n]
-        sums["frac_zero_std"] = [(groups.std(1) == 0).sum().item(), float(n_local)]  # groups without signal
+        for ok in applied:
+            bad_in_a_row = 0 if ok else bad_in_a_row + 1
+        skipped += applied.count(False)
+        if not all(applied):
+            log(f"step {step}: non-finite loss or gradient, update skipped ({skipped} so far)")
+        if bad_in_a_row >= 3:
+            fail(f"{bad_in_a_row} non-finite updates in a row at step {step}: lower --lr or check the rewards; "
+                 f"the last checkpoint in {cfg.output_dir} is intact (--resume)")  # fmt: skip
         sums["skipped_updates"] = [float(skipped), 1.0]
-        sums.update({f"reward/{k}": [sum(v), n] for k, v in per_fn.items()})
-        metrics = reduce_metrics(sums, world, device)
+        metrics = reduce_metrics(sums, world, device)  # count-weighted means over all ranks
         step_time = time.time() - t0
-        tokens_per_s = metrics["completion_len"] * B * world / step_time  # completion tokens, all ranks
+        tokens_per_s = metrics["completion_len"] * len(texts) * world / step_time  # completion tokens, all ranks
         metrics.update(step=step, lr=scheduler.get_last_lr()[0], step_time=step_time, tokens_per_s=tokens_per_s)
-        fn_part = " ".join(
-            f"{k[7:].removesuffix('_reward')} {v:.2f}" for k, v in metrics.items() if k.startswith("reward/")
-        )
-        line = (
-            f"step {step}/{cfg.steps} | reward {metrics['reward']:.3f} ({fn_part}) | acc {metrics['accuracy']:.3f} | "
-            f"kl {metrics['kl']:.4f} | loss {metrics['loss']:.4f} | clip {metrics['clip_frac']:.3f} | "
-            f"zero_std {metrics['frac_zero_std']:.2f} | len {metrics['completion_len']:.0f} | "
-            f"trunc {metrics['truncated_frac']:.2f} | {step_time:.1f}s | {metrics['tokens_per_s']:.0f} tok/s"
-        )
-        if rank == 0:
-            bar.write(line)
-        if cfg.sample_every and step % cfg.sample_every == 0 and rank == 0:
-            best, worst = int(rewards[:G].argmax()), int(rewards[:G].argmin())
-            bar.write(
-                f"--- question: {rows[0]['question']}\n--- best (reward {rewards[best]:.2f}):\n{texts[best]}\n"
-                f"--- worst (reward {rewards[worst]:.2f}):\n{texts[worst]}\n---"
-            )
         if test_rows and cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
             metrics.update(evaluate(model, tok, test_rows, cfg, step, device, rank, world))
-            bar.write(
-                f"eval step {step} | " + " | ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k.startswith("eval/"))
-            )
-        write_metrics(metrics)
+        if rank == 0:
+            log_step(bar, metrics, cfg, rows[0]["question"], texts, rewards)
         if on_step is not None:
             on_step(step, model, metrics, sums)
         if cfg.save_every and step % cfg.save_every == 0 and step != cfg.steps:
-            rngs = [None] * world
-            if world > 1:
-                dist.all_gather_object(rngs, rng_state())
-            else:
-                rngs = [rng_state()]
-            if rank == 0:
-                state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                         "rng": rngs, "skipped": skipped, "config": dataclasses.asdict(cfg)}  # fmt: skip
-                save_atomically(os.path.join(cfg.output_dir, "checkpoint"), model, tok, state)
-                plot_metrics(cfg.output_dir)
+            save_checkpoint(cfg, model, tok, optimizer, scheduler, step, skipped, rank, world)
     bar.close()
 
     if test_rows:
         metrics = evaluate(model, tok, test_rows, cfg, cfg.steps, device, rank, world)
         log(f"eval step {cfg.steps} | " + " | ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
-        write_metrics({"step": cfg.steps, **metrics})
+        if rank == 0:
+            write_metrics(cfg, {"step": cfg.steps, **metrics})
     if rank == 0:
         save_atomically(os.path.join(cfg.output_dir, "final"), model, tok)
         plot_metrics(cfg.output_dir)
