@@ -1043,7 +1043,8 @@ def main(cfg: Config, on_step=None) -> None:
         first = (step - 1) * cfg.prompts_per_step + rank * n_local  # this rank's share of the step's prompts
         rows = [train_rows[i] for i in prompt_indices(len(train_rows), first, n_local, cfg.seed)]
         sums, applied, texts, rewards = grpo_step(policy, ref_model, tok, optimizer, rows, cfg, world)
-        scheduler.step()
+        if any(applied):  # the schedule counts applied updates: warmup starts at the first real one
+            scheduler.step()
         for ok in applied:
             bad_in_a_row = 0 if ok else bad_in_a_row + 1
         skipped += applied.count(False)

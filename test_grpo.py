@@ -12,6 +12,7 @@ import random
 import string
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -843,10 +844,13 @@ def test_non_finite_updates_are_skipped_then_stop(tiny_model, tiny_data, tmp_pat
         return float("nan") if calls["n"] <= 8 else float(len(completion) % 3)
 
     monkeypatch.setattr(grpo, "REWARD_FUNCS", [(nan_once, 1.0)])
-    cfg = tiny_config(tiny_model, tiny_data, tmp_path, steps=3, eval_size=0)
-    grpo.main(cfg)
+    cfg = tiny_config(tiny_model, tiny_data, tmp_path, steps=3, eval_size=0, warmup_steps=2)
+    with warnings.catch_warnings():  # no "lr_scheduler.step() before optimizer.step()" after a skipped update
+        warnings.filterwarnings("error", message=".*lr_scheduler.step")
+        grpo.main(cfg)
     train = [r for r in read_metrics(cfg) if "reward" in r]
     assert [r["skipped_updates"] for r in train] == [1, 1, 1]
+    assert [r["lr"] for r in train] == [0.5e-3, 1e-3, 1e-3]  # the warmup counts applied updates only
     assert all(torch.isfinite(p).all() for p in params_of(os.path.join(cfg.output_dir, "final")))
 
     monkeypatch.setattr(grpo, "REWARD_FUNCS", [(lambda c, a, **k: float("nan"), 1.0)])
