@@ -42,6 +42,7 @@ import inspect
 import json
 import math
 import os
+import pickle
 import random
 import re
 import shutil
@@ -812,6 +813,7 @@ def evaluate(model, tok, rows: list[dict], cfg: Config, step: int, device, rank=
 
 
 def rng_state() -> dict:
+    """This process's random states: a tuple of ints (Python) and byte tensors (torch), plain data."""
     state = {"python": random.getstate(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -891,7 +893,8 @@ RESUME_MUST_MATCH = ("model", "dataset", "seed", "prompts_per_step", "group_size
 
 
 def read_checkpoint(cfg: Config) -> tuple[str | None, dict | None]:
-    """The checkpoint folder to continue from and its trainer state; (None, None) for a new run."""
+    """The checkpoint folder to continue from and its trainer state; (None, None) for a new run.
+    The state is plain data (step, optimizer and schedule state, RNG states, config)."""
     resume_from = latest_checkpoint(cfg.output_dir)
     if cfg.resume and resume_from is None:
         fail(f"--resume: no checkpoint in {cfg.output_dir}: drop --resume, or pass the --output_dir of the run")
@@ -899,7 +902,13 @@ def read_checkpoint(cfg: Config) -> tuple[str | None, dict | None]:
         fail(f"{resume_from} holds an earlier run: pass --resume to continue it, or another --output_dir")
     if not cfg.resume or cfg.eval_only:
         return None, None
-    state = torch.load(os.path.join(resume_from, "trainer_state.pt"), weights_only=False)
+    path = os.path.join(resume_from, "trainer_state.pt")
+    try:  # weights_only: tensors, numbers, strings and containers only, so a shared checkpoint runs no code
+        state = torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as e:  # torch names what it refused, e.g. "GLOBAL os.system"
+        refused = re.search(r"GLOBAL (\S+)", str(e))
+        fail(f"{path} holds more than data ({refused.group(1) if refused else 'a pickled object'}), and loading it "
+             f"could run code: refused. Resume only from checkpoints that grpo.py wrote")  # fmt: skip
     changed = [k for k in RESUME_MUST_MATCH if state["config"][k] != getattr(cfg, k)]
     if changed:
         fail(f"--resume with changed {', '.join(f'--{k}' for k in changed)}: the checkpoint's data order and "

@@ -836,6 +836,34 @@ def test_stale_checkpoint_and_changed_config_are_refused(tiny_model, tiny_data, 
     assert [r["step"] for r in read_metrics(cfg)] == [1, 2, 3, 4]
 
 
+class Payload:
+    """Unpickling this calls open(path, "w"): a stand-in for code hidden in a shared checkpoint."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_resume_refuses_a_checkpoint_that_holds_code(tiny_model, tiny_data, tmp_path):
+    cfg = tiny_config(tiny_model, tiny_data, tmp_path, steps=2, save_every=1, eval_size=0)
+    grpo.main(cfg)
+    path = os.path.join(grpo.latest_checkpoint(cfg.output_dir), "trainer_state.pt")
+    state = torch.load(path, weights_only=True)  # what grpo.py writes is plain data
+    marker = tmp_path / "code-ran"
+    state["config"]["note"] = Payload(str(marker))
+    torch.save(state, path)
+    torch.load(path, weights_only=False)  # the payload is live: an unsafe load runs it
+    assert marker.exists()
+    marker.unlink()
+    with pytest.raises(SystemExit) as e:
+        grpo.main(dataclasses_replace(cfg, resume=True, steps=3))
+    msg = str(e.value)
+    assert msg.startswith("error:") and "\n" not in msg and "could run code" in msg and "trainer_state.pt" in msg
+    assert not marker.exists()
+
+
 def test_non_finite_updates_are_skipped_then_stop(tiny_model, tiny_data, tmp_path, monkeypatch, capsys):
     calls = {"n": 0}
 
