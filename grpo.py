@@ -44,6 +44,7 @@ import json
 import math
 import operator
 import os
+import pickle
 import random
 import re
 import shutil
@@ -153,19 +154,31 @@ the final number only
 # system prompt), and it is where the format reward first gets a signal. Set to () to drop it.
 EXAMPLE = ("What is 2 + 3 * 4?", "<reasoning>\n3 * 4 = 12, and 2 + 12 = 14.\n</reasoning>\n<answer>\n14\n</answer>")
 
-NUMBER = re.compile(r"-?\d+(?:\.\d+)?")  # a plain number, after $ and thousands separators are removed
+# One number as people write it: a sign (-, + or the unicode minus; not after a letter or digit, so
+# 5-18 is two numbers), digits with optional thousands commas (1,234 but not 12,34), a decimal part.
+NUMBER = re.compile(r"(?:(?<![\w.])[-+\u2212])?(?:(?:\d{1,3}(?:,\d{3}(?!\d))+|\d+)(?:\.\d+)?|\.\d+)")
 
 
-def parse_number(text: str) -> float | None:
-    """The number a short answer states, or None. '$1,234.50' -> 1234.5; '3 or 4' -> None.
+def number_value(token: str) -> float | None:
+    """The value of one NUMBER token; None if it is too large to be finite (400 nines)."""
+    value = float(token.replace(",", "").replace("\u2212", "-"))
+    return value if math.isfinite(value) else None
 
-    >>> parse_number(" $1,234. "), parse_number("18, 19")
-    (1234.0, None)
+
+def stated_number(text: str) -> float | None:
+    """The one number `text` states, however it is wrapped (\\boxed{18}, **18**, $18$, 18%, 18 apples,
+    x = 18, +18, −18 with the unicode minus); None when it states no number or several ('18 or 19',
+    '2 + 16 = 18'). The rule for every answer check: rewards, lenient accuracy and the maj@k vote.
+
+    >>> stated_number("\\boxed{1,234}"), stated_number("**−18** apples"), stated_number("18 or 19")
+    (1234.0, -18.0, None)
     """
-    text = text.strip().replace("$", "").strip().rstrip(".")
-    text = re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", text)  # 1,234 -> 1234 but not 18,19
-    value = float(text) if NUMBER.fullmatch(text) else None
-    return value if value is not None and math.isfinite(value) else None  # 400 nines is not a number
+    found = NUMBER.findall(text)  # one linear scan; the wrapping around the number is ignored
+    return number_value(found[0]) if len(found) == 1 else None
+
+
+def same_number(a: float | None, b: float | None) -> bool:
+    return a is not None and b is not None and math.isclose(a, b, abs_tol=1e-6)
 
 
 def extract_answer(completion: str) -> str | None:
@@ -187,21 +200,18 @@ def parse_gsm8k_answer(solution: str) -> str:
     """
     head, sep, gold = solution.rpartition("####")
     gold = gold.strip().replace(",", "")
-    if not sep or parse_number(gold) is None:
+    if not sep or stated_number(gold) is None:
         raise ValueError(f"no '#### <number>' at the end of {solution[-60:]!r}")
     return gold
 
 
 def correctness_reward(completion: str, answer: str, **kwargs) -> float:
-    """1 if the <answer> block states the gold number (18 == 18.0 == $18; 1,234 == 1234), else 0.
+    """1 if the <answer> block states the gold number and no other (18 == 18.0 == $18 == \\boxed{18}).
 
     >>> correctness_reward("<answer>\\n$18.00\\n</answer>", "18")
     1.0
     """
-    stated = extract_answer(completion)
-    value = parse_number(stated) if stated is not None else None
-    gold = parse_number(answer)
-    return float(value is not None and gold is not None and math.isclose(value, gold, abs_tol=1e-6))
+    return float(same_number(stated_number(extract_answer(completion) or ""), stated_number(answer)))
 
 
 def format_reward(completion: str, answer: str, **kwargs) -> float:
@@ -231,13 +241,12 @@ def soft_format_reward(completion: str, answer: str, **kwargs) -> float:
 
 
 def int_answer_reward(completion: str, answer: str, **kwargs) -> float:
-    """1 if the <answer> block holds a whole number (right or wrong): GSM8K answers are integers.
+    """1 if the <answer> block states one whole number (right or wrong): GSM8K answers are integers.
 
     >>> int_answer_reward("<answer>12</answer>", "7"), int_answer_reward("<answer>twelve</answer>", "7")
     (1.0, 0.0)
     """
-    stated = extract_answer(completion)
-    value = parse_number(stated) if stated is not None else None
+    value = stated_number(extract_answer(completion) or "")
     return float(value is not None and value == int(value))
 
 
@@ -254,15 +263,15 @@ def tag_count_reward(completion: str, answer: str, **kwargs) -> float:
 
 
 def lenient_correctness(completion: str, answer: str) -> float:
-    """1 if the last number anywhere in the completion is the gold number (ignores the format).
+    """1 if the completion is correct (correctness_reward) or the last number anywhere in it is the
+    gold number (ignores the format). Never below correctness_reward, so lenient >= strict.
 
     >>> lenient_correctness("so the total is 1,234 apples", "1234")
     1.0
     """
-    numbers = re.findall(r"-?\d+(?:,\d{3})*(?:\.\d+)?", completion)
-    last = parse_number(numbers[-1]) if numbers else None
-    gold = parse_number(answer)
-    return float(last is not None and gold is not None and math.isclose(last, gold, abs_tol=1e-6))
+    numbers = NUMBER.findall(completion)
+    last = number_value(numbers[-1]) if numbers else None
+    return max(correctness_reward(completion, answer), float(same_number(last, stated_number(answer))))
 
 
 # (function, weight): the reward of a completion is the weighted sum. Each function is logged
@@ -868,6 +877,74 @@ def accumulate_gradients(policy, prompt_ids, prompt_mask, completion_ids, length
     return out
 
 
+def clip_and_step(model, optimizer, loss: float, max_grad_norm: float, world: int) -> tuple[bool, float]:
+    """Clip the accumulated gradient and take the optimizer step, unless the loss or the gradient is
+    not finite on some rank: that update would corrupt the weights, so every rank skips it alike.
+    Returns (whether the update was applied, the gradient norm before clipping)."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    finite = torch.tensor(float(math.isfinite(loss) and bool(torch.isfinite(grad_norm))), device=grad_norm.device)
+    if world > 1:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # every rank takes the same decision
+    if finite.item() == 1.0:
+        optimizer.step()
+    else:
+        optimizer.zero_grad(set_to_none=True)
+    return finite.item() == 1.0, grad_norm.item()
+
+
+def grpo_step(policy, sampler, ref_model, tok, optimizer, rows: list[dict], cfg: Config, world: int = 1):
+    """One GRPO step on this rank's questions `rows`: rollout -> reward -> advantage -> reference
+    log-probs -> update. sampler: the policy itself, or its bf16 copy that the rollout runs on. Returns this rank's metric sums {name: [total, count]} (main averages them
+    over ranks), whether each of the mu updates was applied (False: skipped as non-finite), and the
+    B = len(rows) * G completions with their rewards (B,)."""
+    model = getattr(policy, "module", policy)  # the model inside DDP
+    device, G = next(model.parameters()).device, cfg.group_size
+    B = len(rows) * G  # completions on this rank
+    mb = B if cfg.micro_batch_size < 0 else min(cfg.micro_batch_size, B)
+
+    # --- 1. rollout: G samples per question from the current policy (pi_old)
+    prompt_ids, prompt_mask, completion_ids, lengths, ended, sample_logp, texts = generate(
+        sampler, tok, [r["question"] for r in rows], G, cfg.temperature, cfg, device
+    )  # (n, P), (n, P), (B, L), (B,), (B,), (B, L), B strings
+
+    # --- 2. reward: the weighted sum of REWARD_FUNCS for each completion
+    group_rows = [r for r in rows for _ in range(G)]
+    rewards, per_fn = score(texts, group_rows)  # (B,)
+
+    # --- 3. advantage: each completion judged against the others of its group
+    advantages = group_advantages(rewards, G, cfg.scale_rewards).to(device)  # (B,)
+
+    # --- 4. log-probs of the frozen models, one micro-batch at a time, before any update
+    model.train()
+    args = (prompt_ids, prompt_mask, completion_ids, mb, cfg.temperature, use_bf16(cfg, device))
+    ref_logp = frozen_logprobs(ref_model, *args) if ref_model is not None else None
+    old_logp = frozen_logprobs(model, *args) if cfg.mu > 1 else None  # pi_old, kept for the mu updates
+
+    # --- 5. update: mu optimizer steps on this batch (mu = 1: one step, pi_old = pi_theta)
+    sums = {"loss": [0.0, 0.0], "kl": [0.0, 0.0], "clip_frac": [0.0, 0.0], "grad_norm": [0.0, 0.0]}
+    applied = []
+    for i in range(cfg.mu):
+        optimizer.zero_grad(set_to_none=True)
+        stats = accumulate_gradients(policy, prompt_ids, prompt_mask, completion_ids, lengths, advantages, old_logp,
+                                     ref_logp, cfg, mb, world, sample_logp if i == 0 else None)  # fmt: skip
+        ok, grad_norm = clip_and_step(model, optimizer, stats["loss"][0], cfg.max_grad_norm, world)
+        if ok:
+            refresh_sampler(sampler, model)  # the next rollout samples from the updated policy
+        applied.append(ok)
+        for k, v in {**stats, "grad_norm": [grad_norm, 1]}.items():
+            sums[k] = [sums.get(k, [0.0, 0.0])[0] + v[0], sums.get(k, [0.0, 0.0])[1] + v[1]]
+
+    # --- what to watch: this rank's sums (main averages them over ranks)
+    n = float(B)
+    sums["reward"] = [rewards.sum().item(), n]
+    sums["accuracy"] = [sum(correctness_reward(t, r["gold"]) for t, r in zip(texts, group_rows)), n]
+    sums["completion_len"] = [lengths.sum().item(), n]
+    sums["truncated_frac"] = [(~ended).sum().item(), n]
+    sums["frac_zero_std"] = [(rewards.view(-1, G).std(1) == 0).sum().item(), float(len(rows))]  # groups without signal
+    sums.update({f"reward/{k}": [sum(v), n] for k, v in per_fn.items()})
+    return sums, applied, texts, rewards
+
+
 def evaluate(sampler, tok, rows: list[dict], cfg: Config, step: int, device, rank=0, world=1) -> dict[str, float]:
     """Greedy pass@1 on `rows` (and maj@k / pass@k if --eval_samples k), sharded over ranks.
     Writes every completion to output_dir/eval_<step>.jsonl and returns eval/* metrics."""
@@ -887,9 +964,9 @@ def evaluate(sampler, tok, rows: list[dict], cfg: Config, step: int, device, ran
             texts = generate(sampler, tok, questions, k, cfg.temperature, cfg, device)[-1]
             for j, r in enumerate(records[-len(batch) :]):
                 samples = texts[j * k : (j + 1) * k]
-                votes = Counter(v for v in (parse_number(extract_answer(s) or "") for s in samples) if v is not None)
+                votes = Counter(v for v in (stated_number(extract_answer(s) or "") for s in samples) if v is not None)
                 majority = votes.most_common(1)[0][0] if votes else None
-                r["maj"] = float(majority is not None and math.isclose(majority, float(r["gold"]), abs_tol=1e-6))
+                r["maj"] = float(same_number(majority, stated_number(r["gold"])))
                 r["pass"] = float(any(correctness_reward(s, r["gold"]) for s in samples))
     if world > 1:
         gathered = [None] * world
@@ -911,6 +988,7 @@ def evaluate(sampler, tok, rows: list[dict], cfg: Config, step: int, device, ran
 
 
 def rng_state() -> dict:
+    """This process's random states: a tuple of ints (Python) and byte tensors (torch), plain data."""
     state = {"python": random.getstate(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -989,6 +1067,123 @@ def plot_metrics(output_dir: str) -> None:
 RESUME_MUST_MATCH = ("model", "dataset", "seed", "prompts_per_step", "group_size")  # they fix the data stream
 
 
+def read_checkpoint(cfg: Config) -> tuple[str | None, dict | None]:
+    """The checkpoint folder to continue from and its trainer state; (None, None) for a new run.
+    The state is plain data (step, optimizer and schedule state, RNG states, config)."""
+    resume_from = latest_checkpoint(cfg.output_dir)
+    if cfg.resume and resume_from is None:
+        fail(f"--resume: no checkpoint in {cfg.output_dir}: drop --resume, or pass the --output_dir of the run")
+    if not cfg.resume and resume_from is not None and not cfg.eval_only:
+        fail(f"{resume_from} holds an earlier run: pass --resume to continue it, or another --output_dir")
+    if not cfg.resume or cfg.eval_only:
+        return None, None
+    path = os.path.join(resume_from, "trainer_state.pt")
+    try:  # weights_only: tensors, numbers, strings and containers only, so a shared checkpoint runs no code
+        state = torch.load(path, map_location="cpu", weights_only=True)  # cpu: see below
+    except pickle.UnpicklingError as e:  # torch names what it refused, e.g. "GLOBAL os.system"
+        refused = re.search(r"GLOBAL (\S+)", str(e))
+        fail(f"{path} holds more than data ({refused.group(1) if refused else 'a pickled object'}), and loading it "
+             f"could run code: refused. Resume only from checkpoints that grpo.py wrote")  # fmt: skip
+    # map_location cpu: a GPU run saved its tensors as on cuda:0, and each rank would put its copy there and keep it
+    # (about 4 GB for the 0.5B model's AdamW state). From the CPU the optimizer moves its state to its parameters'
+    # device, and RNG states must be CPU tensors anyway; a checkpoint from a GPU then resumes on a CPU as well.
+    changed = [k for k in RESUME_MUST_MATCH if state["config"][k] != getattr(cfg, k)]
+    if changed:
+        fail(f"--resume with changed {', '.join(f'--{k}' for k in changed)}: the checkpoint's data order and "
+             f"batches depend on them; use the original values or another --output_dir")  # fmt: skip
+    return resume_from, state
+
+
+def setup_training(model, cfg: Config, resume_from: str | None, world: int, device, bf16: bool):
+    """The frozen reference model (None when beta is 0; bf16 weights under --precision bf16), the
+    policy as trained (DDP-wrapped when there are several ranks: it averages their gradients), AdamW
+    and its warmup schedule."""
+    ref_model = None
+    if cfg.beta != 0:  # the frozen reference pi_ref is the initial policy, also after a resume
+        initial = load_model(cfg.model, cfg, device)[0] if resume_from else model
+        ref_model = bf16_copy(initial) if bf16 else copy.deepcopy(initial).requires_grad_(False).eval()
+    if cfg.gradient_checkpointing:
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    model.config.use_cache = False
+    ddp = torch.nn.parallel.DistributedDataParallel
+    policy = ddp(model, gradient_as_bucket_view=True) if world > 1 else model  # averages gradients; no 2nd copy
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
+    return policy, ref_model, optimizer, scheduler
+
+
+def resume_state(state: dict | None, optimizer, scheduler, cfg: Config, rank: int) -> tuple[int, int]:
+    """(step, skipped updates) to start from. A new run starts at 0 with an empty metrics.jsonl; a
+    resumed one gets back the optimizer, schedule and RNG as saved, and forgets later logged steps."""
+    metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
+    if state is None:
+        if rank == 0:
+            open(metrics_path, "w").close()
+        return 0, 0
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    start_step, skipped = state["step"], state["skipped"]
+    if rank < len(state["rng"]):
+        set_rng_state(state["rng"][rank])
+    else:  # more ranks than the run that saved: a fresh seed of its own for this rank
+        random.seed(cfg.seed + rank + 100_003 * start_step)
+        torch.manual_seed(cfg.seed + rank + 100_003 * start_step)
+    if rank == 0 and os.path.exists(metrics_path):  # forget steps logged after the checkpoint
+        with open(metrics_path) as f:
+            kept = [line for line in f if json.loads(line)["step"] <= start_step]
+        with open(metrics_path, "w") as f:
+            f.writelines(kept)
+    return start_step, skipped
+
+
+def save_checkpoint(cfg: Config, model, tok, optimizer, scheduler, step: int, skipped: int, rank: int, world: int):
+    """output_dir/checkpoint: weights, optimizer and schedule state, every rank's RNG state, the step
+    and the config; enough for --resume to continue exactly."""
+    rngs = [None] * world
+    if world > 1:
+        dist.all_gather_object(rngs, rng_state())
+    else:
+        rngs = [rng_state()]
+    if rank == 0:
+        state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "rng": rngs, "skipped": skipped, "config": dataclasses.asdict(cfg)}  # fmt: skip
+        save_atomically(os.path.join(cfg.output_dir, "checkpoint"), model, tok, state)
+        plot_metrics(cfg.output_dir)
+
+
+def write_metrics(cfg: Config, record: dict) -> None:
+    with open(os.path.join(cfg.output_dir, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def log_step(bar, metrics: dict, cfg: Config, question: str, texts: list[str], rewards: torch.Tensor) -> None:
+    """Rank 0's record of a step: one |-separated line, every --sample_every steps the question with
+    its best and worst completion, the evaluation if there was one, and a line of metrics.jsonl."""
+    step = metrics["step"]
+    fn_part = " ".join(
+        f"{k[7:].removesuffix('_reward')} {v:.2f}" for k, v in metrics.items() if k.startswith("reward/")
+    )
+    bar.write(
+        f"step {step}/{cfg.steps} | reward {metrics['reward']:.3f} ({fn_part}) | acc {metrics['accuracy']:.3f} | "
+        f"kl {metrics['kl']:.4f} | loss {metrics['loss']:.4f} | clip {metrics['clip_frac']:.3f} | "
+        f"zero_std {metrics['frac_zero_std']:.2f} | len {metrics['completion_len']:.0f} | "
+        f"trunc {metrics['truncated_frac']:.2f} | mismatch {metrics['logp_mismatch']:.4f} | "
+        f"{metrics['step_time']:.1f}s | {metrics['tokens_per_s']:.0f} tok/s"
+    )
+    if cfg.sample_every and step % cfg.sample_every == 0:
+        G = cfg.group_size
+        best, worst = int(rewards[:G].argmax()), int(rewards[:G].argmin())
+        bar.write(
+            f"--- question: {question}\n--- best (reward {rewards[best]:.2f}):\n{texts[best]}\n"
+            f"--- worst (reward {rewards[worst]:.2f}):\n{texts[worst]}\n---"
+        )
+    if any(k.startswith("eval/") for k in metrics):
+        bar.write(
+            f"eval step {step} | " + " | ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k.startswith("eval/"))
+        )
+    write_metrics(cfg, metrics)
+
+
 def main(cfg: Config, on_step=None) -> None:
     """Train (or with --eval_only, evaluate). on_step(step, model, metrics, sums) is an optional hook
     called on every rank after every step, sums being this rank's {name: [total, count]} (for tests)."""
@@ -1006,183 +1201,67 @@ def main(cfg: Config, on_step=None) -> None:
     dtype = "bf16 compute over fp32 weights, bf16 sampler" if bf16 else "fp32"
     log(f"device {device} | dtype {dtype} | ranks {world}")
 
-    resume_from = latest_checkpoint(cfg.output_dir)
-    if cfg.resume and resume_from is None:
-        fail(f"--resume: no checkpoint in {cfg.output_dir}: drop --resume, or pass the --output_dir of the run")
-    if not cfg.resume and resume_from is not None and not cfg.eval_only:
-        fail(f"{resume_from} holds an earlier run: pass --resume to continue it, or another --output_dir")
-    resume_from = resume_from if cfg.resume and not cfg.eval_only else None
+    resume_from, state = read_checkpoint(cfg)
     model, tok = load_model(resume_from or cfg.model, cfg, device)
     test_rows = load_rows(cfg, "test") if cfg.eval_size != 0 else []
     test_rows = test_rows[: cfg.eval_size] if cfg.eval_size > 0 else test_rows
-    metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
-
-    def write_metrics(record: dict) -> None:
-        if rank == 0:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-
     sampler = bf16_copy(model) if bf16 else model  # rollouts read bf16 weights once per token, keep a bf16 cache
     if cfg.eval_only:
         metrics = evaluate(sampler, tok, test_rows, cfg, 0, device, rank, world) if test_rows else {}
         log(" | ".join(f"{k} {v:.3f}" for k, v in metrics.items()) + f" | {len(test_rows)} problems")
-        write_metrics({"step": 0, **metrics})
+        if rank == 0:
+            write_metrics(cfg, {"step": 0, **metrics})
         return
 
     train_rows = load_rows(cfg, "train")
-    ref_model = None
-    if cfg.beta != 0:  # the frozen reference pi_ref is the initial policy, also after a resume
-        initial = load_model(cfg.model, cfg, device)[0] if resume_from else model
-        ref_model = bf16_copy(initial) if bf16 else copy.deepcopy(initial).requires_grad_(False).eval()
-    if cfg.gradient_checkpointing:
-        model.activation_checkpointing_enable({"use_reentrant": False})
-    model.config.use_cache = False
-    ddp = torch.nn.parallel.DistributedDataParallel
-    policy = ddp(model, gradient_as_bucket_view=True) if world > 1 else model  # averages gradients; no 2nd copy
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
-    start_step, bad_in_a_row, skipped = 0, 0, 0
+    policy, ref_model, optimizer, scheduler = setup_training(model, cfg, resume_from, world, device, bf16)
+    start_step, skipped = resume_state(state, optimizer, scheduler, cfg, rank)
     if resume_from:
-        state = torch.load(os.path.join(resume_from, "trainer_state.pt"), map_location=device, weights_only=False)
-        changed = [k for k in RESUME_MUST_MATCH if state["config"][k] != getattr(cfg, k)]
-        if changed:
-            fail(f"--resume with changed {', '.join(f'--{k}' for k in changed)}: the checkpoint's data order and "
-                 f"batches depend on them; use the original values or another --output_dir")  # fmt: skip
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_step, skipped = state["step"], state["skipped"]
-        if rank < len(state["rng"]):
-            set_rng_state(state["rng"][rank])
-        else:  # more ranks than the run that saved: a fresh seed of its own for this rank
-            random.seed(cfg.seed + rank + 100_003 * start_step)
-            torch.manual_seed(cfg.seed + rank + 100_003 * start_step)
-        if rank == 0 and os.path.exists(metrics_path):  # forget steps logged after the checkpoint
-            with open(metrics_path) as f:
-                kept = [line for line in f if json.loads(line)["step"] <= start_step]
-            with open(metrics_path, "w") as f:
-                f.writelines(kept)
         log(f"resumed from {resume_from} at step {start_step}")
-    elif rank == 0:
-        open(metrics_path, "w").close()
-    G = cfg.group_size
-    n_local = cfg.prompts_per_step // world  # prompts per rank
-    B = n_local * G  # completions per rank
-    mb = B if cfg.micro_batch_size < 0 else min(cfg.micro_batch_size, B)
-
-    if test_rows and not resume_from:
+    elif test_rows:
         metrics = evaluate(sampler, tok, test_rows, cfg, 0, device, rank, world)
         log("eval step 0 | " + " | ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
-        write_metrics({"step": 0, **metrics})
+        if rank == 0:
+            write_metrics(cfg, {"step": 0, **metrics})
 
-    steps = range(start_step + 1, cfg.steps + 1)
-    bar = tqdm(steps, initial=start_step, total=cfg.steps, disable=rank != 0, desc="grpo", dynamic_ncols=True)
+    n_local, bad_in_a_row = cfg.prompts_per_step // world, 0  # prompts per rank
+    bar = tqdm(range(start_step + 1, cfg.steps + 1), initial=start_step, total=cfg.steps, disable=rank != 0,
+               desc="grpo", dynamic_ncols=True)  # fmt: skip
     for step in bar:
         t0 = time.time()
-        # --- rollout: this rank's share of the step's prompts, G samples each
-        first = (step - 1) * cfg.prompts_per_step + rank * n_local
+        first = (step - 1) * cfg.prompts_per_step + rank * n_local  # this rank's share of the step's prompts
         rows = [train_rows[i] for i in prompt_indices(len(train_rows), first, n_local, cfg.seed)]
-        prompt_ids, prompt_mask, completion_ids, lengths, ended, sample_logp, texts = generate(
-            sampler, tok, [r["question"] for r in rows], G, cfg.temperature, cfg, device
-        )  # (n, P), (n, P), (B, L), (B,), (B,), (B, L), B strings
-
-        # --- reward and group-relative advantage
-        group_rows = [r for r in rows for _ in range(G)]
-        rewards, per_fn = score(texts, group_rows)  # (B,)
-        advantages = group_advantages(rewards, G, cfg.scale_rewards).to(device)  # (B,)
-
-        # --- log-probs of the frozen models, one micro-batch at a time, before any update
-        model.train()
-        args = (prompt_ids, prompt_mask, completion_ids, mb, cfg.temperature, bf16)
-        ref_logp = frozen_logprobs(ref_model, *args) if ref_model is not None else None
-        old_logp = frozen_logprobs(model, *args) if cfg.mu > 1 else None  # pi_old, kept for the mu updates
-
-        # --- mu optimizer steps on this batch
-        sums = {"loss": [0.0, 0.0], "kl": [0.0, 0.0], "clip_frac": [0.0, 0.0], "grad_norm": [0.0, 0.0]}
-        for i in range(cfg.mu):
-            optimizer.zero_grad(set_to_none=True)
-            stats = accumulate_gradients(policy, prompt_ids, prompt_mask, completion_ids, lengths, advantages,
-                                         old_logp, ref_logp, cfg, mb, world, sample_logp if i == 0 else None)  # fmt: skip
-            for k, v in stats.items():
-                sums[k] = [sums.get(k, [0.0, 0.0])[0] + v[0], sums.get(k, [0.0, 0.0])[1] + v[1]]
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            finite = torch.tensor(
-                float(math.isfinite(stats["loss"][0]) and bool(torch.isfinite(grad_norm))), device=device
-            )
-            if world > 1:
-                dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # every rank takes the same decision
-            if finite.item() == 1.0:
-                optimizer.step()
-                refresh_sampler(sampler, model)
-                bad_in_a_row = 0
-            else:  # a non-finite loss or gradient would corrupt the weights: skip this update
-                optimizer.zero_grad(set_to_none=True)
-                bad_in_a_row, skipped = bad_in_a_row + 1, skipped + 1
-                log(f"step {step}: non-finite loss or gradient, update skipped ({skipped} so far)")
-                if bad_in_a_row >= 3:
-                    fail(
-                        f"{bad_in_a_row} non-finite updates in a row at step {step}: lower --lr or check the rewards; "
-                        f"the last checkpoint in {cfg.output_dir} is intact (--resume)"
-                    )
-            sums["grad_norm"] = [sums["grad_norm"][0] + grad_norm.item(), sums["grad_norm"][1] + 1]
-        scheduler.step()
-
-        # --- metrics: count-weighted means over all ranks
-        groups = rewards.view(-1, G)
-        accuracy = [correctness_reward(t, r["gold"]) for t, r in zip(texts, group_rows)]
-        n = float(B)
-        sums["reward"] = [rewards.sum().item(), n]
-        sums["accuracy"] = [sum(accuracy), n]
-        sums["completion_len"] = [lengths.sum().item(), n]
-        sums["truncated_frac"] = [(~ended).sum().item(), n]
-        sums["frac_zero_std"] = [(groups.std(1) == 0).sum().item(), float(n_local)]  # groups without signal
+        sums, applied, texts, rewards = grpo_step(policy, sampler, ref_model, tok, optimizer, rows, cfg, world)
+        if any(applied):  # the schedule counts applied updates: warmup starts at the first real one
+            scheduler.step()
+        for ok in applied:
+            bad_in_a_row = 0 if ok else bad_in_a_row + 1
+        skipped += applied.count(False)
+        if not all(applied):
+            log(f"step {step}: non-finite loss or gradient, update skipped ({skipped} so far)")
+        if bad_in_a_row >= 3:
+            fail(f"{bad_in_a_row} non-finite updates in a row at step {step}: lower --lr or check the rewards; "
+                 f"the last checkpoint in {cfg.output_dir} is intact (--resume)")  # fmt: skip
         sums["skipped_updates"] = [float(skipped), 1.0]
-        sums.update({f"reward/{k}": [sum(v), n] for k, v in per_fn.items()})
-        metrics = reduce_metrics(sums, world, device)
+        metrics = reduce_metrics(sums, world, device)  # count-weighted means over all ranks
         step_time = time.time() - t0
-        tokens_per_s = metrics["completion_len"] * B * world / step_time  # completion tokens, all ranks
+        tokens_per_s = metrics["completion_len"] * len(texts) * world / step_time  # completion tokens, all ranks
         metrics.update(step=step, lr=scheduler.get_last_lr()[0], step_time=step_time, tokens_per_s=tokens_per_s)
-        fn_part = " ".join(
-            f"{k[7:].removesuffix('_reward')} {v:.2f}" for k, v in metrics.items() if k.startswith("reward/")
-        )
-        line = (
-            f"step {step}/{cfg.steps} | reward {metrics['reward']:.3f} ({fn_part}) | acc {metrics['accuracy']:.3f} | "
-            f"kl {metrics['kl']:.4f} | loss {metrics['loss']:.4f} | clip {metrics['clip_frac']:.3f} | "
-            f"zero_std {metrics['frac_zero_std']:.2f} | len {metrics['completion_len']:.0f} | "
-            f"trunc {metrics['truncated_frac']:.2f} | mismatch {metrics['logp_mismatch']:.4f} | {step_time:.1f}s | {metrics['tokens_per_s']:.0f} tok/s"
-        )
-        if rank == 0:
-            bar.write(line)
-        if cfg.sample_every and step % cfg.sample_every == 0 and rank == 0:
-            best, worst = int(rewards[:G].argmax()), int(rewards[:G].argmin())
-            bar.write(
-                f"--- question: {rows[0]['question']}\n--- best (reward {rewards[best]:.2f}):\n{texts[best]}\n"
-                f"--- worst (reward {rewards[worst]:.2f}):\n{texts[worst]}\n---"
-            )
         if test_rows and cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
             metrics.update(evaluate(sampler, tok, test_rows, cfg, step, device, rank, world))
-            bar.write(
-                f"eval step {step} | " + " | ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k.startswith("eval/"))
-            )
-        write_metrics(metrics)
+        if rank == 0:
+            log_step(bar, metrics, cfg, rows[0]["question"], texts, rewards)
         if on_step is not None:
             on_step(step, model, metrics, sums)
         if cfg.save_every and step % cfg.save_every == 0 and step != cfg.steps:
-            rngs = [None] * world
-            if world > 1:
-                dist.all_gather_object(rngs, rng_state())
-            else:
-                rngs = [rng_state()]
-            if rank == 0:
-                state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                         "rng": rngs, "skipped": skipped, "config": dataclasses.asdict(cfg)}  # fmt: skip
-                save_atomically(os.path.join(cfg.output_dir, "checkpoint"), model, tok, state)
-                plot_metrics(cfg.output_dir)
+            save_checkpoint(cfg, model, tok, optimizer, scheduler, step, skipped, rank, world)
     bar.close()
 
     if test_rows:
         metrics = evaluate(sampler, tok, test_rows, cfg, cfg.steps, device, rank, world)
         log(f"eval step {cfg.steps} | " + " | ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
-        write_metrics({"step": cfg.steps, **metrics})
+        if rank == 0:
+            write_metrics(cfg, {"step": cfg.steps, **metrics})
     if rank == 0:
         save_atomically(os.path.join(cfg.output_dir, "final"), model, tok)
         plot_metrics(cfg.output_dir)

@@ -16,6 +16,7 @@ import string
 import subprocess
 import sys
 import time
+import warnings
 
 import pytest
 import torch
@@ -202,6 +203,66 @@ def test_correctness_reward_thousands_and_negative():
     assert grpo.correctness_reward("<answer> $ 18 </answer>", "18") == 1.0
 
 
+# Inside <answer>: one stated number counts however it is wrapped; two or more, or none, never count.
+WRAPPED = [
+    ("\\boxed{18}", "18", 1.0),
+    ("$\\boxed{18}$", "18", 1.0),
+    ("**18**", "18", 1.0),
+    ("$18$", "18", 1.0),
+    ("\\(18\\)", "18", 1.0),
+    ("18%", "18", 1.0),
+    ("18 apples", "18", 1.0),
+    ("x = 18", "18", 1.0),
+    ("+18", "18", 1.0),
+    ("\u221218", "-18", 1.0),  # the unicode minus
+    ("\u221218", "18", 0.0),
+    ("-18", "18", 0.0),
+    ("The answer is **$1,234.00**.", "1234", 1.0),
+    ("\\boxed{\\text{18 dollars}}", "18", 1.0),
+    ("\\boxed{17}", "18", 0.0),
+    ("18 or 19", "18", 0.0),
+    ("2 + 16 = 18", "18", 0.0),
+    ("18, 19", "18", 0.0),
+    ("5-18", "18", 0.0),  # a range, not -18
+    ("1e400", "1", 0.0),
+    ("1.2.3", "1.2", 0.0),
+    ("\\boxed{}", "18", 0.0),
+    ("**eighteen**", "18", 0.0),
+    ("", "18", 0.0),
+]
+
+
+@pytest.mark.parametrize("inner, gold, expected", WRAPPED)
+def test_wrapped_answers_score(inner, gold, expected):
+    completion = f"<reasoning>\nwork\n</reasoning>\n<answer>\n{inner}\n</answer>"
+    assert grpo.correctness_reward(completion, gold) == expected
+    one_number = grpo.stated_number(inner)
+    assert grpo.int_answer_reward(completion, gold) == float(one_number is not None and one_number == int(one_number))
+    assert grpo.lenient_correctness(completion, gold) >= grpo.correctness_reward(completion, gold)
+
+
+@pytest.mark.parametrize(
+    "inner, expected",
+    [
+        ("\\boxed{" * 50_000 + "18" + "}" * 50_000, 1.0),  # deeply nested braces
+        ("*" * 100_000 + "18" + "*" * 100_000, 1.0),
+        ("18 " + "apples " * 20_000, 1.0),
+        ("\u2212" * 100_000 + "18", 0.0),
+        ("18 " + "1," * 50_000, 0.0),
+        ("{" * 100_000, 0.0),
+    ],
+)
+def test_wrapped_answers_hostile_and_fast(inner, expected):
+    import time
+
+    completion = f"<answer>{inner}</answer>"
+    t0 = time.time()
+    assert grpo.correctness_reward(completion, "18") == expected
+    assert grpo.lenient_correctness(completion, "18") >= expected
+    grpo.int_answer_reward(completion, "18")
+    assert time.time() - t0 < 0.5
+
+
 @pytest.mark.parametrize(
     "completion, expected",
     [
@@ -249,6 +310,9 @@ ADVERSARIAL = [
     "\ud800 invalid surrogate <answer>5</answer>",
     "<answer>nan</answer>",
     "<answer>1e400</answer>",
+    "<answer>" + "\\boxed{" * 50_000 + "5" + "}" * 50_000 + "</answer>",
+    "<answer>" + "\u2212+" * 50_000 + "5</answer>",
+    "<answer>" + "." * 100_000 + "5</answer>",
 ]
 
 
@@ -1184,6 +1248,34 @@ def test_stale_checkpoint_and_changed_config_are_refused(tiny_model, tiny_data, 
     assert [r["step"] for r in read_metrics(cfg)] == [1, 2, 3, 4]
 
 
+class Payload:
+    """Unpickling this calls open(path, "w"): a stand-in for code hidden in a shared checkpoint."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_resume_refuses_a_checkpoint_that_holds_code(tiny_model, tiny_data, tmp_path):
+    cfg = tiny_config(tiny_model, tiny_data, tmp_path, steps=2, save_every=1, eval_size=0)
+    grpo.main(cfg)
+    path = os.path.join(grpo.latest_checkpoint(cfg.output_dir), "trainer_state.pt")
+    state = torch.load(path, weights_only=True)  # what grpo.py writes is plain data
+    marker = tmp_path / "code-ran"
+    state["config"]["note"] = Payload(str(marker))
+    torch.save(state, path)
+    torch.load(path, weights_only=False)  # the payload is live: an unsafe load runs it
+    assert marker.exists()
+    marker.unlink()
+    with pytest.raises(SystemExit) as e:
+        grpo.main(dataclasses_replace(cfg, resume=True, steps=3))
+    msg = str(e.value)
+    assert msg.startswith("error:") and "\n" not in msg and "could run code" in msg and "trainer_state.pt" in msg
+    assert not marker.exists()
+
+
 def test_non_finite_updates_are_skipped_then_stop(tiny_model, tiny_data, tmp_path, monkeypatch, capsys):
     calls = {"n": 0}
 
@@ -1192,10 +1284,13 @@ def test_non_finite_updates_are_skipped_then_stop(tiny_model, tiny_data, tmp_pat
         return float("nan") if calls["n"] <= 8 else float(len(completion) % 3)
 
     monkeypatch.setattr(grpo, "REWARD_FUNCS", [(nan_once, 1.0)])
-    cfg = tiny_config(tiny_model, tiny_data, tmp_path, steps=3, eval_size=0)
-    grpo.main(cfg)
+    cfg = tiny_config(tiny_model, tiny_data, tmp_path, steps=3, eval_size=0, warmup_steps=2)
+    with warnings.catch_warnings():  # no "lr_scheduler.step() before optimizer.step()" after a skipped update
+        warnings.filterwarnings("error", message=".*lr_scheduler.step")
+        grpo.main(cfg)
     train = [r for r in read_metrics(cfg) if "reward" in r]
     assert [r["skipped_updates"] for r in train] == [1, 1, 1]
+    assert [r["lr"] for r in train] == [0.5e-3, 1e-3, 1e-3]  # the warmup counts applied updates only
     assert all(torch.isfinite(p).all() for p in params_of(os.path.join(cfg.output_dir, "final")))
 
     monkeypatch.setattr(grpo, "REWARD_FUNCS", [(lambda c, a, **k: float("nan"), 1.0)])
