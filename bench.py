@@ -99,7 +99,7 @@ def run_path(args) -> dict:
                     sampler, prompt_ids, prompt_mask, G, 1, 1.0, eos, 0, args.static_cache, ignore_eos=True
                 ),
             )
-            completion, lengths, _, _ = clock(
+            completion, lengths, _, _, _ = clock(
                 "rollout",
                 lambda: grpo.rollout(
                     sampler, prompt_ids, prompt_mask, G, L, 1.0, eos, 0, args.static_cache, ignore_eos=True

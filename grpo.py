@@ -110,6 +110,8 @@ class Config:
     gradient_checkpointing: bool = False  # recompute activations in backward to save memory
     precision: str = "auto"  # bf16 (bf16 compute and sampling over fp32 weights), fp32, or auto (bf16 on CUDA)
     static_cache: bool = False  # static KV cache; on CUDA also torch.compile'd decoding with CUDA graphs (see README)
+    tools: str = ""  # "calculator": the model may write <calc>EXPR</calc> mid-answer and read <result>; "" = off
+    max_tool_calls: int = 4  # T: tool calls per completion; a call past T is answered with an error
     eval_size: int = 200  # test problems per evaluation (the first N); -1 = all; 0 = no evaluation
     eval_every: int = 50  # evaluate every N steps (and before and after training); 0 = only before/after
     eval_samples: int = 0  # k > 0: also sample k answers per problem and report maj@k and pass@k
@@ -290,6 +292,9 @@ REWARD_FUNCS = [
 # The model may write <calc>EXPRESSION</calc> mid-answer; the environment appends <result>VALUE</result>.
 TOOL_CALL = ("<calc>", "</calc>")
 TOOL_RESULT = ("<result>", "</result>")
+TOOL_PROMPT = "\nYou have a calculator: write <calc>expression</calc> and its result appears as <result>value</result>."
+TOOL_EXAMPLE = ("What is 2 + 3 * 4?", "<reasoning>\n3 * 4 = <calc>3 * 4</calc><result>12</result>, and 2 + 12 = "
+                "<calc>2 + 12</calc><result>14</result>.\n</reasoning>\n<answer>\n14\n</answer>")  # fmt: skip
 CALC_MAX_CHARS = 200  # checked before parsing, so parse time and the number of AST nodes are bounded
 CALC_MAX_DEPTH = 100  # nesting of the tree, bounds the recursion (1+1+...+1 in 200 characters fits)
 CALC_MAX_ABS = 10**30  # every intermediate value; keeps each operation on small numbers
@@ -369,6 +374,24 @@ def tool_response(text: str) -> str | None:
     return f"{result_open}{calculator(text[start + len(open_tag) : end])}{result_close}" if start >= 0 else None
 
 
+def calculator_env(tok, max_calls: int):
+    """--tools calculator as the rollout's environment: step(ids, calls) takes the token ids that a
+    completion has so far and its calls so far, and returns the token ids of <result>...</result> to
+    append when the model has just closed a <calc> call, else None. It decodes only to read the call;
+    only its own reply is tokenized, and what the model wrote stays as sampled."""
+    closes = {}  # token id -> does its text hold a '>'? Only such a token can end '</calc>'
+
+    def step(ids: list[int], calls: int) -> list[int] | None:
+        if ids[-1] not in closes:
+            closes[ids[-1]] = ">" in tok.decode(ids[-1:])
+        reply = tool_response(tok.decode(ids, skip_special_tokens=True).rstrip()) if closes[ids[-1]] else None
+        if reply is not None and calls >= max_calls:  # past the cap: an answer that says so, not silence
+            reply = f"{TOOL_RESULT[0]}error: no calls left, at most {max_calls}{TOOL_RESULT[1]}"
+        return tok(reply, add_special_tokens=False).input_ids if reply else None
+
+    return step
+
+
 # ----------------------------------------------------------------------------- Data
 def load_rows(cfg: Config, split: str) -> list[dict]:
     """Rows of one split with a parsed 'gold' answer. Local file/folder or a hub dataset."""
@@ -416,13 +439,15 @@ def load_rows(cfg: Config, split: str) -> list[dict]:
     return rows
 
 
-def build_prompt(tok, question: str) -> str:
-    """The chat prompt for one question (the model's own chat template when it has one)."""
-    shots = [{"role": "user", "content": EXAMPLE[0]}, {"role": "assistant", "content": EXAMPLE[1]}] if EXAMPLE else []
-    messages = [{"role": "system", "content": SYSTEM_PROMPT}, *shots, {"role": "user", "content": question}]
+def build_prompt(tok, question: str, tools: bool = False) -> str:
+    """The chat prompt for one question (the model's own chat template when it has one). With tools,
+    the system prompt says how to call the calculator and the worked example calls it."""
+    system, shot = (SYSTEM_PROMPT + TOOL_PROMPT, TOOL_EXAMPLE) if tools else (SYSTEM_PROMPT, EXAMPLE)
+    shots = [{"role": "user", "content": shot[0]}, {"role": "assistant", "content": shot[1]}] if shot else []
+    messages = [{"role": "system", "content": system}, *shots, {"role": "user", "content": question}]
     if tok.chat_template is None:  # a base model: plain text
-        example = f"Question: {EXAMPLE[0]}\nAnswer:\n{EXAMPLE[1]}\n\n" if EXAMPLE else ""
-        return f"{SYSTEM_PROMPT}\n\n{example}Question: {question}\nAnswer:\n"
+        example = f"Question: {shot[0]}\nAnswer:\n{shot[1]}\n\n" if shot else ""
+        return f"{system}\n\n{example}Question: {question}\nAnswer:\n"
     return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
@@ -479,14 +504,15 @@ def attention_mask_4d(keep: torch.Tensor, model) -> torch.Tensor:
 
 @torch.no_grad()
 def rollout(model, prompt_ids, prompt_mask, group_size, max_new_tokens, temperature, eos, pad_id,
-            static_cache=False, ignore_eos=False, compile_decoder=None):  # fmt: skip
+            static_cache=False, ignore_eos=False, compile_decoder=None, env=None):  # fmt: skip
     """Sample group_size completions for each prompt (temperature 0 = greedy).
 
     prompt_ids, prompt_mask: (N, P) left-padded prompts. The prompt is prefilled once and its
     KV cache shared by its G samples, instead of running the same prompt through the model G times.
     Returns completion ids (B, L) with B = N*G (row b belongs to prompt b // G), lengths (B,)
     counting the EOS that ended a completion, ended (B,), False for cut-off completions, and
-    sample_logp (B, L): the log-prob under `model` at `temperature` of each sampled token.
+    sample_logp (B, L): the log-prob under `model` at `temperature` of each sampled token, and
+    by_env (B, L): True for tokens that the environment wrote (tool results), all False without env.
     Tokens after a completion's end are pad_id and must be masked by length, not by value.
     The model computes in its own dtype (run it outside autocast): a bf16 model keeps a bf16 cache.
     """
@@ -514,14 +540,18 @@ def rollout(model, prompt_ids, prompt_mask, group_size, max_new_tokens, temperat
     sample_logp = torch.zeros(R, max_new_tokens, device=dev)
     lengths = torch.full((R,), max_new_tokens, dtype=torch.long, device=dev)
     ended = torch.zeros(R, dtype=torch.bool, device=dev)
+    by_env = torch.zeros(R, max_new_tokens, dtype=torch.bool, device=dev)
+    turns = {"ids": [[] for _ in range(R)], "queue": [[] for _ in range(R)], "calls": [0] * R, "eos": set(eos)}
     eos = torch.tensor(eos, device=dev)
     # --- decode: one token per row per step. No line here waits for the GPU except the "all ended?"
     # check every 8 tokens, so the CPU queues kernels ahead of the GPU.
     for t in range(max_new_tokens):
         token, sample_logp[:, t] = sample(logits, temperature)
+        if env is not None:  # tools: the environment may write this step's token instead of the model
+            token, by_env[:, t] = environment_turn(env, token, ended, turns)
         tokens[:, t] = torch.where(ended, pad_id, token)
         if not ignore_eos:
-            new_end = ~ended & torch.isin(token, eos)
+            new_end = ~ended & ~by_env[:, t] & torch.isin(token, eos)  # only the model ends its completion
             lengths = torch.where(new_end, t + 1, lengths)  # the EOS itself is part of the completion
             ended = ended | new_end
             if t % 8 == 7 and bool(ended[:B].all()):  # the one host sync; tokens past the end are cut by length
@@ -537,7 +567,30 @@ def rollout(model, prompt_ids, prompt_mask, group_size, max_new_tokens, temperat
         logits = out.logits[:, -1].float()  # (R, V)
         next_position = next_position + 1
     L = int(lengths[:B].max())
-    return tokens[:B, :L], lengths[:B], ended[:B], sample_logp[:B, :L]
+    return tokens[:B, :L], lengths[:B], ended[:B], sample_logp[:B, :L], by_env[:B, :L]
+
+
+def environment_turn(env, token, ended, turns: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tools, at one decode step: each row's token, the model's sampled one or the environment's.
+    When a row's own token closes a call, env(its ids so far, its calls so far) returns the reply's
+    ids; they are queued and written one per step in place of sampled tokens, so they enter the same
+    KV cache as if sampled (token ids in, token ids out: nothing is decoded and re-tokenized) but are
+    marked as the environment's, and the loss skips them. Reading the tokens costs a host sync per
+    step, which only the tools path pays. Returns token (R,) and by_env (R,)."""
+    sampled, done = token.tolist(), ended.tolist()
+    chosen, by_env = [], []
+    for b, own in enumerate(sampled):
+        forced = bool(turns["queue"][b]) and not done[b]
+        chosen.append(turns["queue"][b].pop(0) if forced else own)
+        by_env.append(forced)
+        if done[b]:
+            continue
+        turns["ids"][b].append(chosen[-1])
+        if not forced and own not in turns["eos"]:  # the model wrote it: did it just close a call?
+            reply = env(turns["ids"][b], turns["calls"][b])
+            if reply:
+                turns["queue"][b], turns["calls"][b] = list(reply), turns["calls"][b] + 1
+    return torch.tensor(chosen, device=token.device), torch.tensor(by_env, device=token.device)
 
 
 def rows_for_static_cache(B: int) -> int:
@@ -595,14 +648,36 @@ def decode(tok, completion_ids: torch.Tensor, lengths: torch.Tensor) -> list[str
     return [tok.decode(ids[:n], skip_special_tokens=True) for ids, n in zip(completion_ids.tolist(), lengths.tolist())]
 
 
+def tool_use(tok, completion_ids: torch.Tensor, lengths: torch.Tensor, by_env: torch.Tensor) -> tuple[list, list]:
+    """Tool calls and failed calls per completion, read from who wrote each token: every run of
+    environment tokens is one reply, and a reply that says 'error:' is a failed call."""
+    calls, errors = [], []
+    for ids, n, env in zip(completion_ids.tolist(), lengths.tolist(), by_env.tolist()):
+        replies, current = [], None
+        for i in range(n):
+            if env[i] and current is None:
+                current = []
+                replies.append(current)
+            if env[i]:
+                current.append(ids[i])
+            else:
+                current = None
+        calls.append(len(replies))
+        errors.append(sum("error:" in tok.decode(r) for r in replies))
+    return calls, errors
+
+
 def generate(sampler, tok, questions: list[str], group_size: int, temperature: float, cfg: Config, device):
-    """Prompt ids/mask (N, P), completion ids (B, L), lengths (B,), ended (B,), sample_logp (B, L) and
-    texts for the questions. sampler: the policy itself (fp32), or its bf16 copy (--precision bf16)."""
+    """Prompt ids/mask (N, P), completion ids (B, L), lengths (B,), ended (B,), sample_logp (B, L),
+    by_env (B, L) and texts for the questions. sampler: the policy itself (fp32), or its bf16 copy
+    (--precision bf16). With --tools the calculator answers calls inside the rollout."""
     multiple = 64 if cfg.static_cache else 1
-    prompt_ids, prompt_mask = tokenize_prompts(tok, [build_prompt(tok, q) for q in questions], device, multiple)
+    prompts = [build_prompt(tok, q, tools=bool(cfg.tools)) for q in questions]
+    prompt_ids, prompt_mask = tokenize_prompts(tok, prompts, device, multiple)
+    env = calculator_env(tok, cfg.max_tool_calls) if cfg.tools else None
     sampler.eval()  # no dropout, and no activation checkpointing (it would drop the KV cache)
     out = rollout(sampler, prompt_ids, prompt_mask, group_size, cfg.max_new_tokens, temperature,
-                  eos_ids(sampler, tok), tok.pad_token_id, static_cache=cfg.static_cache)  # fmt: skip
+                  eos_ids(sampler, tok), tok.pad_token_id, static_cache=cfg.static_cache, env=env)  # fmt: skip
     return prompt_ids, prompt_mask, *out, decode(tok, out[0], out[1])
 
 
@@ -682,9 +757,11 @@ def micro_batches(B: int, size: int, group_size: int, device) -> list[tuple[slic
     return out
 
 
-def completion_mask(lengths: torch.Tensor, L: int) -> torch.Tensor:
-    """(B, L) float mask, 1 for the first lengths[b] tokens of row b (its EOS included)."""
-    return (torch.arange(L, device=lengths.device)[None, :] < lengths[:, None]).float()
+def completion_mask(lengths: torch.Tensor, L: int, by_env: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, L) float mask, 1 for the first lengths[b] tokens of row b (its EOS included) that the model
+    sampled: tokens the environment wrote (by_env) are context, not actions, so no loss, KL or count."""
+    mask = torch.arange(L, device=lengths.device)[None, :] < lengths[:, None]
+    return (mask & ~by_env[:, :L]).float() if by_env is not None else mask.float()
 
 
 # The loss is -J, with J per token t of completion i (A_i broadcast over the tokens):
@@ -742,6 +819,10 @@ def check_config(cfg: Config) -> None:
     for name in ("save_every", "sample_every", "eval_every", "eval_samples"):
         if getattr(cfg, name) < 0:
             fail(f"--{name} {getattr(cfg, name)}: use 0 (off) or a positive number")
+    if cfg.tools not in ("", "calculator"):
+        fail(f"unknown --tools {cfg.tools!r}: use calculator, or leave it empty for none")
+    if cfg.max_tool_calls < 0:
+        fail(f"--max_tool_calls {cfg.max_tool_calls}: use 0 or more")
     if cfg.precision not in ("auto", "fp32", "bf16"):
         fail(f"unknown --precision {cfg.precision!r}: use auto, fp32 or bf16")
     if cfg.micro_batch_size == 0 or cfg.micro_batch_size < -1:
@@ -829,7 +910,8 @@ def frozen_logprobs(model, prompt_ids, prompt_mask, completion_ids, micro_batch_
 
 
 def accumulate_gradients(policy, prompt_ids, prompt_mask, completion_ids, lengths, advantages, old_logp, ref_logp,
-                         cfg: Config, micro_batch_size: int, world: int = 1, sample_logp=None) -> dict[str, list[float]]:  # fmt: skip
+                         cfg: Config, micro_batch_size: int, world: int = 1, sample_logp=None,
+                         by_env=None) -> dict[str, list[float]]:  # fmt: skip
     """Backward of the loss over the whole batch (B rows), micro_batch_size rows at a time.
     prompt_ids/prompt_mask (N, P) hold each prompt once; completion b belongs to prompt b // G.
 
@@ -840,9 +922,11 @@ def accumulate_gradients(policy, prompt_ids, prompt_mask, completion_ids, length
     Returns {"loss": [value, 1], "kl"/"clip_frac": [token-weighted sum, tokens]} for the metrics, and
     with sample_logp (B, L), the sampler's log-probs of the tokens, "logp_mismatch": the summed
     |sample_logp - logp| (the bf16 sampler and the trained policy do not compute identically).
+    by_env (B, L): tokens the environment wrote (tools); they condition the log-probs but are not
+    in the mask, so no loss, KL, clip fraction or token count comes from them.
     """
     B = completion_ids.shape[0]
-    mask = completion_mask(lengths, completion_ids.shape[1])  # (B, L)
+    mask = completion_mask(lengths, completion_ids.shape[1], by_env)  # (B, L): the model's own tokens
     total_tokens = mask.sum()
     if world > 1 and cfg.loss_type == "dapo":
         dist.all_reduce(total_tokens)  # dapo normalizes by the tokens of the whole global batch
@@ -894,18 +978,19 @@ def clip_and_step(model, optimizer, loss: float, max_grad_norm: float, world: in
 
 def grpo_step(policy, sampler, ref_model, tok, optimizer, rows: list[dict], cfg: Config, world: int = 1):
     """One GRPO step on this rank's questions `rows`: rollout -> reward -> advantage -> reference
-    log-probs -> update. sampler: the policy itself, or its bf16 copy that the rollout runs on. Returns this rank's metric sums {name: [total, count]} (main averages them
-    over ranks), whether each of the mu updates was applied (False: skipped as non-finite), and the
-    B = len(rows) * G completions with their rewards (B,)."""
+    log-probs -> update. The rollout runs on `sampler`: the policy itself, or its bf16 copy.
+    Returns this rank's metric sums {name: [total, count]} (main averages them over ranks), whether
+    each of the mu updates was applied (False: skipped as non-finite), and the B = len(rows) * G
+    completions with their rewards (B,)."""
     model = getattr(policy, "module", policy)  # the model inside DDP
     device, G = next(model.parameters()).device, cfg.group_size
     B = len(rows) * G  # completions on this rank
     mb = B if cfg.micro_batch_size < 0 else min(cfg.micro_batch_size, B)
 
     # --- 1. rollout: G samples per question from the current policy (pi_old)
-    prompt_ids, prompt_mask, completion_ids, lengths, ended, sample_logp, texts = generate(
+    prompt_ids, prompt_mask, completion_ids, lengths, ended, sample_logp, by_env, texts = generate(
         sampler, tok, [r["question"] for r in rows], G, cfg.temperature, cfg, device
-    )  # (n, P), (n, P), (B, L), (B,), (B,), (B, L), B strings
+    )  # (n, P), (n, P), (B, L), (B,), (B,), (B, L), (B, L), B strings; by_env: tool results
 
     # --- 2. reward: the weighted sum of REWARD_FUNCS for each completion
     group_rows = [r for r in rows for _ in range(G)]
@@ -926,7 +1011,7 @@ def grpo_step(policy, sampler, ref_model, tok, optimizer, rows: list[dict], cfg:
     for i in range(cfg.mu):
         optimizer.zero_grad(set_to_none=True)
         stats = accumulate_gradients(policy, prompt_ids, prompt_mask, completion_ids, lengths, advantages, old_logp,
-                                     ref_logp, cfg, mb, world, sample_logp if i == 0 else None)  # fmt: skip
+                                     ref_logp, cfg, mb, world, sample_logp if i == 0 else None, by_env)  # fmt: skip
         ok, grad_norm = clip_and_step(model, optimizer, stats["loss"][0], cfg.max_grad_norm, world)
         if ok:
             refresh_sampler(sampler, model)  # the next rollout samples from the updated policy
@@ -938,10 +1023,13 @@ def grpo_step(policy, sampler, ref_model, tok, optimizer, rows: list[dict], cfg:
     n = float(B)
     sums["reward"] = [rewards.sum().item(), n]
     sums["accuracy"] = [sum(correctness_reward(t, r["gold"]) for t, r in zip(texts, group_rows)), n]
-    sums["completion_len"] = [lengths.sum().item(), n]
+    sums["completion_len"] = [completion_mask(lengths, completion_ids.shape[1], by_env).sum().item(), n]  # sampled
     sums["truncated_frac"] = [(~ended).sum().item(), n]
     sums["frac_zero_std"] = [(rewards.view(-1, G).std(1) == 0).sum().item(), float(len(rows))]  # groups without signal
     sums.update({f"reward/{k}": [sum(v), n] for k, v in per_fn.items()})
+    if cfg.tools:
+        calls, errors = tool_use(tok, completion_ids, lengths, by_env)
+        sums["tool_calls"], sums["tool_errors"] = [sum(calls), n], [sum(errors), sum(calls)]  # errors: share of calls
     return sums, applied, texts, rewards
 
 
@@ -953,12 +1041,14 @@ def evaluate(sampler, tok, rows: list[dict], cfg: Config, step: int, device, ran
     for i in range(0, len(mine), cfg.eval_batch_size):
         index, batch = zip(*mine[i : i + cfg.eval_batch_size])
         questions = [r["question"] for r in batch]
-        texts = generate(sampler, tok, questions, 1, 0.0, cfg, device)[-1]  # greedy
-        for idx, r, text in zip(index, batch, texts):
+        _, _, ids, lengths, _, _, by_env, texts = generate(sampler, tok, questions, 1, 0.0, cfg, device)  # greedy
+        calls, errors = tool_use(tok, ids, lengths, by_env)
+        for idx, r, text, c, e in zip(index, batch, texts, calls, errors):
             gold = r["gold"]
             records.append({"index": idx, "question": r["question"], "gold": gold, "completion": text,
                             "extracted": extract_answer(text), "strict": correctness_reward(text, gold),
-                            "lenient": lenient_correctness(text, gold), "format": format_reward(text, gold)})  # fmt: skip
+                            "lenient": lenient_correctness(text, gold), "format": format_reward(text, gold),
+                            "tool_calls": c, "tool_errors": e})  # fmt: skip
         if cfg.eval_samples > 0:  # k samples per problem at the training temperature
             k = cfg.eval_samples
             texts = generate(sampler, tok, questions, k, cfg.temperature, cfg, device)[-1]
@@ -978,6 +1068,11 @@ def evaluate(sampler, tok, rows: list[dict], cfg: Config, step: int, device, ran
         "eval/accuracy_lenient": metrics["eval/lenient"],
         "eval/format": metrics["eval/format"],
     }
+    if cfg.tools:  # calls per problem, and the share of calls that failed
+        metrics["eval/tool_calls"] = sum(r["tool_calls"] for r in records) / max(1, len(records))
+        metrics["eval/tool_errors"] = sum(r["tool_errors"] for r in records) / max(
+            1, sum(r["tool_calls"] for r in records)
+        )
     if cfg.eval_samples > 0:
         metrics[f"eval/maj@{cfg.eval_samples}"] = sum(r["maj"] for r in records) / max(1, len(records))
         metrics[f"eval/pass@{cfg.eval_samples}"] = sum(r["pass"] for r in records) / max(1, len(records))

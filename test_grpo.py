@@ -764,7 +764,7 @@ def test_fast_rollout_equals_generate_greedy(tiny_model, static_cache):
         tok, [grpo.build_prompt(tok, q) for q in ["1+1?", "what is 12 + 30?", "9?"]], "cpu"
     )
     eos = grpo.eos_ids(model, tok)
-    out, lengths, ended, _ = grpo.rollout(
+    out, lengths, ended, _, _ = grpo.rollout(
         model, ids, mask, 2, 12, 0.0, eos, tok.pad_token_id, static_cache=static_cache
     )
     with torch.no_grad():
@@ -792,7 +792,7 @@ def test_rollout_lengths_masks_with_pad_equal_eos(tiny_model):
     ids, mask = grpo.tokenize_prompts(
         tok, [grpo.build_prompt(tok, "a"), grpo.build_prompt(tok, "longer question")], "cpu"
     )
-    out, lengths, ended, _ = grpo.rollout(model, ids, mask, 8, 10, 1.0, [eos], tok.pad_token_id)
+    out, lengths, ended, _, _ = grpo.rollout(model, ids, mask, 8, 10, 1.0, [eos], tok.pad_token_id)
     hook.remove()
     assert ended.any() and (lengths > 1).any() and len(set(lengths.tolist())) > 1
     for b in range(out.shape[0]):
@@ -810,7 +810,7 @@ def test_rollout_lengths_masks_with_pad_equal_eos(tiny_model):
 def test_rollout_ignore_eos_runs_full_length(tiny_model):
     model, tok = load(tiny_model)
     ids, mask = grpo.tokenize_prompts(tok, ["x"], "cpu")
-    out, lengths, ended, _ = grpo.rollout(
+    out, lengths, ended, _, _ = grpo.rollout(
         model, ids, mask, 3, 6, 1.0, list(range(len(tok))), tok.pad_token_id, ignore_eos=True
     )
     assert out.shape == (3, 6) and lengths.tolist() == [6, 6, 6] and not ended.any()
@@ -822,7 +822,7 @@ def test_micro_batched_gradient_equals_full_batch(tiny_model):
     prompts = [grpo.build_prompt(tok, q) for q in ["1+1?", "22+3?", "7?"]]
     ids, mask = grpo.tokenize_prompts(tok, prompts, "cpu")
     G = 2
-    out, lengths, _, _ = grpo.rollout(model, ids, mask, G, 8, 1.0, grpo.eos_ids(model, tok), tok.pad_token_id)
+    out, lengths, _, _, _ = grpo.rollout(model, ids, mask, G, 8, 1.0, grpo.eos_ids(model, tok), tok.pad_token_id)
     lengths[0] = 2  # make lengths differ so every normalization is exercised
     adv = torch.randn(6, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -866,7 +866,7 @@ def test_sample_logp_is_the_policy_logp_of_the_sampled_tokens(tiny_qwen):
     model, tok = load(tiny_qwen)
     ids, mask = prompts_of(tok, ["1+1?", "what is 12 + 30?"])
     torch.manual_seed(0)
-    out, lengths, _, sample_logp = grpo.rollout(
+    out, lengths, _, sample_logp, _ = grpo.rollout(
         model, ids, mask, 3, 10, 0.7, grpo.eos_ids(model, tok), tok.pad_token_id
     )
     with torch.no_grad():
@@ -974,6 +974,171 @@ def test_checkpoint_saved_on_gpu_resumes_on_cpu(tiny_model, tiny_data, tmp_path,
     grpo.main(dataclasses_replace(cfg, resume=True))  # mapped onto this run's device
     assert read_metrics(cfg)[-1]["step"] == 2
     assert os.path.isfile(os.path.join(cfg.output_dir, "final", "model.safetensors"))
+
+
+# ----------------------------------------------------------------------------- tools: environment tokens
+def script_hook(model, tok, prompt_mask, scripts, bias=None):
+    """Make the tiny model write scripts[b] (a list of token ids) as completion b: at every position
+    the next script token gets +bias (None: every other token is ruled out). G must be 1."""
+    prompt_len = prompt_mask.sum(1)  # (n,) real prompt lengths: completion token i sits at position p + i
+
+    def hook(module, args, kwargs, output):
+        logits = output.logits  # (n, q, V): q may be fewer positions than the input's (logits_to_keep)
+        position = kwargs["position_ids"][:, -logits.shape[1] :]  # (n, q)
+        for b in range(logits.shape[0]):
+            for j in range(logits.shape[1]):
+                i = int(position[b, j] - prompt_len[b] + 1)  # the completion index this position predicts
+                if 0 <= i < len(scripts[b]):
+                    if bias is None:
+                        logits[b, j] = -1e4
+                        logits[b, j, scripts[b][i]] = 1e4
+                    else:
+                        logits[b, j, scripts[b][i]] += bias
+        return output
+
+    return model.register_forward_hook(hook, with_kwargs=True)
+
+
+def ids_of(tok, text: str) -> list[int]:
+    return tok(text, add_special_tokens=False).input_ids
+
+
+TOOL_SCRIPTS = [  # what each row's model writes; '#' runs stand where the environment's reply goes
+    ("<calc>2+3</calc>", "<result>5</result>", "ok"),
+    ("ab<calc>7*6</calc>", "<result>42</result>", "done"),
+    ("notoolshere", "", ""),
+    (
+        "<calc>1+1</calc>",
+        "<result>2</result>",
+        "<calc>2+2</calc>",
+        "<result>4</result>",
+        "<calc>3+3</calc>",
+        "<result>error: no calls left, at most 2</result>",
+        "!",
+    ),  # fmt: skip
+]
+
+
+def scripted_tool_rollout(model, tok, rows, static_cache=False, bias=None, temperature=0.0):
+    ids, mask = prompts_of(tok, [f"q{r}" for r in rows])
+    wanted = ["".join(TOOL_SCRIPTS[r]) for r in rows]  # what the completion must be, replies included
+    scripted = [
+        "".join(part if k % 2 == 0 else "#" * len(ids_of(tok, part)) for k, part in enumerate(TOOL_SCRIPTS[r]))
+        for r in rows
+    ]
+    hook = script_hook(model, tok, mask, [ids_of(tok, s) + [tok.eos_token_id] for s in scripted], bias)
+    env = grpo.calculator_env(tok, max_calls=2)
+    try:
+        out = grpo.rollout(model, ids, mask, 1, 160, temperature, [tok.eos_token_id], tok.pad_token_id,
+                           static_cache=static_cache, env=env)  # fmt: skip
+    finally:
+        hook.remove()
+    return ids, mask, wanted, out
+
+
+@pytest.mark.parametrize("static_cache", [False, True])
+def test_tool_results_are_forced_tokens_masked_from_the_model(tiny_model, static_cache):
+    model, tok = load(tiny_model)
+    rows = [0, 1, 2, 3]
+    _, _, wanted, (out, lengths, ended, _, by_env) = scripted_tool_rollout(model, tok, rows, static_cache)
+    for b, r in enumerate(rows):
+        n = int(lengths[b])
+        expected = ids_of(tok, wanted[b]) + [tok.eos_token_id]
+        assert ended[b] and out[b, :n].tolist() == expected  # the replies replaced the model's '#'s
+        env_text = "".join(part for k, part in enumerate(TOOL_SCRIPTS[r]) if k % 2)
+        written = [t for t, e in zip(out[b, :n].tolist(), by_env[b, :n].tolist()) if e]
+        assert written == ids_of(tok, env_text)  # exactly the tokenized replies are marked as the env's
+        starts = [i for i in range(n) if by_env[b, i] and (i == 0 or not by_env[b, i - 1])]
+        assert [tok.decode(out[b, i : i + 8].tolist()) for i in starts] == ["<result>"] * len(starts)
+        alone = scripted_tool_rollout(model, tok, [r], static_cache)[3]  # the same row generated by itself
+        assert torch.equal(alone[0][0, :n], out[b, :n]) and torch.equal(alone[4][0, :n], by_env[b, :n])
+    calls, errors = grpo.tool_use(tok, out, lengths, by_env)
+    assert calls == [1, 1, 0, 3] and errors == [0, 0, 0, 1]  # the cap (2) answered the third call with an error
+    mask = grpo.completion_mask(lengths, out.shape[1], by_env)
+    assert mask.sum(1).tolist() == [len(ids_of(tok, wanted[b])) + 1 - int(by_env[b].sum()) for b in range(4)]
+
+
+def test_tool_rollout_logprobs_equal_a_full_sequence_recompute(tiny_model):
+    """Sampled (temperature 1, nudged towards the scripts): the rollout's log-prob of each sampled
+    token equals the policy recomputed on the whole sequence, environment tokens in the context."""
+    model, tok = load(tiny_model)
+    torch.manual_seed(0)
+    ids, mask, _, (out, lengths, _, sample_logp, by_env) = scripted_tool_rollout(
+        model, tok, [0, 1, 3], bias=6.0, temperature=1.0
+    )
+    assert by_env.any()
+    scripted = [
+        "".join(p if k % 2 == 0 else "#" * len(ids_of(tok, p)) for k, p in enumerate(TOOL_SCRIPTS[r]))
+        for r in (0, 1, 3)
+    ]
+    hook = script_hook(model, tok, mask, [ids_of(tok, s) + [tok.eos_token_id] for s in scripted], 6.0)
+    with torch.no_grad():
+        full = torch.cat([ids, out], 1)  # (n, P + L): one plain forward, no cache
+        full_mask = torch.cat([mask, torch.ones_like(out)], 1)
+        position = (full_mask.cumsum(-1) - 1).clamp(min=0)
+        logits = model(input_ids=full, attention_mask=full_mask, position_ids=position).logits[:, ids.shape[1] - 1 : -1]
+        recompute = torch.log_softmax(logits.float(), -1).gather(-1, out[..., None]).squeeze(-1)  # (n, L)
+        shared = grpo.token_logprobs(model, ids, mask, out, torch.arange(3), 1.0)
+    hook.remove()
+    sampled = grpo.completion_mask(lengths, out.shape[1], by_env).bool()
+    assert torch.allclose(sample_logp[sampled], recompute[sampled], atol=1e-4)
+    own = grpo.completion_mask(lengths, out.shape[1]).bool()
+    assert torch.allclose(shared[own], recompute[own], atol=1e-4)  # env tokens included
+
+
+def test_environment_tokens_do_not_change_the_loss_or_its_gradient(tiny_model):
+    model, tok = load(tiny_model)
+    _, _, _, (out, lengths, _, _, by_env) = scripted_tool_rollout(model, tok, [0, 1, 2, 3])
+    prompt_ids, prompt_mask = prompts_of(tok, ["q0", "q1", "q2", "q3"])
+    model.train()
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    with torch.no_grad():
+        logp = grpo.token_logprobs(model, prompt_ids, prompt_mask, out, torch.arange(4), 1.0)
+    noise = torch.randn(out.shape) * by_env  # changes only where the environment wrote
+    for loss_type in grpo.LOSS_TYPES:
+        cfg = grpo.Config(loss_type=loss_type, beta=0.04, max_new_tokens=160, mu=2)
+        grads = []
+        for shift in (0.0, 1.0):
+            model.zero_grad()
+            old, ref = logp + 0.1 + shift * noise, logp - 0.1 + shift * noise
+            stats = grpo.accumulate_gradients(model, prompt_ids, prompt_mask, out, lengths, adv, old, ref, cfg, 2,
+                                              by_env=by_env)  # fmt: skip
+            grads.append((stats["loss"][0], torch.cat([p.grad.flatten() for p in model.parameters()])))
+        assert grads[0][0] == grads[1][0] and torch.equal(grads[0][1], grads[1][1]), loss_type
+    # and directly: the loss has no gradient at the environment's positions
+    x = logp.clone().requires_grad_()
+    mask = grpo.completion_mask(lengths, out.shape[1], by_env)
+    loss, _ = grpo.grpo_loss(x, logp + 0.1, logp - 0.1, adv, mask)
+    loss.backward()
+    assert (x.grad[by_env] == 0).all() and (x.grad[mask.bool()] != 0).any()
+
+
+def test_tools_off_path_is_unchanged(tiny_qwen):
+    """An environment that never answers leaves the rollout bit for bit as without tools."""
+    model, tok = load(tiny_qwen)
+    ids, mask = prompts_of(tok, ["1+1?", "what is 12 + 30?"])
+    runs = []
+    for env in (None, lambda ids, calls: None):
+        torch.manual_seed(3)
+        runs.append(grpo.rollout(model, ids, mask, 3, 16, 1.0, grpo.eos_ids(model, tok), tok.pad_token_id, env=env))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+    assert not runs[0][4].any()
+
+
+def test_main_with_tools_end_to_end(tiny_model, tiny_data, tmp_path):
+    cfg = tiny_config(tiny_model, tiny_data, tmp_path, tools="calculator", eval_every=1, eval_samples=2,
+                      micro_batch_size=3, static_cache=True)  # fmt: skip
+    grpo.main(cfg)
+    records = read_metrics(cfg)
+    train = [r for r in records if "reward" in r]
+    assert len(train) == 2 and all("tool_calls" in r and "tool_errors" in r for r in train)
+    evals = [r for r in records if "eval/accuracy_strict" in r]
+    assert len(evals) == 3 and all("eval/tool_calls" in r and "eval/pass@2" in r for r in evals)
+    assert all(math.isfinite(v) for r in records for v in r.values())
+    with open(os.path.join(cfg.output_dir, "eval_2.jsonl")) as f:
+        assert all("tool_calls" in json.loads(line) for line in f)
+    assert "<calc>" in grpo.build_prompt(load(tiny_model)[1], "q", tools=True)
 
 
 # ----------------------------------------------------------------------------- training end to end
@@ -1090,14 +1255,20 @@ def test_evaluate_metrics_on_known_completions(tiny_model, tiny_data, tmp_path, 
         "<answer>6</answer>",  # strict and lenient, not the format
     ]
 
-    def fake_rollout(model, ids, mask, G, max_new_tokens, temperature, eos, pad_id, static_cache=False):
+    def fake_rollout(model, ids, mask, G, max_new_tokens, temperature, eos, pad_id, static_cache=False, env=None):
         n = ids.shape[0]
         texts = completions[fake_rollout.i : fake_rollout.i + n]
         fake_rollout.i += n
         enc = [tok(t, add_special_tokens=False).input_ids + [tok.eos_token_id] for t in texts]
         L = max(map(len, enc))
         out = torch.tensor([e + [pad_id] * (L - len(e)) for e in enc])
-        return out, torch.tensor([len(e) for e in enc]), torch.ones(n, dtype=torch.bool), torch.zeros(out.shape)
+        return (
+            out,
+            torch.tensor([len(e) for e in enc]),
+            torch.ones(n, dtype=torch.bool),
+            torch.zeros(out.shape),
+            torch.zeros(out.shape, dtype=torch.bool),
+        )
 
     fake_rollout.i = 0
     monkeypatch.setattr(grpo, "rollout", fake_rollout)
@@ -1126,11 +1297,17 @@ def test_evaluate_maj_and_pass_at_k(tiny_model, tiny_data, tmp_path, monkeypatch
         ],
     }  # maj 9 (wrong), pass
 
-    def fake_rollout(model, ids, mask, G, max_new_tokens, temperature, eos, pad_id, static_cache=False):
+    def fake_rollout(model, ids, mask, G, max_new_tokens, temperature, eos, pad_id, static_cache=False, env=None):
         enc = [tok(t, add_special_tokens=False).input_ids for t in samples[G]]
         L = max(map(len, enc))
         out = torch.tensor([e + [pad_id] * (L - len(e)) for e in enc])
-        return out, torch.tensor([len(e) for e in enc]), torch.ones(len(enc), dtype=torch.bool), torch.zeros(out.shape)
+        return (
+            out,
+            torch.tensor([len(e) for e in enc]),
+            torch.ones(len(enc), dtype=torch.bool),
+            torch.zeros(out.shape),
+            torch.zeros(out.shape, dtype=torch.bool),
+        )
 
     monkeypatch.setattr(grpo, "rollout", fake_rollout)
     cfg = tiny_config(tiny_model, tiny_data, tmp_path, eval_samples=3, eval_batch_size=2)
