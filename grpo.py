@@ -109,8 +109,8 @@ class Config:
     eval_samples: int = 0  # k > 0: also sample k answers per problem and report maj@k and pass@k
     eval_batch_size: int = 64  # problems per evaluation batch
     eval_only: bool = False  # evaluate --model and exit
-    save_every: int = 50  # write output_dir/checkpoint every N steps; 0 = never
-    resume: bool = False  # continue from output_dir/checkpoint
+    save_every: int = 50  # write output_dir/checkpoint every N steps and at the last; 0 = never
+    resume: bool = False  # continue from output_dir/checkpoint; with a larger --steps, extend a finished run
     sample_every: int = 10  # print a question with its best and worst completion every N steps; 0 = never
     seed: int = 0  # seeds data order, sampling and everything else
     device: str = ""  # cpu, cuda, cuda:1, ...; "" = cuda if available
@@ -772,7 +772,10 @@ def grpo_step(policy, ref_model, tok, optimizer, rows: list[dict], cfg: Config, 
 
 def evaluate(model, tok, rows: list[dict], cfg: Config, step: int, device, rank=0, world=1) -> dict[str, float]:
     """Greedy pass@1 on `rows` (and maj@k / pass@k if --eval_samples k), sharded over ranks.
-    Writes every completion to output_dir/eval_<step>.jsonl and returns eval/* metrics."""
+    Writes every completion to output_dir/eval_<step>.jsonl and returns eval/* metrics. The random
+    state is put back afterwards: a run then samples the same whether or when it evaluates, so a
+    resumed or extended run continues exactly as an uninterrupted one."""
+    saved_rng = rng_state()
     mine = list(enumerate(rows))[rank::world]
     records = []
     for i in range(0, len(mine), cfg.eval_batch_size):
@@ -809,6 +812,7 @@ def evaluate(model, tok, rows: list[dict], cfg: Config, step: int, device, rank=
     if rank == 0:
         with open(os.path.join(cfg.output_dir, f"eval_{step}.jsonl"), "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
+    set_rng_state(saved_rng)
     return metrics
 
 
@@ -913,6 +917,8 @@ def read_checkpoint(cfg: Config) -> tuple[str | None, dict | None]:
     if changed:
         fail(f"--resume with changed {', '.join(f'--{k}' for k in changed)}: the checkpoint's data order and "
              f"batches depend on them; use the original values or another --output_dir")  # fmt: skip
+    if state["step"] > cfg.steps:  # a larger --steps extends a run; a smaller one has nothing to do
+        fail(f"--steps {cfg.steps} is below the checkpoint's step {state['step']}: pass a larger --steps to train on")
     return resume_from, state
 
 
@@ -1067,21 +1073,15 @@ def main(cfg: Config, on_step=None) -> None:
         step_time = time.time() - t0
         tokens_per_s = metrics["completion_len"] * len(texts) * world / step_time  # completion tokens, all ranks
         metrics.update(step=step, lr=scheduler.get_last_lr()[0], step_time=step_time, tokens_per_s=tokens_per_s)
-        if test_rows and cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
+        if test_rows and (step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0)):
             metrics.update(evaluate(model, tok, test_rows, cfg, step, device, rank, world))
         if rank == 0:
             log_step(bar, metrics, cfg, rows[0]["question"], texts, rewards)
         if on_step is not None:
             on_step(step, model, metrics, sums)
-        if cfg.save_every and step % cfg.save_every == 0 and step != cfg.steps:
+        if cfg.save_every and (step % cfg.save_every == 0 or step == cfg.steps):  # the last step too: runs get extended
             save_checkpoint(cfg, model, tok, optimizer, scheduler, step, skipped, rank, world)
     bar.close()
-
-    if test_rows:
-        metrics = evaluate(model, tok, test_rows, cfg, cfg.steps, device, rank, world)
-        log(f"eval step {cfg.steps} | " + " | ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
-        if rank == 0:
-            write_metrics(cfg, {"step": cfg.steps, **metrics})
     if rank == 0:
         save_atomically(os.path.join(cfg.output_dir, "final"), model, tok)
         plot_metrics(cfg.output_dir)

@@ -743,7 +743,13 @@ def params_of(path):
     return [p.detach().clone() for p in model.parameters()]
 
 
-def test_resume_is_bit_exact(tiny_model, tiny_data, tmp_path):
+def shorter_is_better(completion: str, answer: str, **kwargs) -> float:
+    """A reward that varies at random init (the tiny model never writes the tags), so weights move."""
+    return 1.0 / (1 + len(completion))
+
+
+def test_resume_is_bit_exact(tiny_model, tiny_data, tmp_path, monkeypatch):
+    monkeypatch.setattr(grpo, "REWARD_FUNCS", grpo.REWARD_FUNCS + [(shorter_is_better, 1.0)])  # weights move
     common = dict(steps=5, save_every=2, eval_size=0, mu=2, lr=3e-3, warmup_steps=3)
     full = tiny_config(tiny_model, tiny_data, tmp_path / "a", **common)
     grpo.main(full)
@@ -764,6 +770,32 @@ def test_resume_is_bit_exact(tiny_model, tiny_data, tmp_path):
     # the metrics file of the resumed run has each step once, and the same numbers
     strip = lambda rs: [{k: v for k, v in r.items() if k not in ("step_time", "tokens_per_s")} for r in rs]  # noqa: E731
     assert strip(read_metrics(full)) == strip(read_metrics(part))
+
+
+def test_finished_run_extends_bit_exactly(tiny_model, tiny_data, tmp_path, monkeypatch):
+    """--steps 2 --save_every 2, then --steps 4 --resume: the same weights as one 4-step run.
+    Evaluation samples (eval_samples) at the end of the short run without moving the random stream."""
+    monkeypatch.setattr(grpo, "REWARD_FUNCS", grpo.REWARD_FUNCS + [(shorter_is_better, 1.0)])
+    common = dict(save_every=2, eval_size=2, eval_samples=2, mu=2, lr=3e-3, warmup_steps=3)
+    full = tiny_config(tiny_model, tiny_data, tmp_path / "a", steps=4, **common)
+    grpo.main(full)
+    part = tiny_config(tiny_model, tiny_data, tmp_path / "b", steps=2, **common)
+    grpo.main(part)
+    state = torch.load(os.path.join(part.output_dir, "checkpoint", "trainer_state.pt"), weights_only=True)
+    assert state["step"] == 2  # the last step left a checkpoint next to final/
+    with pytest.raises(SystemExit, match="--steps 1 is below the checkpoint's step 2"):
+        grpo.main(dataclasses_replace(part, resume=True, steps=1))
+    grpo.main(dataclasses_replace(part, resume=True, steps=4))
+    for a, b in zip(
+        params_of(os.path.join(full.output_dir, "final")), params_of(os.path.join(part.output_dir, "final"))
+    ):
+        assert torch.equal(a, b)
+    assert not all(torch.equal(a, b) for a, b in zip(params_of(tiny_model), params_of(full.output_dir + "/final")))
+    drop = ("step_time", "tokens_per_s")  # and the evaluations, which the two runs did at different steps
+    train = lambda cfg: [{k: v for k, v in r.items() if k not in drop and not k.startswith("eval/")}  # noqa: E731
+                         for r in read_metrics(cfg) if "reward" in r]  # fmt: skip
+    assert [r["step"] for r in train(part)] == [1, 2, 3, 4]
+    assert train(full) == train(part)
 
 
 def dataclasses_asdict(cfg) -> dict:
@@ -1039,13 +1071,15 @@ def test_distributed_two_processes(tiny_model, tiny_data, tmp_path):
     assert os.path.exists(tmp_path / "out" / "checkpoint" / "trainer_state.pt")
     with open(tmp_path / "out" / "eval_3.jsonl") as f:
         assert [json.loads(line)["index"] for line in f] == [0, 1, 2, 3]  # sharded eval, gathered in order
-    # --resume under torchrun: continues from the step-2 checkpoint to step 4
-    cmd[-1] = json.dumps({**cfg, "steps": 4, "resume": True, "eval_size": 0})
+    # --resume under torchrun: the last step (3) left a checkpoint; extend the run from it to step 5
+    assert torch.load(tmp_path / "out" / "checkpoint" / "trainer_state.pt", weights_only=True)["step"] == 3
+    cmd[-1] = json.dumps({**cfg, "steps": 5, "resume": True, "eval_size": 0})
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     resumed = json.load(open(tmp_path / "out" / "rank0.json"))
-    assert [r["step"] for r in resumed] == [3, 4] and all(r["same"] for r in resumed)
-    assert [r["step"] for r in read_metrics(grpo.Config(output_dir=cfg["output_dir"])) if "reward" in r] == [1, 2, 3, 4]
+    assert [r["step"] for r in resumed] == [4, 5] and all(r["same"] for r in resumed)
+    steps = [r["step"] for r in read_metrics(grpo.Config(output_dir=cfg["output_dir"])) if "reward" in r]
+    assert steps == [1, 2, 3, 4, 5]
 
 
 def test_torchrun_one_process_is_unchanged(tiny_model, tiny_data, tmp_path):
