@@ -327,6 +327,21 @@ def load_rows(cfg: Config, split: str) -> list[dict]:
     return rows
 
 
+def load_data(cfg: Config) -> tuple[list[dict], list[dict]]:
+    """The train rows (none with --eval_only) and the first --eval_size test rows. A single data
+    file is all training data, so evaluation is off; with --eval_only the file is what is evaluated."""
+    one_file = os.path.isfile(os.path.expanduser(cfg.dataset))
+    train_rows = [] if cfg.eval_only else load_rows(cfg, "train")
+    if cfg.eval_size == 0:
+        return train_rows, []
+    if one_file and not cfg.eval_only:
+        print(f"evaluation off: {cfg.dataset} is one file, all of it for training; to evaluate, pass --dataset "
+              f"a folder with train and test files (train.jsonl and test.jsonl)", file=sys.stderr)  # fmt: skip
+        return train_rows, []
+    test_rows = load_rows(cfg, "train" if one_file else "test")  # a single file's rows are its only split
+    return train_rows, test_rows[: cfg.eval_size] if cfg.eval_size > 0 else test_rows
+
+
 def build_prompt(tok, question: str) -> str:
     """The chat prompt for one question (the model's own chat template when it has one)."""
     shots = [{"role": "user", "content": EXAMPLE[0]}, {"role": "assistant", "content": EXAMPLE[1]}] if EXAMPLE else []
@@ -980,6 +995,19 @@ def save_checkpoint(cfg: Config, model, tok, optimizer, scheduler, step: int, sk
         plot_metrics(cfg.output_dir)
 
 
+def check_skipped(applied: list[bool], bad_in_a_row: int, skipped: int, step: int, cfg: Config, log) -> int:
+    """Say when a step's update was skipped as non-finite; three skipped in a row stop the run (the
+    weights were never touched, and the last checkpoint is intact). Returns the count in a row."""
+    for ok in applied:
+        bad_in_a_row = 0 if ok else bad_in_a_row + 1
+    if not all(applied):
+        log(f"step {step}: non-finite loss or gradient, update skipped ({skipped} so far)")
+    if bad_in_a_row >= 3:
+        fail(f"{bad_in_a_row} non-finite updates in a row at step {step}: lower --lr or check the rewards; "
+             f"the last checkpoint in {cfg.output_dir} is intact (--resume)")  # fmt: skip
+    return bad_in_a_row
+
+
 def write_metrics(cfg: Config, record: dict) -> None:
     with open(os.path.join(cfg.output_dir, "metrics.jsonl"), "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -1016,6 +1044,7 @@ def main(cfg: Config, on_step=None) -> None:
     """Train (or with --eval_only, evaluate). on_step(step, model, metrics, sums) is an optional hook
     called on every rank after every step, sums being this rank's {name: [total, count]} (for tests)."""
     check_config(cfg)
+    train_rows, test_rows = load_data(cfg)  # the user's data first: wrong columns or answers stop here
     rank, world, device = setup_distributed(cfg)
     if cfg.prompts_per_step % world:
         fail(
@@ -1030,8 +1059,6 @@ def main(cfg: Config, on_step=None) -> None:
 
     resume_from, state = read_checkpoint(cfg)
     model, tok = load_model(resume_from or cfg.model, cfg, device)
-    test_rows = load_rows(cfg, "test") if cfg.eval_size != 0 else []
-    test_rows = test_rows[: cfg.eval_size] if cfg.eval_size > 0 else test_rows
     if cfg.eval_only:
         metrics = evaluate(model, tok, test_rows, cfg, 0, device, rank, world) if test_rows else {}
         log(" | ".join(f"{k} {v:.3f}" for k, v in metrics.items()) + f" | {len(test_rows)} problems")
@@ -1039,7 +1066,6 @@ def main(cfg: Config, on_step=None) -> None:
             write_metrics(cfg, {"step": 0, **metrics})
         return
 
-    train_rows = load_rows(cfg, "train")
     policy, ref_model, optimizer, scheduler = setup_training(model, cfg, resume_from, world, device)
     start_step, skipped = resume_state(state, optimizer, scheduler, cfg, rank)
     if resume_from:
@@ -1060,14 +1086,8 @@ def main(cfg: Config, on_step=None) -> None:
         sums, applied, texts, rewards = grpo_step(policy, ref_model, tok, optimizer, rows, cfg, world)
         if any(applied):  # the schedule counts applied updates: warmup starts at the first real one
             scheduler.step()
-        for ok in applied:
-            bad_in_a_row = 0 if ok else bad_in_a_row + 1
         skipped += applied.count(False)
-        if not all(applied):
-            log(f"step {step}: non-finite loss or gradient, update skipped ({skipped} so far)")
-        if bad_in_a_row >= 3:
-            fail(f"{bad_in_a_row} non-finite updates in a row at step {step}: lower --lr or check the rewards; "
-                 f"the last checkpoint in {cfg.output_dir} is intact (--resume)")  # fmt: skip
+        bad_in_a_row = check_skipped(applied, bad_in_a_row, skipped, step, cfg, log)
         sums["skipped_updates"] = [float(skipped), 1.0]
         metrics = reduce_metrics(sums, world, device)  # count-weighted means over all ranks
         step_time = time.time() - t0

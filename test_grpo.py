@@ -1003,6 +1003,38 @@ def test_dataset_errors(tiny_model, tmp_path, capsys):
         grpo.load_rows(grpo.Config(dataset=str(tmp_path / "single.jsonl")), "test")
 
 
+def test_single_data_file_trains_without_evaluation(tiny_model, tmp_path, capsys):
+    single = tmp_path / "mine.jsonl"
+    write_jsonl(single, arithmetic_rows(16, 0))
+    cfg = tiny_config(tiny_model, str(single), tmp_path, eval_size=3)
+    grpo.main(cfg)
+    notes = [line for line in capsys.readouterr().err.splitlines() if "evaluation off" in line]
+    assert len(notes) == 1 and "a folder with train and test files" in notes[0]
+    records = read_metrics(cfg)
+    assert [r["step"] for r in records] == [1, 2] and not any(k.startswith("eval/") for r in records for k in r)
+    load(os.path.join(cfg.output_dir, "final"))
+    # --eval_only evaluates the one file
+    cfg = tiny_config(tiny_model, str(single), tmp_path / "e", eval_only=True, eval_size=-1)
+    grpo.main(cfg)
+    with open(os.path.join(cfg.output_dir, "eval_0.jsonl")) as f:
+        assert len(f.readlines()) == 16
+
+
+def test_data_is_checked_before_anything_else(tiny_model, tmp_path, monkeypatch):
+    """Wrong columns or answers are reported first, even with a missing model and no checkpoint."""
+    monkeypatch.setattr(grpo, "load_model", lambda *a, **k: pytest.fail("the model was loaded before the data"))
+    single = tmp_path / "mine.jsonl"
+    for rows, words in [
+        ([{"prompt": "1+1", "solution": "2"}], "lacks column(s) ['answer', 'question']"),
+        ([{"question": "1+1", "answer": "2"}], "none of the 1 answers"),
+    ]:
+        write_jsonl(single, rows)
+        cfg = tiny_config("/no/such/model", str(single), tmp_path, resume=True, device="tpu-ish")
+        with pytest.raises(SystemExit) as e:
+            grpo.main(cfg)
+        assert str(e.value).startswith("error:") and words in str(e.value)
+
+
 def test_parse_config_flags():
     cfg = grpo.parse_config(["--steps", "7", "--no-scale_rewards", "--beta", "0", "--loss_type", "dr_grpo"])
     assert (cfg.steps, cfg.scale_rewards, cfg.beta, cfg.loss_type) == (7, False, 0.0, "dr_grpo")
