@@ -606,6 +606,18 @@ def test_main_end_to_end(tiny_model, tiny_data, tmp_path, monkeypatch):
     assert os.path.getsize(os.path.join(cfg.output_dir, "metrics.png")) > 10_000
 
 
+def test_loss_is_zero_at_the_first_step_yet_the_update_is_not(tiny_model, tiny_data, tmp_path, monkeypatch):
+    """README, 'Why is the loss 0?': with mu = 1 the ratio is 1 and each group's advantages have mean
+    0, so the first step's loss is beta * KL = 0 (the policy is the reference), but the weights move."""
+    monkeypatch.setattr(grpo, "REWARD_FUNCS", [(shorter_is_better, 1.0)])
+    cfg = tiny_config(tiny_model, tiny_data, tmp_path, steps=1, eval_size=0, beta=0.04)
+    grpo.main(cfg)
+    (record,) = read_metrics(cfg)
+    assert abs(record["loss"]) < 1e-6 and abs(record["kl"]) < 1e-6 and record["frac_zero_std"] < 1
+    assert record["grad_norm"] > 0
+    assert not all(torch.equal(a, b) for a, b in zip(params_of(tiny_model), params_of(cfg.output_dir + "/final")))
+
+
 def test_plot_has_every_reward_curve(tmp_path, monkeypatch):
     plt = pytest.importorskip("matplotlib.pyplot")
     drawn = []
