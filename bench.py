@@ -50,7 +50,7 @@ def build(args, device):
         ref = AutoModelForCausalLM.from_config(config, dtype=torch.float32).to(device).eval().requires_grad_(False)
         ref.load_state_dict(model.state_dict())
         if device.type == "cuda":
-            ref.to(torch.bfloat16)  # as grpo.main keeps it
+            ref.to(torch.bfloat16)  # as grpo.setup_training keeps it
     return model, ref, config
 
 

@@ -1069,7 +1069,7 @@ def main(cfg: Config, on_step=None) -> None:
     policy, ref_model, optimizer, scheduler = setup_training(model, cfg, resume_from, world, device)
     start_step, skipped = resume_state(state, optimizer, scheduler, cfg, rank)
     if resume_from:
-        log(f"resumed from {resume_from} at step {start_step}")
+        log(f"resumed from {resume_from} at step {start_step} of {cfg.steps}")
     elif test_rows:
         metrics = evaluate(model, tok, test_rows, cfg, 0, device, rank, world)
         log("eval step 0 | " + " | ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
