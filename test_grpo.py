@@ -957,7 +957,7 @@ def assert_one_line_error(result, *words):
 
 def test_cli_errors(tiny_model, tiny_data, tmp_path):
     out = ["--output_dir", str(tmp_path / "o"), "--device", "cpu"]
-    assert_one_line_error(run_cli("--model", str(tmp_path / "missing"), *out), "does not exist")
+    assert_one_line_error(run_cli("--model", str(tmp_path / "missing"), "--dataset", tiny_data, *out), "does not exist")
     assert_one_line_error(
         run_cli("--model", "nobody-here/no-such-model", "--dataset", tiny_data, *out),
         "nobody-here/no-such-model",
