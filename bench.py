@@ -50,7 +50,7 @@ def build(args, device):
     ref = None
     if args.beta != 0:
         ref = grpo.bf16_copy(model) if bf16 else AutoModelForCausalLM.from_config(config).to(device)
-        ref.load_state_dict(model.state_dict())  # as grpo.main keeps it (bf16 weights, fp32 rotary buffers)
+        ref.load_state_dict(model.state_dict())  # as grpo.setup_training keeps it (bf16 weights, fp32 rotary buffers)
         ref.eval().requires_grad_(False)
     return model, ref, config, bf16
 

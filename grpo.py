@@ -117,8 +117,8 @@ class Config:
     eval_samples: int = 0  # k > 0: also sample k answers per problem and report maj@k and pass@k
     eval_batch_size: int = 64  # problems per evaluation batch
     eval_only: bool = False  # evaluate --model and exit
-    save_every: int = 50  # write output_dir/checkpoint every N steps; 0 = never
-    resume: bool = False  # continue from output_dir/checkpoint
+    save_every: int = 50  # write output_dir/checkpoint every N steps and at the last; 0 = never
+    resume: bool = False  # continue from output_dir/checkpoint; with a larger --steps, extend a finished run
     sample_every: int = 10  # print a question with its best and worst completion every N steps; 0 = never
     seed: int = 0  # seeds data order, sampling and everything else
     device: str = ""  # cpu, cuda, cuda:1, ...; "" = cuda if available
@@ -437,6 +437,21 @@ def load_rows(cfg: Config, split: str) -> list[dict]:
     if bad:
         print(f"skipped {bad} of {bad + len(rows)} {split} rows whose answer has no '#### <number>'", file=sys.stderr)
     return rows
+
+
+def load_data(cfg: Config) -> tuple[list[dict], list[dict]]:
+    """The train rows (none with --eval_only) and the first --eval_size test rows. A single data
+    file is all training data, so evaluation is off; with --eval_only the file is what is evaluated."""
+    one_file = os.path.isfile(os.path.expanduser(cfg.dataset))
+    train_rows = [] if cfg.eval_only else load_rows(cfg, "train")
+    if cfg.eval_size == 0:
+        return train_rows, []
+    if one_file and not cfg.eval_only:
+        print(f"evaluation off: {cfg.dataset} is one file, all of it for training; to evaluate, pass --dataset "
+              f"a folder with train and test files (train.jsonl and test.jsonl)", file=sys.stderr)  # fmt: skip
+        return train_rows, []
+    test_rows = load_rows(cfg, "train" if one_file else "test")  # a single file's rows are its only split
+    return train_rows, test_rows[: cfg.eval_size] if cfg.eval_size > 0 else test_rows
 
 
 def build_prompt(tok, question: str, tools: bool = False) -> str:
@@ -1035,7 +1050,10 @@ def grpo_step(policy, sampler, ref_model, tok, optimizer, rows: list[dict], cfg:
 
 def evaluate(sampler, tok, rows: list[dict], cfg: Config, step: int, device, rank=0, world=1) -> dict[str, float]:
     """Greedy pass@1 on `rows` (and maj@k / pass@k if --eval_samples k), sharded over ranks.
-    Writes every completion to output_dir/eval_<step>.jsonl and returns eval/* metrics."""
+    Writes every completion to output_dir/eval_<step>.jsonl and returns eval/* metrics. The random
+    state is put back afterwards: a run then samples the same whether or when it evaluates, so a
+    resumed or extended run continues exactly as an uninterrupted one."""
+    saved_rng = rng_state()
     mine = list(enumerate(rows))[rank::world]
     records = []
     for i in range(0, len(mine), cfg.eval_batch_size):
@@ -1079,6 +1097,7 @@ def evaluate(sampler, tok, rows: list[dict], cfg: Config, step: int, device, ran
     if rank == 0:
         with open(os.path.join(cfg.output_dir, f"eval_{step}.jsonl"), "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
+    set_rng_state(saved_rng)
     return metrics
 
 
@@ -1186,6 +1205,8 @@ def read_checkpoint(cfg: Config) -> tuple[str | None, dict | None]:
     if changed:
         fail(f"--resume with changed {', '.join(f'--{k}' for k in changed)}: the checkpoint's data order and "
              f"batches depend on them; use the original values or another --output_dir")  # fmt: skip
+    if state["step"] > cfg.steps:  # a larger --steps extends a run; a smaller one has nothing to do
+        fail(f"--steps {cfg.steps} is below the checkpoint's step {state['step']}: pass a larger --steps to train on")
     return resume_from, state
 
 
@@ -1246,6 +1267,19 @@ def save_checkpoint(cfg: Config, model, tok, optimizer, scheduler, step: int, sk
         plot_metrics(cfg.output_dir)
 
 
+def check_skipped(applied: list[bool], bad_in_a_row: int, skipped: int, step: int, cfg: Config, log) -> int:
+    """Say when a step's update was skipped as non-finite; three skipped in a row stop the run (the
+    weights were never touched, and the last checkpoint is intact). Returns the count in a row."""
+    for ok in applied:
+        bad_in_a_row = 0 if ok else bad_in_a_row + 1
+    if not all(applied):
+        log(f"step {step}: non-finite loss or gradient, update skipped ({skipped} so far)")
+    if bad_in_a_row >= 3:
+        fail(f"{bad_in_a_row} non-finite updates in a row at step {step}: lower --lr or check the rewards; "
+             f"the last checkpoint in {cfg.output_dir} is intact (--resume)")  # fmt: skip
+    return bad_in_a_row
+
+
 def write_metrics(cfg: Config, record: dict) -> None:
     with open(os.path.join(cfg.output_dir, "metrics.jsonl"), "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -1283,6 +1317,7 @@ def main(cfg: Config, on_step=None) -> None:
     """Train (or with --eval_only, evaluate). on_step(step, model, metrics, sums) is an optional hook
     called on every rank after every step, sums being this rank's {name: [total, count]} (for tests)."""
     check_config(cfg)
+    train_rows, test_rows = load_data(cfg)  # the user's data first: wrong columns or answers stop here
     rank, world, device = setup_distributed(cfg)
     if cfg.prompts_per_step % world:
         fail(
@@ -1298,8 +1333,6 @@ def main(cfg: Config, on_step=None) -> None:
 
     resume_from, state = read_checkpoint(cfg)
     model, tok = load_model(resume_from or cfg.model, cfg, device)
-    test_rows = load_rows(cfg, "test") if cfg.eval_size != 0 else []
-    test_rows = test_rows[: cfg.eval_size] if cfg.eval_size > 0 else test_rows
     sampler = bf16_copy(model) if bf16 else model  # rollouts read bf16 weights once per token, keep a bf16 cache
     if cfg.eval_only:
         metrics = evaluate(sampler, tok, test_rows, cfg, 0, device, rank, world) if test_rows else {}
@@ -1308,11 +1341,10 @@ def main(cfg: Config, on_step=None) -> None:
             write_metrics(cfg, {"step": 0, **metrics})
         return
 
-    train_rows = load_rows(cfg, "train")
     policy, ref_model, optimizer, scheduler = setup_training(model, cfg, resume_from, world, device, bf16)
     start_step, skipped = resume_state(state, optimizer, scheduler, cfg, rank)
     if resume_from:
-        log(f"resumed from {resume_from} at step {start_step}")
+        log(f"resumed from {resume_from} at step {start_step} of {cfg.steps}")
     elif test_rows:
         metrics = evaluate(sampler, tok, test_rows, cfg, 0, device, rank, world)
         log("eval step 0 | " + " | ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
@@ -1329,34 +1361,22 @@ def main(cfg: Config, on_step=None) -> None:
         sums, applied, texts, rewards = grpo_step(policy, sampler, ref_model, tok, optimizer, rows, cfg, world)
         if any(applied):  # the schedule counts applied updates: warmup starts at the first real one
             scheduler.step()
-        for ok in applied:
-            bad_in_a_row = 0 if ok else bad_in_a_row + 1
         skipped += applied.count(False)
-        if not all(applied):
-            log(f"step {step}: non-finite loss or gradient, update skipped ({skipped} so far)")
-        if bad_in_a_row >= 3:
-            fail(f"{bad_in_a_row} non-finite updates in a row at step {step}: lower --lr or check the rewards; "
-                 f"the last checkpoint in {cfg.output_dir} is intact (--resume)")  # fmt: skip
+        bad_in_a_row = check_skipped(applied, bad_in_a_row, skipped, step, cfg, log)
         sums["skipped_updates"] = [float(skipped), 1.0]
         metrics = reduce_metrics(sums, world, device)  # count-weighted means over all ranks
         step_time = time.time() - t0
         tokens_per_s = metrics["completion_len"] * len(texts) * world / step_time  # completion tokens, all ranks
         metrics.update(step=step, lr=scheduler.get_last_lr()[0], step_time=step_time, tokens_per_s=tokens_per_s)
-        if test_rows and cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
+        if test_rows and (step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0)):
             metrics.update(evaluate(sampler, tok, test_rows, cfg, step, device, rank, world))
         if rank == 0:
             log_step(bar, metrics, cfg, rows[0]["question"], texts, rewards)
         if on_step is not None:
             on_step(step, model, metrics, sums)
-        if cfg.save_every and step % cfg.save_every == 0 and step != cfg.steps:
+        if cfg.save_every and (step % cfg.save_every == 0 or step == cfg.steps):  # the last step too: runs get extended
             save_checkpoint(cfg, model, tok, optimizer, scheduler, step, skipped, rank, world)
     bar.close()
-
-    if test_rows:
-        metrics = evaluate(sampler, tok, test_rows, cfg, cfg.steps, device, rank, world)
-        log(f"eval step {cfg.steps} | " + " | ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
-        if rank == 0:
-            write_metrics(cfg, {"step": cfg.steps, **metrics})
     if rank == 0:
         save_atomically(os.path.join(cfg.output_dir, "final"), model, tok)
         plot_metrics(cfg.output_dir)

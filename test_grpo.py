@@ -971,8 +971,8 @@ def test_checkpoint_saved_on_gpu_resumes_on_cpu(tiny_model, tiny_data, tmp_path,
     with pytest.raises(RuntimeError, match="CUDA"):
         torch.load(state_path, weights_only=False)  # it really is a GPU checkpoint now
     os.remove(os.path.join(cfg.output_dir, "final", "model.safetensors"))
-    grpo.main(dataclasses_replace(cfg, resume=True))  # mapped onto this run's device
-    assert read_metrics(cfg)[-1]["step"] == 2
+    grpo.main(dataclasses_replace(cfg, resume=True, steps=3))  # mapped onto this run's device
+    assert [r["step"] for r in read_metrics(cfg)] == [1, 2, 3]
     assert os.path.isfile(os.path.join(cfg.output_dir, "final", "model.safetensors"))
 
 
@@ -1183,6 +1183,18 @@ def test_main_end_to_end(tiny_model, tiny_data, tmp_path, monkeypatch):
     assert os.path.getsize(os.path.join(cfg.output_dir, "metrics.png")) > 10_000
 
 
+def test_loss_is_zero_at_the_first_step_yet_the_update_is_not(tiny_model, tiny_data, tmp_path, monkeypatch):
+    """README, 'Why is the loss 0?': with mu = 1 the ratio is 1 and each group's advantages have mean
+    0, so the first step's loss is beta * KL = 0 (the policy is the reference), but the weights move."""
+    monkeypatch.setattr(grpo, "REWARD_FUNCS", [(shorter_is_better, 1.0)])
+    cfg = tiny_config(tiny_model, tiny_data, tmp_path, steps=1, eval_size=0, beta=0.04)
+    grpo.main(cfg)
+    (record,) = read_metrics(cfg)
+    assert abs(record["loss"]) < 1e-6 and abs(record["kl"]) < 1e-6 and record["frac_zero_std"] < 1
+    assert record["grad_norm"] > 0
+    assert not all(torch.equal(a, b) for a, b in zip(params_of(tiny_model), params_of(cfg.output_dir + "/final")))
+
+
 def test_plot_has_every_reward_curve(tmp_path, monkeypatch):
     plt = pytest.importorskip("matplotlib.pyplot")
     drawn = []
@@ -1332,7 +1344,13 @@ def params_of(path):
     return [p.detach().clone() for p in model.parameters()]
 
 
-def test_resume_is_bit_exact(tiny_model, tiny_data, tmp_path):
+def shorter_is_better(completion: str, answer: str, **kwargs) -> float:
+    """A reward that varies at random init (the tiny model never writes the tags), so weights move."""
+    return 1.0 / (1 + len(completion))
+
+
+def test_resume_is_bit_exact(tiny_model, tiny_data, tmp_path, monkeypatch):
+    monkeypatch.setattr(grpo, "REWARD_FUNCS", grpo.REWARD_FUNCS + [(shorter_is_better, 1.0)])  # weights move
     common = dict(steps=5, save_every=2, eval_size=0, mu=2, lr=3e-3, warmup_steps=3)
     full = tiny_config(tiny_model, tiny_data, tmp_path / "a", **common)
     grpo.main(full)
@@ -1353,6 +1371,32 @@ def test_resume_is_bit_exact(tiny_model, tiny_data, tmp_path):
     # the metrics file of the resumed run has each step once, and the same numbers
     strip = lambda rs: [{k: v for k, v in r.items() if k not in ("step_time", "tokens_per_s")} for r in rs]  # noqa: E731
     assert strip(read_metrics(full)) == strip(read_metrics(part))
+
+
+def test_finished_run_extends_bit_exactly(tiny_model, tiny_data, tmp_path, monkeypatch):
+    """--steps 2 --save_every 2, then --steps 4 --resume: the same weights as one 4-step run.
+    Evaluation samples (eval_samples) at the end of the short run without moving the random stream."""
+    monkeypatch.setattr(grpo, "REWARD_FUNCS", grpo.REWARD_FUNCS + [(shorter_is_better, 1.0)])
+    common = dict(save_every=2, eval_size=2, eval_samples=2, mu=2, lr=3e-3, warmup_steps=3)
+    full = tiny_config(tiny_model, tiny_data, tmp_path / "a", steps=4, **common)
+    grpo.main(full)
+    part = tiny_config(tiny_model, tiny_data, tmp_path / "b", steps=2, **common)
+    grpo.main(part)
+    state = torch.load(os.path.join(part.output_dir, "checkpoint", "trainer_state.pt"), weights_only=True)
+    assert state["step"] == 2  # the last step left a checkpoint next to final/
+    with pytest.raises(SystemExit, match="--steps 1 is below the checkpoint's step 2"):
+        grpo.main(dataclasses_replace(part, resume=True, steps=1))
+    grpo.main(dataclasses_replace(part, resume=True, steps=4))
+    for a, b in zip(
+        params_of(os.path.join(full.output_dir, "final")), params_of(os.path.join(part.output_dir, "final"))
+    ):
+        assert torch.equal(a, b)
+    assert not all(torch.equal(a, b) for a, b in zip(params_of(tiny_model), params_of(full.output_dir + "/final")))
+    drop = ("step_time", "tokens_per_s")  # and the evaluations, which the two runs did at different steps
+    train = lambda cfg: [{k: v for k, v in r.items() if k not in drop and not k.startswith("eval/")}  # noqa: E731
+                         for r in read_metrics(cfg) if "reward" in r]  # fmt: skip
+    assert [r["step"] for r in train(part)] == [1, 2, 3, 4]
+    assert train(full) == train(part)
 
 
 def dataclasses_asdict(cfg) -> dict:
@@ -1502,7 +1546,7 @@ def assert_one_line_error(result, *words):
 
 def test_cli_errors(tiny_model, tiny_data, tmp_path):
     out = ["--output_dir", str(tmp_path / "o"), "--device", "cpu"]
-    assert_one_line_error(run_cli("--model", str(tmp_path / "missing"), *out), "does not exist")
+    assert_one_line_error(run_cli("--model", str(tmp_path / "missing"), "--dataset", tiny_data, *out), "does not exist")
     assert_one_line_error(
         run_cli("--model", "nobody-here/no-such-model", "--dataset", tiny_data, *out),
         "nobody-here/no-such-model",
@@ -1559,6 +1603,38 @@ def test_dataset_errors(tiny_model, tmp_path, capsys):
     assert len(grpo.load_rows(grpo.Config(dataset=str(tmp_path / "single.jsonl")), "train")) == 4
     with pytest.raises(SystemExit, match="has no test split"):
         grpo.load_rows(grpo.Config(dataset=str(tmp_path / "single.jsonl")), "test")
+
+
+def test_single_data_file_trains_without_evaluation(tiny_model, tmp_path, capsys):
+    single = tmp_path / "mine.jsonl"
+    write_jsonl(single, arithmetic_rows(16, 0))
+    cfg = tiny_config(tiny_model, str(single), tmp_path, eval_size=3)
+    grpo.main(cfg)
+    notes = [line for line in capsys.readouterr().err.splitlines() if "evaluation off" in line]
+    assert len(notes) == 1 and "a folder with train and test files" in notes[0]
+    records = read_metrics(cfg)
+    assert [r["step"] for r in records] == [1, 2] and not any(k.startswith("eval/") for r in records for k in r)
+    load(os.path.join(cfg.output_dir, "final"))
+    # --eval_only evaluates the one file
+    cfg = tiny_config(tiny_model, str(single), tmp_path / "e", eval_only=True, eval_size=-1)
+    grpo.main(cfg)
+    with open(os.path.join(cfg.output_dir, "eval_0.jsonl")) as f:
+        assert len(f.readlines()) == 16
+
+
+def test_data_is_checked_before_anything_else(tiny_model, tmp_path, monkeypatch):
+    """Wrong columns or answers are reported first, even with a missing model and no checkpoint."""
+    monkeypatch.setattr(grpo, "load_model", lambda *a, **k: pytest.fail("the model was loaded before the data"))
+    single = tmp_path / "mine.jsonl"
+    for rows, words in [
+        ([{"prompt": "1+1", "solution": "2"}], "lacks column(s) ['answer', 'question']"),
+        ([{"question": "1+1", "answer": "2"}], "none of the 1 answers"),
+    ]:
+        write_jsonl(single, rows)
+        cfg = tiny_config("/no/such/model", str(single), tmp_path, resume=True, device="tpu-ish")
+        with pytest.raises(SystemExit) as e:
+            grpo.main(cfg)
+        assert str(e.value).startswith("error:") and words in str(e.value)
 
 
 def test_parse_config_flags():
@@ -1629,13 +1705,15 @@ def test_distributed_two_processes(tiny_model, tiny_data, tmp_path):
     assert os.path.exists(tmp_path / "out" / "checkpoint" / "trainer_state.pt")
     with open(tmp_path / "out" / "eval_3.jsonl") as f:
         assert [json.loads(line)["index"] for line in f] == [0, 1, 2, 3]  # sharded eval, gathered in order
-    # --resume under torchrun: continues from the step-2 checkpoint to step 4
-    cmd[-1] = json.dumps({**cfg, "steps": 4, "resume": True, "eval_size": 0})
+    # --resume under torchrun: the last step (3) left a checkpoint; extend the run from it to step 5
+    assert torch.load(tmp_path / "out" / "checkpoint" / "trainer_state.pt", weights_only=True)["step"] == 3
+    cmd[-1] = json.dumps({**cfg, "steps": 5, "resume": True, "eval_size": 0})
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     resumed = json.load(open(tmp_path / "out" / "rank0.json"))
-    assert [r["step"] for r in resumed] == [3, 4] and all(r["same"] for r in resumed)
-    assert [r["step"] for r in read_metrics(grpo.Config(output_dir=cfg["output_dir"])) if "reward" in r] == [1, 2, 3, 4]
+    assert [r["step"] for r in resumed] == [4, 5] and all(r["same"] for r in resumed)
+    steps = [r["step"] for r in read_metrics(grpo.Config(output_dir=cfg["output_dir"])) if "reward" in r]
+    assert steps == [1, 2, 3, 4, 5]
 
 
 def test_torchrun_one_process_is_unchanged(tiny_model, tiny_data, tmp_path):
