@@ -374,6 +374,29 @@ def tool_response(text: str) -> str | None:
     return f"{result_open}{calculator(text[start + len(open_tag) : end])}{result_close}" if start >= 0 else None
 
 
+def tool_reward(completion: str, answer: str, **kwargs) -> float:
+    """1 if the number in <answer> is a result the calculator really returned in this completion:
+    partial credit for grounding the answer in a call. It pays at most 1 however many calls there
+    are (spamming cannot pay), and each result is recomputed, so a <result> the model typed itself
+    pays only if it is what the calculator says. Looks at the first 16 calls (bounded time).
+
+    >>> tool_reward("<calc>6 * 7</calc><result>42</result> <answer>42</answer>", "0")
+    1.0
+    """
+    stated = stated_number(extract_answer(completion) or "")
+    for chunk in completion.split(TOOL_CALL[0])[1:17]:  # the text after each <calc>
+        expression, closed, rest = chunk.partition(TOOL_CALL[1])
+        if closed and rest.startswith(TOOL_RESULT[0]):
+            result = rest[len(TOOL_RESULT[0]) :].partition(TOOL_RESULT[1])[0]
+            if result == calculator(expression) and same_number(stated_number(result), stated):
+                return 1.0
+    return 0.0
+
+
+# Added to REWARD_FUNCS when --tools is on, so that the single-turn job is unchanged.
+TOOL_REWARD_FUNCS = [(tool_reward, 0.5)]
+
+
 def calculator_env(tok, max_calls: int):
     """--tools calculator as the rollout's environment: step(ids, calls) takes the token ids that a
     completion has so far and its calls so far, and returns the token ids of <result>...</result> to
@@ -895,14 +918,16 @@ def reduce_metrics(sums: dict[str, list[float]], world: int, device) -> dict[str
     return {k: (t[i, 0] / t[i, 1].clamp(min=1e-12)).item() for i, k in enumerate(names)}
 
 
-def score(completions: list[str], rows: list[dict]) -> tuple[torch.Tensor, dict[str, list[float]]]:
-    """Total rewards (B,) and each function's unweighted values; rows[i] is completion i's row."""
-    per_fn = {fn.__name__: [] for fn, _ in REWARD_FUNCS}
+def score(completions: list[str], rows: list[dict], funcs=None) -> tuple[torch.Tensor, dict[str, list[float]]]:
+    """Total rewards (B,) and each function's unweighted values; rows[i] is completion i's row.
+    funcs: (function, weight) pairs, REWARD_FUNCS by default."""
+    funcs = REWARD_FUNCS if funcs is None else funcs
+    per_fn = {fn.__name__: [] for fn, _ in funcs}
     total = []
     for c, row in zip(completions, rows):
         extra = {k: v for k, v in row.items() if k not in ("answer", "gold")}  # e.g. question
         r = 0.0
-        for fn, weight in REWARD_FUNCS:
+        for fn, weight in funcs:
             value = float(fn(c, row["gold"], **extra))
             per_fn[fn.__name__].append(value)
             r += weight * value
@@ -1009,7 +1034,7 @@ def grpo_step(policy, sampler, ref_model, tok, optimizer, rows: list[dict], cfg:
 
     # --- 2. reward: the weighted sum of REWARD_FUNCS for each completion
     group_rows = [r for r in rows for _ in range(G)]
-    rewards, per_fn = score(texts, group_rows)  # (B,)
+    rewards, per_fn = score(texts, group_rows, REWARD_FUNCS + (TOOL_REWARD_FUNCS if cfg.tools else []))  # (B,)
 
     # --- 3. advantage: each completion judged against the others of its group
     advantages = group_advantages(rewards, G, cfg.scale_rewards).to(device)  # (B,)

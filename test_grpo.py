@@ -316,7 +316,7 @@ ADVERSARIAL = [
 ]
 
 
-@pytest.mark.parametrize("fn", [f for f, _ in grpo.REWARD_FUNCS] + [grpo.lenient_correctness])
+@pytest.mark.parametrize("fn", [f for f, _ in grpo.REWARD_FUNCS + grpo.TOOL_REWARD_FUNCS] + [grpo.lenient_correctness])
 def test_rewards_never_raise_and_are_fast(fn):
     import time
 
@@ -576,6 +576,31 @@ def test_calculator_matches_python_on_random_arithmetic():
 )
 def test_tool_response(text, expected):
     assert grpo.tool_response(text) == expected
+
+
+@pytest.mark.parametrize(
+    "completion, expected",
+    [
+        ("<calc>347 * 86</calc><result>29842</result>\n<answer>\n29842\n</answer>", 1.0),
+        ("<calc>347*86</calc><result>29842</result> so <answer>\\boxed{29,842}</answer>", 1.0),  # wrapped
+        ("<calc>347 * 86</calc><result>29842</result> <answer>29843</answer>", 0.0),  # not the result
+        ("<calc>2 + 2</calc><result>5</result> <answer>5</answer>", 0.0),  # a result the model typed: wrong
+        ("</calc><result>5</result> <answer>5</answer>", 0.0),  # no call at all
+        ("<answer>29842</answer>", 0.0),  # right but no call: correctness pays for that
+        ("<calc>1/0</calc><result>error: division by zero</result> <answer>0</answer>", 0.0),
+        ("<calc>1+1</calc><result>2</result>" * 50 + "<answer>2</answer>", 1.0),  # 50 calls: still 1
+        ("<calc>1+1</calc><result>2</result>" * 20 + "<calc>3</calc><result>3</result><answer>3</answer>", 0.0),
+    ],
+)
+def test_tool_reward_pays_once_for_a_real_result(completion, expected):
+    assert grpo.tool_reward(completion, "29842") == expected
+
+
+def test_tool_reward_only_with_tools(tiny_model, tiny_data, tmp_path):
+    for tools in ("", "calculator"):
+        cfg = tiny_config(tiny_model, tiny_data, tmp_path / (tools or "none"), tools=tools, steps=1, eval_size=0)
+        grpo.main(cfg)
+        assert ("reward/tool_reward" in read_metrics(cfg)[-1]) == bool(tools)
 
 
 def test_tool_response_long_inputs_are_fast():
