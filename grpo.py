@@ -11,6 +11,7 @@ Run it:
     python grpo.py --model PATH --dataset ../shared/data/gsm8k --device cpu \\
         --steps 10 --prompts_per_step 2 --group_size 4 --max_new_tokens 64   # tiny CPU run
     python grpo.py --eval_only --model out/final     # GSM8K accuracy of any model
+    python grpo.py --tools calculator                # the model may call a calculator mid-answer
     python -m pytest -q test_grpo.py                 # tests: offline, CPU, a few minutes
 
 The objective (maximized), for a question q with sampled answers o_1..o_G and old policy pi_old:
@@ -32,6 +33,11 @@ Where this departs from the paper (each is a deliberate, common choice):
     variant also refreshes it and retrains the reward model; there is no reward model here).
  6. Completions cut off at --max_new_tokens are kept and trained on like the others; their
     share is logged as truncated_frac.
+ 7. Under --precision bf16 (the default on CUDA) completions are sampled by a bf16 copy of the
+    policy, while rho and the gradient come from bf16 autocast over the fp32 weights: the two
+    differ by rounding, logged as logp_mismatch (mean |log pi_sampler - log pi_theta| per token).
+ 8. With --tools, tokens written by the environment (tool results) are context, not actions: they
+    condition later tokens but are left out of every sum and count in J (see completion_mask).
 """
 
 import argparse
