@@ -1398,11 +1398,29 @@ def test_resume_is_bit_exact(tiny_model, tiny_data, tmp_path, monkeypatch):
     assert strip(read_metrics(full)) == strip(read_metrics(part))
 
 
-def test_finished_run_extends_bit_exactly(tiny_model, tiny_data, tmp_path, monkeypatch):
+def frequent_env(tok, max_calls):
+    """A stand-in for calculator_env that even a random model triggers: it answers after every model
+    token whose id is a multiple of 5, so runs of main contain environment tokens."""
+    reply = tok("<result>1</result>", add_special_tokens=False).input_ids
+    return lambda ids, calls: reply if ids[-1] % 5 == 0 and calls < max_calls else None
+
+
+FREQUENT_ENV = """
+def frequent_env(tok, max_calls):
+    reply = tok("<result>1</result>", add_special_tokens=False).input_ids
+    return lambda ids, calls: reply if ids[-1] % 5 == 0 and calls < max_calls else None
+grpo.calculator_env = frequent_env
+"""
+
+
+@pytest.mark.parametrize("tools", ["", "calculator"])
+def test_finished_run_extends_bit_exactly(tiny_model, tiny_data, tmp_path, monkeypatch, tools):
     """--steps 2 --save_every 2, then --steps 4 --resume: the same weights as one 4-step run.
-    Evaluation samples (eval_samples) at the end of the short run without moving the random stream."""
+    Evaluation samples (eval_samples) at the end of the short run without moving the random stream.
+    With tools, environment tokens are in every step's rollouts."""
     monkeypatch.setattr(grpo, "REWARD_FUNCS", grpo.REWARD_FUNCS + [(shorter_is_better, 1.0)])
-    common = dict(save_every=2, eval_size=2, eval_samples=2, mu=2, lr=3e-3, warmup_steps=3)
+    monkeypatch.setattr(grpo, "calculator_env", frequent_env)
+    common = dict(save_every=2, eval_size=2, eval_samples=2, mu=2, lr=3e-3, warmup_steps=3, tools=tools)
     full = tiny_config(tiny_model, tiny_data, tmp_path / "a", steps=4, **common)
     grpo.main(full)
     part = tiny_config(tiny_model, tiny_data, tmp_path / "b", steps=2, **common)
@@ -1422,6 +1440,7 @@ def test_finished_run_extends_bit_exactly(tiny_model, tiny_data, tmp_path, monke
                          for r in read_metrics(cfg) if "reward" in r]  # fmt: skip
     assert [r["step"] for r in train(part)] == [1, 2, 3, 4]
     assert train(full) == train(part)
+    assert all(r["tool_calls"] > 0 for r in train(part)) if tools else "tool_calls" not in train(part)[0]
 
 
 def dataclasses_asdict(cfg) -> dict:
@@ -1693,10 +1712,11 @@ with open(os.path.join(cfg.output_dir, f"rank{{int(os.environ['RANK'])}}.json"),
 """
 
 
-def test_distributed_two_processes(tiny_model, tiny_data, tmp_path):
+@pytest.mark.parametrize("tools", ["", "calculator"])
+def test_distributed_two_processes(tiny_model, tiny_data, tmp_path, tools):
     script = tmp_path / "ddp_run.py"
-    script.write_text(DDP_SCRIPT.format(here=HERE))
-    overrides = dict(steps=3, prompts_per_step=4, eval_size=4, eval_every=2, save_every=2, warmup_steps=10)
+    script.write_text(DDP_SCRIPT.format(here=HERE).replace("grpo.main(cfg,", FREQUENT_ENV + "grpo.main(cfg,"))
+    overrides = dict(steps=3, prompts_per_step=4, eval_size=4, eval_every=2, save_every=2, warmup_steps=10, tools=tools)
     cfg = dataclasses_asdict(tiny_config(tiny_model, tiny_data, tmp_path, loss_type="dapo", **overrides))
     cmd = [
         sys.executable,
@@ -1724,6 +1744,7 @@ def test_distributed_two_processes(tiny_model, tiny_data, tmp_path):
             total_b, count_b = b["sums"][k]
             assert a["metrics"][k] == pytest.approx((total_a + total_b) / (count_a + count_b), rel=1e-9, abs=1e-12)
         assert a["sums"]["kl"][1] != b["sums"]["kl"][1]  # the ranks' token counts differ, so weighting matters
+        assert a["metrics"]["tool_calls"] > 0 if tools else "tool_calls" not in a["metrics"]
     logged = [r for r in read_metrics(grpo.Config(output_dir=cfg["output_dir"])) if "reward" in r]
     assert [r["reward"] for r in logged] == pytest.approx([r["metrics"]["reward"] for r in ranks[0]])
     assert os.path.exists(tmp_path / "out" / "final" / "config.json")
