@@ -406,16 +406,26 @@ TOOL_REWARD_FUNCS = [(tool_reward, 0.5)]
 def calculator_env(tok, max_calls: int):
     """--tools calculator as the rollout's environment: step(ids, calls) takes the token ids that a
     completion has so far and its calls so far, and returns the token ids of <result>...</result> to
-    append when the model has just closed a <calc> call, else None. It decodes only to read the call;
-    only its own reply is tokenized, and what the model wrote stays as sampled."""
+    append when the model's last token has just closed a <calc> call, else None. It decodes only to
+    read the call; only its own reply is tokenized, and what the model wrote stays as sampled."""
     closes = {}  # token id -> does its text hold a '>'? Only such a token can end '</calc>'
 
     def step(ids: list[int], calls: int) -> list[int] | None:
         if ids[-1] not in closes:
             closes[ids[-1]] = ">" in tok.decode(ids[-1:])
-        reply = tool_response(tok.decode(ids, skip_special_tokens=True).rstrip()) if closes[ids[-1]] else None
+        if not closes[ids[-1]]:
+            return None
+        text, before = tok.decode(ids, skip_special_tokens=True), tok.decode(ids[:-1], skip_special_tokens=True)
+        end = text.rfind(TOOL_CALL[1]) + len(TOOL_CALL[1])
+        if end <= max(len(before), len(TOOL_CALL[1]) - 1):  # no '</calc>' ends inside the last token
+            return None
+        reply = tool_response(text[:end])
         if reply is not None and calls >= max_calls:  # past the cap: an answer that says so, not silence
             reply = f"{TOOL_RESULT[0]}error: no calls left, at most {max_calls}{TOOL_RESULT[1]}"
+        # A token can run past the tag: '><' is one token in many vocabularies, so the model may already
+        # have written the start of the reply; the environment then writes only the rest.
+        tail = text[end:]
+        reply = reply[len(tail) :] if reply is not None and reply.startswith(tail) else reply
         return tok(reply, add_special_tokens=False).input_ids if reply else None
 
     return step

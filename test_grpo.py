@@ -1061,6 +1061,27 @@ def scripted_tool_rollout(model, tok, rows, static_cache=False, bias=None, tempe
     return ids, mask, wanted, out
 
 
+def test_calculator_env_reads_a_close_tag_merged_with_the_next_character():
+    """In many vocabularies '><' is one token, so a model closes a call with '</calc' + '><': the call
+    is still answered, and the environment writes only the rest of '<result>...</result>'."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    chars = list(string.printable[:95]) + ["\n"]
+    vocab = {t: i for i, t in enumerate(["<|unk|>", "<|im_end|>", *chars, "><"])}
+    t = Tokenizer(models.BPE(vocab=vocab, merges=[(">", "<")], unk_token="<|unk|>"))
+    t.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=t, eos_token="<|im_end|>", unk_token="<|unk|>")
+    env = grpo.calculator_env(tok, max_calls=2)
+    ids = ids_of(tok, "so <calc>2+3</calc><")
+    assert tok.convert_ids_to_tokens(ids[-1:]) == ["><"]  # the tag ends inside the last token
+    assert tok.decode(env(ids, 0)) == "result>5</result>"
+    assert tok.decode(env(ids_of(tok, "so <calc>2+3</calc>"), 0)) == "<result>5</result>"
+    assert tok.decode(env(ids, 2)) == "result>error: no calls left, at most 2</result>"  # the cap
+    for text in ["so <calc>2+3</calc><result>5</result><", "2+3</calc><", "<calc>2+3</calc><x", "<calc>2+3"]:
+        assert env(ids_of(tok, text), 0) is None, text  # no call closed by the last token
+
+
 @pytest.mark.parametrize("static_cache", [False, True])
 def test_tool_results_are_forced_tokens_masked_from_the_model(tiny_model, static_cache):
     model, tok = load(tiny_model)
