@@ -1338,7 +1338,8 @@ def log_step(bar, metrics: dict, cfg: Config, question: str, texts: list[str], r
         f"kl {metrics['kl']:.4f} | loss {metrics['loss']:.4f} | clip {metrics['clip_frac']:.3f} | "
         f"zero_std {metrics['frac_zero_std']:.2f} | len {metrics['completion_len']:.0f} | "
         f"trunc {metrics['truncated_frac']:.2f} | mismatch {metrics['logp_mismatch']:.4f} | "
-        f"{metrics['step_time']:.1f}s | {metrics['tokens_per_s']:.0f} tok/s"
+        + (f"tools {metrics['tool_calls']:.2f} err {metrics['tool_errors']:.2f} | " if "tool_calls" in metrics else "")
+        + f"{metrics['step_time']:.1f}s | {metrics['tokens_per_s']:.0f} tok/s"
     )
     if cfg.sample_every and step % cfg.sample_every == 0:
         G = cfg.group_size
