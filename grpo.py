@@ -1424,6 +1424,7 @@ def main(cfg: Config, on_step=None) -> None:
         plot_metrics(cfg.output_dir)
         log(f"saved {os.path.join(cfg.output_dir, 'final')} (AutoModelForCausalLM.from_pretrained loads it)")
     if world > 1:
+        del policy  # the DDP wrapper holds the process group: release it first, not at interpreter exit
         dist.barrier()
         dist.destroy_process_group()
 
