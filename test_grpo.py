@@ -48,15 +48,11 @@ def make_tokenizer():
     return tok
 
 
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory) -> str:
-    """A 2-layer random Llama with a character tokenizer whose pad token is its EOS token."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    path = str(tmp_path_factory.mktemp("tiny-model"))
+def save_tiny_model(path: str, config_class, model_class, **extra) -> str:
+    """A 2-layer random model with the character tokenizer (pad token = EOS token), saved to path."""
     tok = make_tokenizer()
     torch.manual_seed(0)
-    config = LlamaConfig(
+    config = config_class(
         vocab_size=len(tok),
         hidden_size=64,
         intermediate_size=128,
@@ -68,8 +64,9 @@ def tiny_model(tmp_path_factory) -> str:
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
         bos_token_id=None,
+        **extra,
     )
-    model = LlamaForCausalLM(config)
+    model = model_class(config)
     model.generation_config.eos_token_id = tok.eos_token_id
     model.save_pretrained(path)
     tok.save_pretrained(path)
@@ -77,33 +74,22 @@ def tiny_model(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    """A 2-layer random Llama with a character tokenizer whose pad token is its EOS token."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return save_tiny_model(str(tmp_path_factory.mktemp("tiny-model")), LlamaConfig, LlamaForCausalLM)
+
+
+@pytest.fixture(scope="session")
 def tiny_qwen(tmp_path_factory) -> str:
     """A 2-layer random Qwen2 shaped like the default model in the ways that matter for dtypes:
-    q/k/v biases, grouped-query attention (4 heads, 2 KV heads), rope theta 1e6, tied embeddings."""
+    q/k/v biases (Qwen2 always has them), grouped-query attention (4 heads, 2 KV heads), rope theta
+    1e6, tied embeddings."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    path = str(tmp_path_factory.mktemp("tiny-qwen"))
-    tok = make_tokenizer()
-    torch.manual_seed(0)
-    config = Qwen2Config(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        rope_theta=1e6,
-        tie_word_embeddings=True,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=None,
-    )
-    model = Qwen2ForCausalLM(config)
-    assert model.model.layers[0].self_attn.q_proj.bias is not None
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
+    path = save_tiny_model(str(tmp_path_factory.mktemp("tiny-qwen")), Qwen2Config, Qwen2ForCausalLM, rope_theta=1e6)
+    assert Qwen2ForCausalLM.from_pretrained(path).model.layers[0].self_attn.q_proj.bias is not None
     return path
 
 
