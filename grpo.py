@@ -46,6 +46,7 @@ import contextlib
 import copy
 import dataclasses
 import inspect
+import itertools
 import json
 import math
 import operator
@@ -707,15 +708,8 @@ def tool_use(tok, completion_ids: torch.Tensor, lengths: torch.Tensor, by_env: t
     environment tokens is one reply, and a reply that says 'error:' is a failed call."""
     calls, errors = [], []
     for ids, n, env in zip(completion_ids.tolist(), lengths.tolist(), by_env.tolist()):
-        replies, current = [], None
-        for i in range(n):
-            if env[i] and current is None:
-                current = []
-                replies.append(current)
-            if env[i]:
-                current.append(ids[i])
-            else:
-                current = None
+        runs = itertools.groupby(zip(ids[:n], env[:n]), key=lambda pair: pair[1])  # runs of one writer
+        replies = [[token for token, _ in run] for written_by_env, run in runs if written_by_env]
         calls.append(len(replies))
         errors.append(sum("error:" in tok.decode(r) for r in replies))
     return calls, errors
