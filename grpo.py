@@ -919,6 +919,19 @@ def setup_distributed(cfg: Config) -> tuple[int, int, torch.device]:
     return (dist.get_rank() if world > 1 else 0), world, device
 
 
+def end_distributed() -> None:
+    """Wait for every rank (rank 0 may still be saving), then take the process group down. Not
+    barrier() on gloo: its barrier keeps weak references to the collectives before it, so a worker
+    thread frees their tensors only when it frees the barrier, which can fall after this process
+    has begun to exit; freeing a Python-owned tensor then aborts the process (SIGABRT). gloo's
+    monitored_barrier is a plain send and receive of its own tensors, with no such references."""
+    if dist.get_backend() == "gloo":
+        dist.monitored_barrier()
+    else:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 def reduce_metrics(sums: dict[str, list[float]], world: int, device) -> dict[str, float]:
     """sums maps a name to [total, count]; returns total/count over all ranks (count-weighted means)."""
     names = sorted(sums)
@@ -1375,6 +1388,8 @@ def main(cfg: Config, on_step=None) -> None:
         log(" | ".join(f"{k} {v:.3f}" for k, v in metrics.items()) + f" | {len(test_rows)} problems")
         if rank == 0:
             write_metrics(cfg, {"step": 0, **metrics})
+        if world > 1:
+            end_distributed()
         return
 
     policy, ref_model, optimizer, scheduler = setup_training(model, cfg, resume_from, world, device, bf16)
@@ -1418,9 +1433,7 @@ def main(cfg: Config, on_step=None) -> None:
         plot_metrics(cfg.output_dir)
         log(f"saved {os.path.join(cfg.output_dir, 'final')} (AutoModelForCausalLM.from_pretrained loads it)")
     if world > 1:
-        del policy  # the DDP wrapper holds the process group: release it first, not at interpreter exit
-        dist.barrier()
-        dist.destroy_process_group()
+        end_distributed()
 
 
 if __name__ == "__main__":

@@ -1767,6 +1767,17 @@ def test_distributed_two_processes(tiny_model, tiny_data, tmp_path, tools):
     assert [r["step"] for r in resumed] == [4, 5] and all(r["same"] for r in resumed)
     steps = [r["step"] for r in read_metrics(grpo.Config(output_dir=cfg["output_dir"])) if "reward" in r]
     assert steps == [1, 2, 3, 4, 5]
+    if tools:
+        return
+    # --eval_only under torchrun: the trained model evaluated on both ranks, and both ranks exit cleanly
+    evaluated = str(tmp_path / "eval_only")
+    cmd[-1] = json.dumps({**cfg, "model": str(tmp_path / "out" / "final"), "eval_only": True, "output_dir": evaluated})
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    [record] = read_metrics(grpo.Config(output_dir=evaluated))
+    assert record["step"] == 0 and "eval/accuracy_strict" in record
+    with open(os.path.join(evaluated, "eval_0.jsonl")) as f:
+        assert [json.loads(line)["index"] for line in f] == [0, 1, 2, 3]
 
 
 def test_torchrun_one_process_is_unchanged(tiny_model, tiny_data, tmp_path):
