@@ -1410,6 +1410,7 @@ def main(cfg: Config, on_step=None) -> None:
         t0 = time.time()
         first = (step - 1) * cfg.prompts_per_step + rank * n_local  # this rank's share of the step's prompts
         rows = [train_rows[i] for i in prompt_indices(len(train_rows), first, n_local, cfg.seed)]
+        lr = scheduler.get_last_lr()[0]  # the rate this step's updates use (logged before the schedule moves)
         sums, applied, texts, rewards = grpo_step(policy, sampler, ref_model, tok, optimizer, rows, cfg, world)
         if any(applied):  # the schedule counts applied updates: warmup starts at the first real one
             scheduler.step()
@@ -1419,7 +1420,7 @@ def main(cfg: Config, on_step=None) -> None:
         metrics = reduce_metrics(sums, world, device)  # count-weighted means over all ranks
         step_time = time.time() - t0
         tokens_per_s = metrics["completion_len"] * len(texts) * world / step_time  # completion tokens, all ranks
-        metrics.update(step=step, lr=scheduler.get_last_lr()[0], step_time=step_time, tokens_per_s=tokens_per_s)
+        metrics.update(step=step, lr=lr, step_time=step_time, tokens_per_s=tokens_per_s)
         if test_rows and (step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0)):
             metrics.update(evaluate(sampler, tok, test_rows, cfg, step, device, rank, world))
         if rank == 0:
