@@ -383,21 +383,28 @@ def tool_response(text: str) -> str | None:
 
 
 def tool_reward(completion: str, answer: str, **kwargs) -> float:
-    """1 if the number in <answer> is a result the calculator really returned in this completion:
-    partial credit for grounding the answer in a call. It pays at most 1 however many calls there
-    are (spamming cannot pay), and each result is recomputed, so a <result> the model typed itself
-    pays only if it is what the calculator says. Looks at the first 16 calls (bounded time).
+    """1 if the number in <answer> is a result the calculator really returned in this completion for
+    a call that computed it: partial credit for grounding the answer in a call. A result that is
+    one of the numbers written in the call pays nothing (<calc>1200</calc>, <calc>1200*1</calc>):
+    copying a number through the tool does no arithmetic. It pays at most 1 however many calls
+    there are (spamming cannot pay), and each result is recomputed, so a <result> the model typed
+    itself pays only if it is what the calculator says. Looks at the first 16 calls (bounded time).
 
     >>> tool_reward("<calc>6 * 7</calc><result>42</result> <answer>42</answer>", "0")
     1.0
+    >>> tool_reward("<calc>42</calc><result>42</result> <answer>42</answer>", "0")
+    0.0
     """
     stated = stated_number(extract_answer(completion) or "")
     for chunk in completion.split(TOOL_CALL[0])[1:17]:  # the text after each <calc>
         expression, closed, rest = chunk.partition(TOOL_CALL[1])
         if closed and rest.startswith(TOOL_RESULT[0]):
             result = rest[len(TOOL_RESULT[0]) :].partition(TOOL_RESULT[1])[0]
-            if result == calculator(expression) and same_number(stated_number(result), stated):
-                return 1.0
+            value = stated_number(result)
+            if result == calculator(expression) and same_number(value, stated):
+                written = NUMBER.findall(expression)  # short: the calculator accepted it
+                if not any(same_number(value, number_value(n)) for n in written):
+                    return 1.0
     return 0.0
 
 

@@ -576,6 +576,11 @@ def test_tool_response(text, expected):
         ("<calc>1/0</calc><result>error: division by zero</result> <answer>0</answer>", 0.0),
         ("<calc>1+1</calc><result>2</result>" * 50 + "<answer>2</answer>", 1.0),  # 50 calls: still 1
         ("<calc>1+1</calc><result>2</result>" * 20 + "<calc>3</calc><result>3</result><answer>3</answer>", 0.0),
+        ("<calc>29842</calc><result>29842</result> <answer>29842</answer>", 0.0),  # a number copied through
+        ("<calc>29842 * 1</calc><result>29842</result> <answer>29842</answer>", 0.0),  # no arithmetic done
+        ("<calc>(29842) + 0</calc><result>29842</result> <answer>29842</answer>", 0.0),
+        ("<calc>-5 * -1</calc><result>5</result> <answer>5</answer>", 1.0),  # 5 is not written: -5 and -1 are
+        ("<calc>7</calc><result>7</result> <calc>3 + 4</calc><result>7</result> <answer>7</answer>", 1.0),
     ],
 )
 def test_tool_reward_pays_once_for_a_real_result(completion, expected):
