@@ -1804,6 +1804,23 @@ def test_torchrun_one_process_is_unchanged(tiny_model, tiny_data, tmp_path):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("backend", ["gloo", "nccl"])
+def test_end_distributed_waits_then_takes_the_group_down(tmp_path, monkeypatch, backend):
+    """The end of a torchrun run: gloo waits with monitored_barrier (its barrier() can abort the exit),
+    nccl (the CUDA path, played here by a one-process gloo group) with barrier(); then no group is left."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    waited = []
+    monkeypatch.setattr(dist, "get_backend", lambda *args: backend)
+    for name in ("barrier", "monitored_barrier"):
+        real = getattr(dist, name)
+        monkeypatch.setattr(dist, name, lambda *a, _name=name, _real=real, **k: (waited.append(_name), _real(*a, **k)))
+    grpo.end_distributed()
+    assert waited == ["monitored_barrier" if backend == "gloo" else "barrier"]
+    assert not dist.is_initialized()
+
+
 def test_prompts_must_divide_over_ranks(tiny_model, tiny_data, tmp_path, monkeypatch):
     monkeypatch.setattr(grpo, "setup_distributed", lambda cfg: (0, 3, torch.device("cpu")))
     with pytest.raises(SystemExit, match="does not divide over 3 processes"):
