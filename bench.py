@@ -5,9 +5,9 @@
         --new_tokens 300 --device cuda                          # GPU: the Qwen2.5-0.5B shape (README)
 
 fast  = grpo.py as it trains: grpo.rollout on the sampler (a bf16 copy of the policy under --precision
-        bf16, the default on CUDA; each prompt prefilled once, its KV cache shared by its G samples,
-        optional static cache), grpo.token_logprobs (prompt cache shared, logits only for
-        completion positions, chunked fp32 log-softmax), grpo.accumulate_gradients (micro-batches).
+        bf16, the default on CUDA; each prompt prefilled once, its KV cache shared by its G samples),
+        grpo.token_logprobs (prompt cache shared, hidden states projected by the fp32 LM head a chunk
+        at a time), grpo.accumulate_gradients (micro-batches).
 plain = the straightforward path: model.generate over the P*G repeated prompts with the default
         dynamic cache, then each log-prob pass on the full (B, P+L) sequences with the full fp32
         (B, L, V) log-softmax, one batch; the same grpo_loss and optimizer.
@@ -30,7 +30,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import grpo
 
-PHASES = ["prefill", "decode", "rollout", "ref_logp", "old_logp", "policy_fwd_bwd", "optimizer", "step"]
+PHASES = ["prefill", "decode", "rollout", "ref_logp", "policy_fwd_bwd", "optimizer", "step"]
 
 
 def sync(device: torch.device) -> None:
@@ -95,15 +95,11 @@ def run_path(args) -> dict:
             eos = [config.vocab_size - 1]
             clock(
                 "prefill",
-                lambda: grpo.rollout(
-                    sampler, prompt_ids, prompt_mask, G, 1, 1.0, eos, 0, args.static_cache, ignore_eos=True
-                ),
+                lambda: grpo.rollout(sampler, prompt_ids, prompt_mask, G, 1, 1.0, eos, 0, ignore_eos=True),
             )
-            completion, lengths, _, _, _ = clock(
+            completion, lengths, _, old_logp, _ = clock(  # pi_old: the sampler's own log-probs
                 "rollout",
-                lambda: grpo.rollout(
-                    sampler, prompt_ids, prompt_mask, G, L, 1.0, eos, 0, args.static_cache, ignore_eos=True
-                ),
+                lambda: grpo.rollout(sampler, prompt_ids, prompt_mask, G, L, 1.0, eos, 0, ignore_eos=True),
             )
         with ac, torch.no_grad():
             if args.path == "plain":
@@ -131,13 +127,12 @@ def run_path(args) -> dict:
             else:
                 frozen = lambda m: plain_logprobs(m, seq, completion)  # noqa: E731
             ref_logp = clock("ref_logp", lambda: frozen(ref)) if ref is not None else None
-            old_logp = clock("old_logp", lambda: frozen(model))
         opt.zero_grad(set_to_none=True)
         if args.path == "fast":
             clock(
                 "policy_fwd_bwd",
                 lambda: grpo.accumulate_gradients(
-                    model, prompt_ids, prompt_mask, completion, lengths, advantages, old_logp, ref_logp, cfg, mb
+                    model, prompt_ids, prompt_mask, completion, lengths, None, advantages, old_logp, ref_logp, cfg, mb
                 ),
             )
         else:
@@ -145,8 +140,8 @@ def run_path(args) -> dict:
             def plain_update():
                 with ac:
                     logp = plain_logprobs(model, seq, completion)
-                    loss, _ = grpo.grpo_loss(
-                        logp, old_logp, ref_logp, advantages, torch.ones_like(logp), beta=args.beta
+                    loss, _ = grpo.grpo_loss(  # mu = 1: pi_old is the current policy
+                        logp, logp.detach(), ref_logp, advantages, torch.ones_like(logp), beta=args.beta
                     )
                 loss.backward()
 
@@ -192,9 +187,6 @@ def main() -> None:
     p.add_argument("--new_tokens", type=int, default=64, help="completion tokens, forced (no early EOS)")
     p.add_argument("--beta", type=float, default=0.04, help="KL weight; 0 = no reference pass")
     p.add_argument("--micro_batch_size", type=int, default=-1, help="fast path micro-batch; -1 = whole batch")
-    p.add_argument(
-        "--static_cache", action=argparse.BooleanOptionalAction, default=False, help="fast path: static cache"
-    )
     p.add_argument("--gradient_checkpointing", action="store_true", help="both paths")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="as grpo.py's --precision")
     p.add_argument("--repeats", type=int, default=2, help="timed repeats after one warmup (median reported)")

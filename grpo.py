@@ -19,14 +19,15 @@ The objective (maximized), for a question q with sampled answers o_1..o_G and ol
                                           - beta KL_it ]
     rho_it = pi_theta(o_it | q, o_i<t) / pi_old(o_it | q, o_i<t),   A_i = (r_i - mean(r)) / std(r)
     KL_it  = pi_ref / pi_theta - log(pi_ref / pi_theta) - 1           (the k3 estimator, >= 0)
-grpo_loss() below implements it; each term is tagged there with its number.
+grpo_loss() below implements it; each term is tagged there with its number, (1) to (5).
 
 Where this departs from the paper (each is a deliberate, common choice):
  1. Outcome rewards only (no process supervision), computed by plain Python functions.
  2. Sampling is pure temperature sampling (no top-k/top-p), so the log-probs used in the
     ratio are exactly those of the distribution the answers were drawn from.
- 3. mu = 1 by default: one gradient step per rollout, so pi_old = pi_theta and rho = 1 in
-    value (its gradient is still the policy gradient); no extra pass computes old log-probs.
+ 3. pi_old is the policy that sampled: its log-probs of the sampled tokens come from the rollout,
+    so no extra pass computes them. With mu = 1 (the default) and fp32, rho = 1 in value (its
+    gradient is still the policy gradient); under bf16, rho also carries the sampler's rounding.
  4. --loss_type dapo / dr_grpo change only the normalization in (5) (DAPO, arXiv 2503.14476;
     Dr. GRPO, arXiv 2503.20783); --no-scale_rewards drops the std in A (Dr. GRPO).
  5. The reference model stays the initial model for the whole run (the paper's iterative
@@ -34,10 +35,16 @@ Where this departs from the paper (each is a deliberate, common choice):
  6. Completions cut off at --max_new_tokens are kept and trained on like the others; their
     share is logged as truncated_frac.
  7. Under --precision bf16 (the default on CUDA) completions are sampled by a bf16 copy of the
-    policy, while rho and the gradient come from bf16 autocast over the fp32 weights: the two
-    differ by rounding, logged as logp_mismatch (mean |log pi_sampler - log pi_theta| per token).
+    policy, while the trained log-probs come from bf16 autocast over the fp32 weights with an fp32
+    LM head. rho = pi_theta / pi_sampler is then the importance ratio that PPO's clip was made for:
+    the clip bounds the update where the two differ (logged as logp_mismatch, mean |log rho|).
  8. With --tools, tokens written by the environment (tool results) are context, not actions: they
     condition later tokens but are left out of every sum and count in J (see completion_mask).
+ 9. The k3 KL sits inside the loss, as in the paper: over tokens sampled from pi_theta its expected
+    gradient is that of KL(pi_ref || pi_theta), not KL(pi_theta || pi_ref) (README, the objective).
+
+A first reading can stop after main(): everything the algorithm does is above it. Below it is the
+machinery (tools, data, evaluation, setup, checkpoints, torchrun, logging, the command line).
 """
 
 import argparse
@@ -64,31 +71,7 @@ import torch
 import torch.distributed as dist
 import torch.utils.checkpoint
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, StaticCache
-
-
-def fail(message: str):
-    """Stop with one line on stderr (no traceback) and exit status 1."""
-    raise SystemExit(f"error: {message}")
-
-
-def first_line(e: Exception) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
-
-
-def looks_local(path: str) -> bool:
-    """A path the user meant as a local file or folder, not a hub id like 'org/name'."""
-    return path.startswith((".", "/", "~")) or path.count("/") > 1 or path.endswith((".jsonl", ".json", ".parquet"))
-
-
-def use_bf16(cfg, device) -> bool:
-    """--precision: auto is bf16 on CUDA and fp32 elsewhere (bf16 matmuls are slow on most CPUs)."""
-    return cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-
-
-def autocast(device, bf16: bool):
-    """bf16 compute over the fp32 master weights (and fp32 AdamW state), or plain fp32."""
-    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 
 # ----------------------------------------------------------------------------- Config
@@ -110,13 +93,12 @@ class Config:
     beta: float = 0.04  # beta: weight of the KL penalty; 0 loads no reference model
     clip_eps: float = 0.2  # epsilon: PPO-style clip range for the ratio
     clip_eps_high: float = -1.0  # epsilon_high: upper clip (DAPO's clip-higher); -1 = clip_eps
-    mu: int = 1  # mu: optimizer steps per rollout batch (old log-probs kept when > 1)
+    mu: int = 1  # mu: optimizer steps per rollout batch, all with pi_old = the policy that sampled
     loss_type: str = "grpo"  # normalization: grpo (paper), dapo (token mean), dr_grpo (constant)
     scale_rewards: bool = True  # divide advantages by the group's reward std (paper); off = Dr. GRPO
     micro_batch_size: int = 16  # completions per forward/backward (gradient accumulation); -1 = all
     gradient_checkpointing: bool = False  # recompute activations in backward to save memory
     precision: str = "auto"  # bf16 (bf16 compute and sampling over fp32 weights), fp32, or auto (bf16 on CUDA)
-    static_cache: bool = False  # static KV cache; on CUDA also torch.compile'd decoding with CUDA graphs (see README)
     tools: str = ""  # "calculator": the model may write <calc>EXPR</calc> mid-answer and read <result>; "" = off
     max_tool_calls: int = 4  # T: tool calls per completion; a call past T is answered with an error
     eval_size: int = 200  # test problems per evaluation (the first N); -1 = all; 0 = no evaluation
@@ -130,22 +112,6 @@ class Config:
     seed: int = 0  # seeds data order, sampling and everything else
     device: str = ""  # cpu, cuda, cuda:1, ...; "" = cuda if available
     trust_remote_code: bool = False  # let transformers run code shipped with the model (off: safer)
-
-
-def parse_config(argv: list[str] | None = None) -> Config:
-    """Every Config field becomes a --flag; its help text is the comment on its line above."""
-    helps = dict(re.findall(r"^    (\w+): \w+ = .*?  # (.*)$", inspect.getsource(Config), re.M))
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    for f in dataclasses.fields(Config):
-        if f.type is bool:  # --x / --no-x; argparse appends the default to the help
-            parser.add_argument(
-                f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default, help=helps[f.name]
-            )
-        else:
-            parser.add_argument(
-                f"--{f.name}", type=f.type, default=f.default, help=f"{helps[f.name]} (default: {f.default!r})"
-            )
-    return Config(**vars(parser.parse_args(argv)))
 
 
 # ----------------------------------------------------------------------------- Rewards (edit me)
@@ -165,7 +131,7 @@ EXAMPLE = ("What is 2 + 3 * 4?", "<reasoning>\n3 * 4 = 12, and 2 + 12 = 14.\n</r
 
 # One number as people write it: a sign (-, + or the unicode minus; not after a letter or digit, so
 # 5-18 is two numbers), digits with optional thousands commas (1,234 but not 12,34), a decimal part.
-# The leading lookahead only skips positions where no number can start: 4-9x faster on long text.
+# The leading lookahead skips positions where no number can start (fast on long text).
 NUMBER = re.compile(r"(?=[-+\u2212\d.])(?:(?<![\w.])[-+\u2212])?(?:(?:\d{1,3}(?:,\d{3}(?!\d))+|\d+)(?:\.\d+)?|\.\d+)")
 
 
@@ -200,19 +166,6 @@ def extract_answer(completion: str) -> str | None:
     end = completion.rfind("</answer>")
     start = completion.rfind("<answer>", 0, end) if end >= 0 else -1
     return completion[start + len("<answer>") : end].strip() if start >= 0 else None
-
-
-def parse_gsm8k_answer(solution: str) -> str:
-    """The gold number after the last '####' of a GSM8K solution, commas removed.
-
-    >>> parse_gsm8k_answer("3 + 4 = 7 apples\\n#### 1,007")
-    '1007'
-    """
-    head, sep, gold = solution.rpartition("####")
-    gold = gold.strip().replace(",", "")
-    if not sep or stated_number(gold) is None:
-        raise ValueError(f"no '#### <number>' at the end of {solution[-60:]!r}")
-    return gold
 
 
 def correctness_reward(completion: str, answer: str, **kwargs) -> float:
@@ -261,27 +214,17 @@ def int_answer_reward(completion: str, answer: str, **kwargs) -> float:
 
 
 def tag_count_reward(completion: str, answer: str, **kwargs) -> float:
-    """1/4 for each of the four tags used exactly once, minus a little for text after </answer>.
+    """1/4 for each of the four tags used exactly once, less 1/4 for any text after </answer>. In whole
+    quarters: advantages divide by the group's spread, so a difference of a hair (a character more or
+    less) would become as strong a signal as right against wrong.
 
-    >>> tag_count_reward("<reasoning>\\n</reasoning>\\n<answer>\\n</answer>", "1")
+    >>> tag_count_reward("<reasoning>\\n</reasoning>\\n<answer>\\n</answer>\\n", "1")
     1.0
     """
     score = sum(0.25 for tag in ("<reasoning>", "</reasoning>", "<answer>", "</answer>") if completion.count(tag) == 1)
     end = completion.rfind("</answer>")
-    trailing = len(completion) - end - len("</answer>") if end >= 0 else 0
-    return max(0.0, score - 0.001 * max(0, trailing - 1))
-
-
-def lenient_correctness(completion: str, answer: str) -> float:
-    """1 if the completion is correct (correctness_reward) or the last number anywhere in it is the
-    gold number (ignores the format). Never below correctness_reward, so lenient >= strict.
-
-    >>> lenient_correctness("so the total is 1,234 apples", "1234")
-    1.0
-    """
-    numbers = NUMBER.findall(completion)
-    last = number_value(numbers[-1]) if numbers else None
-    return max(correctness_reward(completion, answer), float(same_number(last, stated_number(answer))))
+    trailing = end >= 0 and completion[end + len("</answer>") :].strip() != ""
+    return max(0.0, score - 0.25 * trailing)
 
 
 # (function, weight): the reward of a completion is the weighted sum. Each function is logged
@@ -296,19 +239,562 @@ REWARD_FUNCS = [
 ]
 
 
-# ----------------------------------------------------------------------------- Tools
+# ----------------------------------------------------------------------------- GRPO: advantages, the objective, the step
+# Shapes: N prompts, G completions each, B = N*G, P prompt length, L completion length, V vocab.
+def group_advantages(rewards: torch.Tensor, group_size: int, scale_by_std: bool = True, eps: float = 1e-4):
+    """A_i = (r_i - mean(r_group)) / (std(r_group) + eps): each answer judged against its siblings.
+    rewards (B,) with each group's G completions contiguous; a group of equal rewards gives 0."""
+    r = rewards.view(-1, group_size)  # (N, G)
+    a = r - r.mean(1, keepdim=True)
+    if scale_by_std:
+        a = a / (r.std(1, keepdim=True) + eps)  # torch.std is unbiased (divides by G - 1)
+    return a.view(-1)  # (B,)
+
+
+# The loss is -J, with J per token t of completion i (A_i broadcast over the tokens):
+#   (1) rho_it  = exp(logp_it - old_logp_it)
+#   (2) surr_it = min(rho_it A_i, clip(rho_it, 1 - eps, 1 + eps_high) A_i)
+#   (3) KL_it   = exp(ref_logp_it - logp_it) - (ref_logp_it - logp_it) - 1
+#   (4) J_it    = surr_it - beta KL_it
+#   (5) J = grpo:    1/B sum_i (1/|o_i| sum_t J_it)      mean over completions of their token mean (paper)
+#           dapo:    sum_i sum_t J_it / sum_i |o_i|      mean over all tokens of the batch
+#           dr_grpo: sum_i sum_t J_it / (B max_tokens)   a constant normalizer: no length bias
+LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
+
+
+def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps=0.2, beta=0.04, loss_type="grpo",
+              max_tokens=None, clip_eps_high=None):  # fmt: skip
+    """The GRPO loss (-J above) and a dict of detached stats. logp/old_logp/ref_logp/mask (B, L),
+    advantages (B,); ref_logp may be None when beta == 0; max_tokens defaults to L (dr_grpo)."""
+    eps_high = clip_eps if clip_eps_high is None else clip_eps_high
+    A = advantages.unsqueeze(1)  # (B, 1)
+    ratio = torch.exp(logp - old_logp)  # (1)  (B, L)
+    clipped = torch.clamp(ratio, 1 - clip_eps, 1 + eps_high)  # (2)  (B, L)
+    surrogate = torch.min(ratio * A, clipped * A)  # (2)  (B, L)
+    if beta != 0:
+        kl = torch.exp(ref_logp - logp) - (ref_logp - logp) - 1  # (3)  (B, L)
+        per_token = surrogate - beta * kl  # (4)  (B, L)
+    else:
+        kl, per_token = torch.zeros_like(logp), surrogate  # (4) without the KL term
+    masked = per_token * mask  # (B, L)
+    if loss_type == "grpo":
+        J = (masked.sum(1) / mask.sum(1).clamp(min=1)).mean()  # (5)  scalar
+    elif loss_type == "dapo":
+        J = masked.sum() / mask.sum().clamp(min=1)  # (5)
+    elif loss_type == "dr_grpo":
+        J = masked.sum() / (mask.shape[0] * (max_tokens or mask.shape[1]))  # (5)
+    else:
+        raise ValueError(f"unknown loss_type {loss_type!r}: use one of {LOSS_TYPES}")
+    with torch.no_grad():
+        tokens = mask.sum().clamp(min=1)
+        is_clipped = ((ratio < 1 - clip_eps) & (A < 0)) | ((ratio > 1 + eps_high) & (A > 0))  # no gradient there
+        stats = {"kl": (kl * mask).sum() / tokens, "clip_frac": (is_clipped.float() * mask).sum() / tokens}
+    return -J, stats
+
+
+def grpo_step(policy, sampler, ref_model, tok, optimizer, rows: list[dict], cfg: Config, world: int = 1):
+    """One GRPO step on this rank's questions `rows`: rollout -> reward -> advantage -> reference
+    log-probs -> update. The rollout runs on `sampler`: the policy itself, or its bf16 copy.
+    Returns this rank's metric sums {name: [total, count]} (main averages them over ranks), whether
+    each of the mu updates was applied (False: skipped as non-finite), and the B = len(rows) * G
+    completions with their rewards (B,)."""
+    model = getattr(policy, "module", policy)  # the model inside DDP
+    device, G = next(model.parameters()).device, cfg.group_size
+    B = len(rows) * G  # completions on this rank
+    mb = B if cfg.micro_batch_size < 0 else min(cfg.micro_batch_size, B)
+
+    # --- 1. rollout: G samples per question from the current policy (pi_old)
+    prompt_ids, prompt_mask, completion_ids, lengths, ended, sample_logp, by_env, texts = generate(
+        sampler, tok, [r["question"] for r in rows], G, cfg.temperature, cfg, device
+    )  # (n, P), (n, P), (B, L), (B,), (B,), (B, L), (B, L), B strings; by_env: tool results
+
+    # --- 2. reward: the weighted sum of REWARD_FUNCS for each completion
+    group_rows = [r for r in rows for _ in range(G)]
+    rewards, per_fn = score(texts, group_rows, REWARD_FUNCS + (TOOL_REWARD_FUNCS if cfg.tools else []))  # (B,)
+
+    # --- 3. advantage: each completion judged against the others of its group
+    advantages = group_advantages(rewards, G, cfg.scale_rewards).to(device)  # (B,)
+
+    # --- 4. reference log-probs, one micro-batch at a time; pi_old is the sampler, whose log-probs
+    # of the sampled tokens the rollout already returned (sample_logp)
+    model.train()
+    args = (prompt_ids, prompt_mask, completion_ids, mb, cfg.temperature, use_bf16(cfg, device))
+    ref_logp = frozen_logprobs(ref_model, *args) if ref_model is not None else None
+
+    # --- 5. update: mu optimizer steps on this batch, each with rho = pi_theta / pi_old
+    sums = {"loss": [0.0, 0.0], "kl": [0.0, 0.0], "clip_frac": [0.0, 0.0], "grad_norm": [0.0, 0.0]}
+    applied = []
+    for i in range(cfg.mu):
+        optimizer.zero_grad(set_to_none=True)
+        stats = accumulate_gradients(policy, prompt_ids, prompt_mask, completion_ids, lengths, by_env, advantages,
+                                     sample_logp, ref_logp, cfg, mb, world, mismatch=i == 0)  # fmt: skip
+        ok, grad_norm = clip_and_step(model, optimizer, stats["loss"][0], cfg.max_grad_norm, world)
+        if ok:
+            refresh_sampler(sampler, model)  # the next rollout samples from the updated policy
+        applied.append(ok)
+        for k, v in {**stats, "grad_norm": [grad_norm, 1]}.items():
+            sums[k] = [sums.get(k, [0.0, 0.0])[0] + v[0], sums.get(k, [0.0, 0.0])[1] + v[1]]
+
+    # --- what to watch: this rank's sums (main averages them over ranks)
+    n = float(B)
+    sums["reward"] = [rewards.sum().item(), n]
+    sums["accuracy"] = [sum(correctness_reward(t, r["gold"]) for t, r in zip(texts, group_rows)), n]
+    sums["completion_len"] = [completion_mask(lengths, completion_ids.shape[1], by_env).sum().item(), n]  # sampled
+    sums["truncated_frac"] = [(~ended).sum().item(), n]
+    sums["frac_zero_std"] = [(rewards.view(-1, G).std(1) == 0).sum().item(), float(len(rows))]  # groups without signal
+    sums.update({f"reward/{k}": [sum(v), n] for k, v in per_fn.items()})
+    if cfg.tools:
+        calls, errors = tool_use(tok, completion_ids, lengths, by_env)
+        sums["tool_calls"], sums["tool_errors"] = [sum(calls), n], [sum(errors), sum(calls)]  # errors: share of calls
+    return sums, applied, texts, rewards
+
+
+def score(completions: list[str], rows: list[dict], funcs=None) -> tuple[torch.Tensor, dict[str, list[float]]]:
+    """Total rewards (B,) and each function's unweighted values; rows[i] is completion i's row.
+    funcs: (function, weight) pairs, REWARD_FUNCS by default."""
+    funcs = REWARD_FUNCS if funcs is None else funcs
+    per_fn = {fn.__name__: [] for fn, _ in funcs}
+    total = []
+    for c, row in zip(completions, rows):
+        extra = {k: v for k, v in row.items() if k not in ("answer", "gold")}  # e.g. question
+        r = 0.0
+        for fn, weight in funcs:
+            value = float(fn(c, row["gold"], **extra))
+            per_fn[fn.__name__].append(value)
+            r += weight * value
+        total.append(r)
+    return torch.tensor(total, dtype=torch.float32), per_fn
+
+
+def completion_mask(lengths: torch.Tensor, L: int, by_env: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, L) float mask, 1 for the first lengths[b] tokens of row b (its EOS included) that the model
+    sampled: tokens the environment wrote (by_env) are context, not actions, so no loss, KL or count."""
+    mask = torch.arange(L, device=lengths.device)[None, :] < lengths[:, None]
+    return (mask & ~by_env[:, :L]).float() if by_env is not None else mask.float()
+
+
+@torch.no_grad()
+def frozen_logprobs(model, prompt_ids, prompt_mask, completion_ids, micro_batch_size: int, temperature: float,
+                    bf16: bool = False):  # fmt: skip
+    """token_logprobs (B, L) of a model that is not being trained (pi_ref)."""
+    B, G = completion_ids.shape[0], completion_ids.shape[0] // prompt_ids.shape[0]
+    with autocast(prompt_ids.device, bf16):
+        return torch.cat(
+            [
+                token_logprobs(model, prompt_ids[p], prompt_mask[p], completion_ids[s], index, temperature)
+                for s, p, index in micro_batches(B, micro_batch_size, G, prompt_ids.device)
+            ]
+        )
+
+
+def accumulate_gradients(policy, prompt_ids, prompt_mask, completion_ids, lengths, by_env, advantages, old_logp,
+                         ref_logp, cfg: Config, micro_batch_size: int, world: int = 1,
+                         mismatch: bool = False) -> dict[str, list[float]]:  # fmt: skip
+    """Backward of the loss over the whole batch (B rows), micro_batch_size rows at a time.
+    prompt_ids/prompt_mask (N, P) hold each prompt once; completion b belongs to prompt b // G.
+    by_env (B, L): tokens the environment wrote (tools), or None; they condition the log-probs but
+    are not in the mask, so no loss, KL, clip fraction or token count comes from them.
+    old_logp (B, L): log pi_old, the sampler's log-probs of the tokens it sampled.
+
+    Each micro-batch's loss is weighted by its share of the full batch's normalizer (5), so the
+    accumulated gradient equals the full-batch gradient exactly. Under DDP gradients are averaged
+    over ranks, so dapo's token share is taken of the global token count times the world size.
+    Returns {"loss": [value, 1], "kl"/"clip_frac": [token-weighted sum, tokens]} for the metrics, and
+    with mismatch, "logp_mismatch": the summed |old_logp - logp| (|log rho| before any update: the
+    sampler and the trained policy do not compute identically).
+    """
+    B = completion_ids.shape[0]
+    mask = completion_mask(lengths, completion_ids.shape[1], by_env)  # (B, L): the model's own tokens
+    total_tokens = mask.sum()
+    if world > 1 and cfg.loss_type == "dapo":
+        dist.all_reduce(total_tokens)  # dapo normalizes by the tokens of the whole global batch
+    slices = micro_batches(B, micro_batch_size, B // prompt_ids.shape[0], prompt_ids.device)
+    out = {"loss": [0.0, 1.0], "kl": [0.0, 0.0], "clip_frac": [0.0, 0.0]} | (
+        {"logp_mismatch": [0.0, 0.0]} if mismatch else {}
+    )
+    bf16 = use_bf16(cfg, prompt_ids.device)
+    eps_high = None if cfg.clip_eps_high < 0 else cfg.clip_eps_high
+    for j, (s, p, index) in enumerate(slices):
+        Lm = int(lengths[s].max())  # trim this micro-batch to its longest completion
+        m = mask[s, :Lm]  # (mb, Lm)
+        last = j == len(slices) - 1
+        with (
+            policy.no_sync() if world > 1 and not last else contextlib.nullcontext(),
+            autocast(prompt_ids.device, bf16),
+        ):
+            logp = token_logprobs(policy, prompt_ids[p], prompt_mask[p], completion_ids[s, :Lm], index, cfg.temperature)
+            # a token the model did not sample (the environment's, or past the end) has no pi_old: rho = 1 there, so
+            # exp() of a log-prob that was never sampled cannot overflow into the masked sum as inf * 0 = NaN
+            old = torch.where(m.bool(), old_logp[s, :Lm], logp.detach())
+            ref = None if ref_logp is None else ref_logp[s, :Lm]
+            loss, stats = grpo_loss(logp, old, ref, advantages[s], m, cfg.clip_eps, cfg.beta, cfg.loss_type,
+                                    cfg.max_new_tokens, eps_high)  # fmt: skip
+            share = mask[s].sum() * world / total_tokens if cfg.loss_type == "dapo" else (s.stop - s.start) / B
+            (loss * share).backward()
+        tokens = mask[s].sum().item()
+        out["loss"][0] += float(loss.item() * share)
+        for k in ("kl", "clip_frac"):
+            out[k][0] += stats[k].item() * tokens
+            out[k][1] += tokens
+        if mismatch:
+            gap = ((old - logp.detach()).abs() * m).sum().item()
+            out["logp_mismatch"] = [out["logp_mismatch"][0] + gap, out["logp_mismatch"][1] + tokens]
+    return out
+
+
+def clip_and_step(model, optimizer, loss: float, max_grad_norm: float, world: int) -> tuple[bool, float]:
+    """Clip the accumulated gradient and take the optimizer step, unless the loss or the gradient is
+    not finite on some rank: that update would corrupt the weights, so every rank skips it alike.
+    Returns (whether the update was applied, the gradient norm before clipping)."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    finite = torch.tensor(float(math.isfinite(loss) and bool(torch.isfinite(grad_norm))), device=grad_norm.device)
+    if world > 1:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # every rank takes the same decision
+    if finite.item() == 1.0:
+        optimizer.step()
+    else:
+        optimizer.zero_grad(set_to_none=True)
+    return finite.item() == 1.0, grad_norm.item()
+
+
+# ----------------------------------------------------------------------------- Sampling and log-probs
+def generate(sampler, tok, questions: list[str], group_size: int, temperature: float, cfg: Config, device):
+    """Prompt ids/mask (N, P), completion ids (B, L), lengths (B,), ended (B,), sample_logp (B, L),
+    by_env (B, L) and texts for the questions. sampler: the policy itself (fp32), or its bf16 copy
+    (--precision bf16). With --tools the calculator answers calls inside the rollout."""
+    prompts = [build_prompt(tok, q, tools=bool(cfg.tools)) for q in questions]
+    prompt_ids, prompt_mask = tokenize_prompts(tok, prompts, device)
+    env = calculator_env(tok, cfg.max_tool_calls) if cfg.tools else None
+    sampler.eval()  # no dropout, and no activation checkpointing (it would drop the KV cache)
+    out = rollout(sampler, prompt_ids, prompt_mask, group_size, cfg.max_new_tokens, temperature,
+                  eos_ids(sampler, tok), tok.pad_token_id, env=env)  # fmt: skip
+    return prompt_ids, prompt_mask, *out, decode(tok, out[0], out[1])
+
+
+def build_prompt(tok, question: str, tools: bool = False) -> str:
+    """The chat prompt for one question (the model's own chat template when it has one). With tools,
+    the system prompt says how to call the calculator and the worked example calls it."""
+    system, shot = (SYSTEM_PROMPT + TOOL_PROMPT, TOOL_EXAMPLE) if tools else (SYSTEM_PROMPT, EXAMPLE)
+    shots = [{"role": "user", "content": shot[0]}, {"role": "assistant", "content": shot[1]}] if shot else []
+    messages = [{"role": "system", "content": system}, *shots, {"role": "user", "content": question}]
+    if tok.chat_template is None:  # a base model: plain text
+        example = f"Question: {shot[0]}\nAnswer:\n{shot[1]}\n\n" if shot else ""
+        return f"{system}\n\n{example}Question: {question}\nAnswer:\n"
+    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def tokenize_prompts(tok, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded prompt ids and attention mask (N, P): generation continues from the right edge."""
+    batch = tok(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+    return batch["input_ids"].to(device), batch["attention_mask"].to(device)
+
+
+@torch.no_grad()
+def rollout(model, prompt_ids, prompt_mask, group_size, max_new_tokens, temperature, eos, pad_id, ignore_eos=False,
+            env=None):  # fmt: skip
+    """Sample group_size completions for each prompt (temperature 0 = greedy).
+
+    prompt_ids, prompt_mask: (N, P) left-padded prompts. The prompt is prefilled once and its
+    KV cache shared by its G samples, instead of running the same prompt through the model G times.
+    Returns completion ids (B, L) with B = N*G (row b belongs to prompt b // G), lengths (B,)
+    counting the EOS that ended a completion, ended (B,), False for cut-off completions, and
+    sample_logp (B, L): the log-prob under `model` at `temperature` of each sampled token, and
+    by_env (B, L): True for tokens that the environment wrote (tool results), all False without env.
+    Tokens after a completion's end are pad_id and must be masked by length, not by value.
+    The model computes in its own dtype (run it outside autocast): a bf16 model keeps a bf16 cache.
+    """
+    n, P = prompt_ids.shape
+    B, dev = n * group_size, prompt_ids.device
+    row_prompt = torch.arange(B, device=dev) // group_size  # (B,) the prompt of each row
+    # --- prefill: each prompt once; its KV cache is then repeated for its G rows
+    position = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)  # (n, P): left padding shifts positions
+    cache = DynamicCache(config=model.config)
+    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position, cache=cache, use_cache=True,
+                logits_to_keep=1)  # fmt: skip
+    check_cache_filled(cache, P)
+    logits = out.logits[:, -1].float()[row_prompt]  # (B, V)
+    cache.batch_select_indices(row_prompt)  # (n, ...) -> (B, ...)
+    keep = torch.cat([prompt_mask.bool()[row_prompt], prompt_mask.new_ones(B, max_new_tokens, dtype=torch.bool)], 1)
+    next_position = position[row_prompt, -1:] + 1  # (B, 1)
+    tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=dev)
+    sample_logp = torch.zeros(B, max_new_tokens, device=dev)
+    lengths = torch.full((B,), max_new_tokens, dtype=torch.long, device=dev)
+    ended = torch.zeros(B, dtype=torch.bool, device=dev)
+    by_env = torch.zeros(B, max_new_tokens, dtype=torch.bool, device=dev)
+    turns = {"ids": [[] for _ in range(B)], "queue": [[] for _ in range(B)], "calls": [0] * B, "eos": set(eos)}
+    eos = torch.tensor(eos, device=dev)
+    # --- decode: one token per row per step. No line here waits for the GPU except the "all ended?"
+    # check every 8 tokens, so the CPU queues kernels ahead of the GPU.
+    for t in range(max_new_tokens):
+        token, sample_logp[:, t] = sample(logits, temperature)
+        if env is not None:  # tools: the environment may write this step's token instead of the model
+            token, by_env[:, t] = environment_turn(env, token, ended, turns)
+        tokens[:, t] = torch.where(ended, pad_id, token)
+        if not ignore_eos:
+            new_end = ~ended & ~by_env[:, t] & torch.isin(token, eos)  # only the model ends its completion
+            lengths = torch.where(new_end, t + 1, lengths)  # the EOS itself is part of the completion
+            ended = ended | new_end
+            if t % 8 == 7 and bool(ended.all()):  # the one host sync; tokens past the end are cut by length
+                break
+        if t == max_new_tokens - 1:
+            break
+        # token t sits at slot P + t and may see the prompt (less its padding) and the tokens so far
+        mask = attention_mask_4d(keep[:, : P + t + 1], model)
+        out = model(input_ids=tokens[:, t : t + 1], attention_mask=mask, position_ids=next_position, cache=cache,
+                    use_cache=True)  # fmt: skip
+        logits = out.logits[:, -1].float()  # (B, V)
+        next_position = next_position + 1
+    L = max_new_tokens if ignore_eos else int(lengths.max())
+    return tokens[:, :L], lengths, ended, sample_logp[:, :L], by_env[:, :L]
+
+
+def check_cache_filled(cache, P: int) -> None:
+    """A model's forward ignores keywords it does not know: if transformers renames `cache` again, the
+    cache stays empty and every decode step would see only itself. Stop instead of training on that."""
+    if cache.get_seq_length() != P:
+        fail(f"the model did not fill its KV cache ({cache.get_seq_length()} of {P} positions): this transformers "
+             f"version passes the cache under another name; install the version in requirements.txt")  # fmt: skip
+
+
+def sample(logits: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token per row from softmax(logits / T) (argmax when T = 0), and its log-prob: (R,), (R,).
+    argmax(p / q) with q ~ Exponential(1) is an exact draw from p (the smallest of independent
+    Exponential(p_i) clocks rings first, at index i with probability p_i), and unlike
+    torch.multinomial it never waits for the GPU."""
+    logp = torch.log_softmax(logits.float() / (temperature or 1.0), -1)  # (R, V)
+    if temperature > 0:
+        q = torch.empty_like(logp).exponential_().clamp_(min=torch.finfo(logp.dtype).tiny)  # no 0/0
+        token = (logp.exp() / q).argmax(-1)
+    else:
+        token = logits.argmax(-1)
+    return token, logp.gather(-1, token[:, None]).squeeze(1)
+
+
+def attention_mask_4d(keep: torch.Tensor, model) -> torch.Tensor:
+    """keep (R, K) bool, True where a query may attend -> the 4-D mask (R, 1, 1, K) that the attention
+    kernels take as is. Passing a 2-D mask instead makes transformers rebuild the 4-D one at every
+    step and ask the GPU whether there is any padding (a host sync per token)."""
+    if model.config._attn_implementation == "eager":  # eager attention adds the mask to the scores
+        return torch.zeros(keep.shape, dtype=model.dtype, device=keep.device).masked_fill(~keep, -1e9)[:, None, None]
+    return keep[:, None, None]  # sdpa and flex: True = attend
+
+
+def eos_ids(model, tok) -> list[int]:
+    """Every token id that ends a completion (chat models often have several)."""
+    ids = model.generation_config.eos_token_id if model.generation_config is not None else None
+    ids = [ids] if isinstance(ids, int) else list(ids or [])
+    return sorted(set(ids + [tok.eos_token_id]) - {None})
+
+
+def decode(tok, completion_ids: torch.Tensor, lengths: torch.Tensor) -> list[str]:
+    """The text of each completion: its first lengths[b] tokens, special tokens (EOS) dropped."""
+    return [tok.decode(ids[:n], skip_special_tokens=True) for ids, n in zip(completion_ids.tolist(), lengths.tolist())]
+
+
+def bf16_copy(model):
+    """A frozen copy whose parameters are bf16 (half the memory, and bf16 compute with no autocast).
+    Buffers such as the rotary inv_freq stay fp32: in bf16 they would be off by up to ~0.5 rad at
+    position 600 for rope theta 1e6."""
+    twin = copy.deepcopy(model).requires_grad_(False).eval()
+    for p in twin.parameters():  # tied weights are one Parameter: converted once, still tied
+        p.data = p.data.to(torch.bfloat16)
+    return twin
+
+
+def refresh_sampler(sampler, model) -> None:
+    """After an optimizer step: copy the fp32 weights into the bf16 sampler, one fused foreach copy."""
+    if sampler is not model:
+        with torch.no_grad():
+            torch._foreach_copy_(list(sampler.parameters()), list(model.parameters()))
+
+
+def token_logprobs(model, prompt_ids, prompt_mask, completion_ids, prompt_index, temperature: float,
+                   chunk: int = 1024) -> torch.Tensor:  # fmt: skip
+    """log pi(o_t | q, o_<t) for every completion token: (B, L), fp32.
+
+    prompt_ids, prompt_mask (N, P): the distinct prompts; completion_ids (B, L); prompt_index (B,):
+    the prompt row of each completion. Each prompt runs through the model once and its KV cache is
+    shared by its completions (G of them), as in the rollout, so the prompt is not recomputed G times;
+    gradients flow through the shared cache. The model returns hidden states, not logits, and
+    head_logprobs projects them with the fp32 LM head a chunk at a time: no (B, L, V) tensor exists.
+    """
+    B, L = completion_ids.shape
+    inner = getattr(model, "module", model)  # the model inside DDP: only the last forward goes through DDP
+    position = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)  # (N, P)
+    mask = torch.cat([prompt_mask[prompt_index], prompt_mask.new_ones(B, L)], 1)  # (B, P + L); past-the-end: loss mask
+    if inner.is_activation_checkpointing and inner.training:  # checkpointed layers drop the KV cache: no sharing
+        ids = torch.cat([prompt_ids[prompt_index], completion_ids], 1)  # (B, P + L)
+        position = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        hidden = final_hidden(model, inner, input_ids=ids, attention_mask=mask, position_ids=position, use_cache=False)
+        return head_logprobs(inner, hidden[:, -L - 1 : -1], completion_ids, temperature, chunk)  # P-1+t predicts t
+    cache = DynamicCache(config=inner.config)
+    first = final_hidden(inner, inner, input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position,
+                         cache=cache, use_cache=True)[:, -1:]  # fmt: skip  # (N, 1, H): predicts completion token 0
+    check_cache_filled(cache, prompt_ids.shape[1])
+    cache.batch_select_indices(prompt_index)  # (N, ..) -> (B, ..), differentiable
+    completion_position = position[prompt_index, -1:] + 1 + torch.arange(L, device=position.device)  # (B, L)
+    rest = final_hidden(model, inner, input_ids=completion_ids, attention_mask=mask, position_ids=completion_position,
+                        cache=cache, use_cache=True)[:, :-1]  # fmt: skip  # (B, L - 1, H): token t predicts t + 1
+    hidden = torch.cat([first[prompt_index], rest], 1)  # (B, L, H): hidden[:, t] predicts completion token t
+    return head_logprobs(inner, hidden, completion_ids, temperature, chunk)
+
+
+def final_hidden(model, inner, **inputs) -> torch.Tensor:
+    """The last hidden states (.., T, H) of a forward of `model` (through DDP when wrapped, so that
+    gradients are averaged), read by a hook on the base model; the head is asked for no position."""
+    seen = []
+    hook = inner.base_model.register_forward_hook(lambda module, args, out: seen.append(out.last_hidden_state))
+    try:
+        model(**inputs, logits_to_keep=torch.empty(0, dtype=torch.long, device=inputs["input_ids"].device))
+    finally:
+        hook.remove()
+    return seen[0]
+
+
+def head_logprobs(inner, hidden: torch.Tensor, ids: torch.Tensor, temperature: float, chunk: int) -> torch.Tensor:
+    """log softmax(h W^T / T)[id] for hidden (B, L, H) and ids (B, L), with the fp32 LM head weight W and
+    autocast off: a bf16 head rounds logits near 20 to steps of 0.125, up to 0.06 nats in every
+    log-prob. `chunk` tokens at a time, each recomputed in backward instead of stored, so the largest
+    tensor is (chunk, V), whatever the batch. Returns (B, L) fp32."""
+    head = inner.get_output_embeddings()  # tied to the input embeddings in many models: the same Parameter
+    weight = head.weight.float()  # (V, H): the master weight itself when fp32; one copy for a bf16 model
+    bias = head.bias.float() if head.bias is not None else None
+    flat_h, flat_ids = hidden.flatten(0, 1), ids.flatten()  # (B*L, H), (B*L,)
+    parts = []
+    for h, i in zip(flat_h.split(chunk), flat_ids.split(chunk)):  # split: backward concatenates the chunks once
+        args = (h, i, weight, bias, temperature)
+        if torch.is_grad_enabled():
+            parts.append(torch.utils.checkpoint.checkpoint(selective_logprobs, *args, use_reentrant=False))
+        else:
+            parts.append(selective_logprobs(*args))
+    return torch.cat(parts).view(ids.shape)
+
+
+def selective_logprobs(h, ids, weight, bias, temperature: float) -> torch.Tensor:
+    """log softmax((h W^T + b) / T)[id] in fp32 for one chunk: h (n, H), ids (n,) -> (n,)."""
+    with torch.autocast(h.device.type, enabled=False):
+        logits = torch.nn.functional.linear(h.float(), weight, bias) / temperature  # (n, V) fp32
+        return logits.gather(-1, ids[:, None]).squeeze(-1) - logits.logsumexp(-1)
+
+
+def micro_batches(B: int, size: int, group_size: int, device) -> list[tuple[slice, slice, torch.Tensor]]:
+    """Rows [i, i + size) of the batch, the prompt rows they use, and each row's index into those."""
+    out = []
+    for i in range(0, B, size):
+        rows = slice(i, min(i + size, B))
+        prompts = slice(rows.start // group_size, (rows.stop - 1) // group_size + 1)
+        index = torch.arange(rows.start, rows.stop, device=device) // group_size - prompts.start
+        out.append((rows, prompts, index))
+    return out
+
+
+# ----------------------------------------------------------------------------- Training loop
+def main(cfg: Config, on_step=None) -> None:
+    """Train (or with --eval_only, evaluate). on_step(step, model, metrics, sums) is an optional hook
+    called on every rank after every step, sums being this rank's {name: [total, count]} (for tests)."""
+    check_config(cfg)
+    train_rows, test_rows = load_data(cfg)  # the user's data first: wrong columns or answers stop here
+    rank, world, device = setup_distributed(cfg)
+    if cfg.prompts_per_step % world:
+        fail(
+            f"--prompts_per_step {cfg.prompts_per_step} does not divide over {world} processes: use a multiple of {world}"
+        )
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    log = print if rank == 0 else (lambda *a, **k: None)
+    bf16 = use_bf16(cfg, device)
+    dtype = "bf16 compute over fp32 weights, bf16 sampler" if bf16 else "fp32"
+    log(f"device {device} | dtype {dtype} | ranks {world}")
+
+    resume_from, state = read_checkpoint(cfg)
+    model, tok = load_model(resume_from or cfg.model, cfg, device)
+    sampler = bf16_copy(model) if bf16 else model  # rollouts read bf16 weights once per token, keep a bf16 cache
+    if cfg.eval_only:
+        metrics = evaluate(sampler, tok, test_rows, cfg, 0, device, rank, world) if test_rows else {}
+        log(" | ".join(f"{k} {v:.3f}" for k, v in metrics.items()) + f" | {len(test_rows)} problems")
+        if rank == 0:
+            write_metrics(cfg, {"step": 0, **metrics})
+        if world > 1:
+            end_distributed()
+        return
+
+    policy, ref_model, optimizer, scheduler = setup_training(model, cfg, resume_from, world, device, bf16)
+    start_step, skipped = resume_state(state, optimizer, scheduler, cfg, rank)
+    if resume_from:
+        log(f"resumed from {resume_from} at step {start_step} of {cfg.steps}")
+    elif test_rows:
+        metrics = evaluate(sampler, tok, test_rows, cfg, 0, device, rank, world)
+        log("eval step 0 | " + " | ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+        if rank == 0:
+            write_metrics(cfg, {"step": 0, **metrics})
+
+    n_local, bad_in_a_row = cfg.prompts_per_step // world, 0  # prompts per rank
+    bar = tqdm(range(start_step + 1, cfg.steps + 1), initial=start_step, total=cfg.steps, disable=rank != 0,
+               desc="grpo", dynamic_ncols=True)  # fmt: skip
+    for step in bar:
+        t0 = time.time()
+        seed_everything(cfg.seed, rank, step)  # a resumed run needs no saved random state; ranks sample apart
+        first = (step - 1) * cfg.prompts_per_step + rank * n_local  # this rank's share of the step's prompts
+        rows = [train_rows[i] for i in prompt_indices(len(train_rows), first, n_local, cfg.seed)]
+        lr = scheduler.get_last_lr()[0]  # the rate this step's updates use (logged before the schedule moves)
+        try:
+            sums, applied, texts, rewards = grpo_step(policy, sampler, ref_model, tok, optimizer, rows, cfg, world)
+        except torch.OutOfMemoryError:
+            fail(f"out of GPU memory at step {step}: lower --micro_batch_size (now {cfg.micro_batch_size}), add "
+                 f"--gradient_checkpointing or lower --max_new_tokens; the checkpoint in {cfg.output_dir} is intact")  # fmt: skip
+        if any(applied):  # the schedule counts applied updates: warmup starts at the first real one
+            scheduler.step()
+        skipped += applied.count(False)
+        bad_in_a_row = check_skipped(applied, bad_in_a_row, skipped, step, cfg, log)
+        sums["skipped_updates"] = [float(skipped), 1.0]
+        metrics = reduce_metrics(sums, world, device)  # count-weighted means over all ranks
+        step_time = time.time() - t0
+        tokens_per_s = metrics["completion_len"] * len(texts) * world / step_time  # completion tokens, all ranks
+        metrics.update(step=step, lr=lr, step_time=step_time, tokens_per_s=tokens_per_s)
+        if test_rows and (step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0)):
+            metrics.update(evaluate(sampler, tok, test_rows, cfg, step, device, rank, world))
+        if rank == 0:
+            log_step(bar, metrics, cfg, bf16, rows[0]["question"], texts, rewards)
+        if on_step is not None:
+            on_step(step, model, metrics, sums)
+        if cfg.save_every and (step % cfg.save_every == 0 or step == cfg.steps):  # the last step too: runs get extended
+            save_checkpoint(cfg, model, tok, optimizer, scheduler, step, skipped, rank)
+    bar.close()
+    if rank == 0:
+        save_atomically(os.path.join(cfg.output_dir, "final"), model, tok)
+        plot_metrics(cfg.output_dir)
+        log(f"saved {os.path.join(cfg.output_dir, 'final')} (AutoModelForCausalLM.from_pretrained loads it)")
+    if world > 1:
+        end_distributed()
+
+
+# ============================================================================= END OF THE ALGORITHM
+# Everything below is machinery a first reading can skip: tools, data, evaluation, setup, checkpoints,
+# torchrun, logging and the command line.
+
+
+# ----------------------------------------------------------------------------- Tools (off by default): the calculator, its environment, its reward
 # The model may write <calc>EXPRESSION</calc> mid-answer; the environment appends <result>VALUE</result>.
 TOOL_CALL = ("<calc>", "</calc>")
+
 TOOL_RESULT = ("<result>", "</result>")
+
 TOOL_PROMPT = "\nYou have a calculator: write <calc>expression</calc> and its result appears as <result>value</result>."
+
 TOOL_EXAMPLE = ("What is 2 + 3 * 4?", "<reasoning>\n3 * 4 = <calc>3 * 4</calc><result>12</result>, and 2 + 12 = "
                 "<calc>2 + 12</calc><result>14</result>.\n</reasoning>\n<answer>\n14\n</answer>")  # fmt: skip
+
 CALC_MAX_CHARS = 200  # checked before parsing, so parse time and the number of AST nodes are bounded
+
 CALC_MAX_DEPTH = 100  # nesting of the tree, bounds the recursion (1+1+...+1 in 200 characters fits)
+
 CALC_MAX_ABS = 10**30  # every intermediate value; keeps each operation on small numbers
+
 CALC_BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
                ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}  # fmt: skip
+
 CALC_UNARY = {ast.UAdd: operator.pos, ast.USub: operator.neg}
+
+PLAIN_NUMBER = re.compile(r"\d+(\.\d*)?|\.\d+")  # what a written number may look like: the value it has
 CALC_SIGNS = str.maketrans({"\N{MULTIPLICATION SIGN}": "*", "\N{DIVISION SIGN}": "/", "\N{MINUS SIGN}": "-"})
 
 
@@ -331,6 +817,8 @@ def calculator(expression: str) -> str:
         if depth > CALC_MAX_DEPTH:
             raise ValueError("too deeply nested")
         if isinstance(node, ast.Constant) and type(node.value) in (int, float):  # not bool, str, complex
+            if not PLAIN_NUMBER.fullmatch(ast.get_source_segment(text, node) or ""):  # 1_200, 12e2, 0x4B0
+                raise ValueError("write numbers as plain decimals, like 1200 or 0.5")
             x = node.value
         elif isinstance(node, ast.UnaryOp) and type(node.op) in CALC_UNARY:
             x = CALC_UNARY[type(node.op)](walk(node.operand, depth + 1))
@@ -382,29 +870,38 @@ def tool_response(text: str) -> str | None:
     return f"{result_open}{calculator(text[start + len(open_tag) : end])}{result_close}" if start >= 0 else None
 
 
-def tool_reward(completion: str, answer: str, **kwargs) -> float:
-    """1 if the number in <answer> is a result the calculator really returned in this completion for
-    a call that computed it: partial credit for grounding the answer in a call. A result that is
-    one of the numbers written in the call pays nothing (<calc>1200</calc>, <calc>1200*1</calc>):
-    copying a number through the tool does no arithmetic. It pays at most 1 however many calls
-    there are (spamming cannot pay), and each result is recomputed, so a <result> the model typed
-    itself pays only if it is what the calculator says. Looks at the first 16 calls (bounded time).
+def tool_reward(completion: str, answer: str, question: str = "", **kwargs) -> float:
+    """1 for a right answer (correctness_reward) that is the result the calculator really returned for
+    a call in this completion that did arithmetic on numbers it did not invent: every number written in
+    the call is in the question or is an earlier call's result, and the call has an operator with two
+    operands. A bonus for grounding a right answer in a real computation, never for calling:
+    <calc>1200</calc>, <calc>-(-1200)</calc> and <calc>1199+1</calc> pay nothing for a guessed 1200.
+    Each result is recomputed, so a <result> the model typed pays only if it is the calculator's.
+    It pays at most 1, and looks at the first 16 calls (bounded time).
 
-    >>> tool_reward("<calc>6 * 7</calc><result>42</result> <answer>42</answer>", "0")
+    >>> tool_reward("<calc>6 * 7</calc><result>42</result> <answer>42</answer>", "42", question="6 boxes of 7")
     1.0
-    >>> tool_reward("<calc>42</calc><result>42</result> <answer>42</answer>", "0")
+    >>> tool_reward("<calc>41 + 1</calc><result>42</result> <answer>42</answer>", "42", question="6 boxes of 7")
     0.0
     """
+    if not correctness_reward(completion, answer):
+        return 0.0
     stated = stated_number(extract_answer(completion) or "")
+    known = [number_value(n) for n in NUMBER.findall(question)]  # numbers the model may compute with
     for chunk in completion.split(TOOL_CALL[0])[1:17]:  # the text after each <calc>
         expression, closed, rest = chunk.partition(TOOL_CALL[1])
-        if closed and rest.startswith(TOOL_RESULT[0]):
-            result = rest[len(TOOL_RESULT[0]) :].partition(TOOL_RESULT[1])[0]
-            value = stated_number(result)
-            if result == calculator(expression) and same_number(value, stated):
-                written = NUMBER.findall(expression)  # short: the calculator accepted it
-                if not any(same_number(value, number_value(n)) for n in written):
-                    return 1.0
+        result = rest[len(TOOL_RESULT[0]) :].partition(TOOL_RESULT[1])[0] if rest.startswith(TOOL_RESULT[0]) else ""
+        if not closed or result != calculator(expression) or result.startswith("error"):
+            continue  # no call, a result the calculator did not return, or a failed call
+        value = number_value(result)
+        written = [abs(number_value(n)) for n in NUMBER.findall(expression)]  # a sign is arithmetic, not a number
+        tree = ast.parse(" ".join(expression.translate(CALC_SIGNS).split()), mode="eval")  # the calculator took it
+        computes = any(isinstance(node, ast.BinOp) for node in ast.walk(tree))  # not just a (signed) number
+        copied = any(same_number(abs(value), w) for w in written)  # 1200 * 1 computes nothing new
+        grounded = all(any(same_number(w, abs(k)) for k in known) for w in written)
+        if computes and not copied and grounded and same_number(value, stated):
+            return 1.0
+        known.append(value)  # a later call may compute with this result
     return 0.0
 
 
@@ -431,206 +928,12 @@ def calculator_env(tok, max_calls: int):
         reply = tool_response(text[:end])
         if reply is not None and calls >= max_calls:  # past the cap: an answer that says so, not silence
             reply = f"{TOOL_RESULT[0]}error: no calls left, at most {max_calls}{TOOL_RESULT[1]}"
-        # A token can run past the tag: '><' is one token in many vocabularies, so the model may already
-        # have written the start of the reply; the environment then writes only the rest.
+        # '><' is one token in many vocabularies: the model may have begun the reply, write only the rest
         tail = text[end:]
         reply = reply[len(tail) :] if reply is not None and reply.startswith(tail) else reply
         return tok(reply, add_special_tokens=False).input_ids if reply else None
 
     return step
-
-
-# ----------------------------------------------------------------------------- Data
-def load_rows(cfg: Config, split: str) -> list[dict]:
-    """Rows of one split with a parsed 'gold' answer. Local file/folder or a hub dataset."""
-    import datasets  # imported here: it is slow to import and only needed when loading data
-
-    path, kinds = os.path.expanduser(cfg.dataset), {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-    if os.path.isdir(path):
-        files = sorted(f for f in os.listdir(path) if os.path.splitext(f)[1] in kinds and f.startswith(split))
-        if not files:
-            fail(f"no {split}.jsonl/.json/.parquet in folder {path}: add one, or pass another --dataset")
-        files = [os.path.join(path, f) for f in files]
-    elif os.path.isfile(path):
-        if split != "train":
-            fail(f"dataset file {path} has no {split} split: pass a folder with train and test files, or --eval_size 0")
-        files = [path]
-    elif looks_local(path):
-        fail(f"dataset path {path} does not exist: pass an existing file or folder, or a hub id like openai/gsm8k")
-    else:
-        files = None
-    try:
-        if files:
-            kind = kinds[os.path.splitext(files[0])[1]]
-            ds = datasets.load_dataset(kind, data_files=files, split="train")
-        else:
-            ds = datasets.load_dataset(path, cfg.dataset_config or None, split=split)
-    except Exception as e:  # offline hub, bad file, unknown split: one line, not a traceback
-        fail(
-            f"could not load dataset {cfg.dataset!r} ({split}): {first_line(e)}. Check the path or hub id and your network, or use a local file"
-        )
-    missing = {"question", "answer"} - set(ds.column_names)
-    if missing:
-        fail(
-            f"dataset {cfg.dataset} lacks column(s) {sorted(missing)}; it has {ds.column_names}. Rename them to question/answer"
-        )
-    rows, bad = [], 0
-    for row in ds:
-        try:
-            rows.append({**row, "gold": parse_gsm8k_answer(str(row["answer"]))})
-        except ValueError:
-            bad += 1
-    if not rows:
-        fail(f"none of the {bad} answers in {cfg.dataset} ({split}) ends in '#### <number>': fix the answer column")
-    if bad:
-        print(f"skipped {bad} of {bad + len(rows)} {split} rows whose answer has no '#### <number>'", file=sys.stderr)
-    return rows
-
-
-def load_data(cfg: Config) -> tuple[list[dict], list[dict]]:
-    """The train rows (none with --eval_only) and the first --eval_size test rows. A single data
-    file is all training data, so evaluation is off; with --eval_only the file is what is evaluated."""
-    one_file = os.path.isfile(os.path.expanduser(cfg.dataset))
-    train_rows = [] if cfg.eval_only else load_rows(cfg, "train")
-    if cfg.eval_size == 0:
-        return train_rows, []
-    if one_file and not cfg.eval_only:
-        print(f"evaluation off: {cfg.dataset} is one file, all of it for training; to evaluate, pass --dataset "
-              f"a folder with train and test files (train.jsonl and test.jsonl)", file=sys.stderr)  # fmt: skip
-        return train_rows, []
-    test_rows = load_rows(cfg, "train" if one_file else "test")  # a single file's rows are its only split
-    return train_rows, test_rows[: cfg.eval_size] if cfg.eval_size > 0 else test_rows
-
-
-def build_prompt(tok, question: str, tools: bool = False) -> str:
-    """The chat prompt for one question (the model's own chat template when it has one). With tools,
-    the system prompt says how to call the calculator and the worked example calls it."""
-    system, shot = (SYSTEM_PROMPT + TOOL_PROMPT, TOOL_EXAMPLE) if tools else (SYSTEM_PROMPT, EXAMPLE)
-    shots = [{"role": "user", "content": shot[0]}, {"role": "assistant", "content": shot[1]}] if shot else []
-    messages = [{"role": "system", "content": system}, *shots, {"role": "user", "content": question}]
-    if tok.chat_template is None:  # a base model: plain text
-        example = f"Question: {shot[0]}\nAnswer:\n{shot[1]}\n\n" if shot else ""
-        return f"{system}\n\n{example}Question: {question}\nAnswer:\n"
-    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-
-def prompt_indices(n: int, start: int, count: int, seed: int) -> list[int]:
-    """Row indices start..start+count of an endless stream of seeded shuffles of range(n).
-    The stream is a pure function of the position, so resuming needs only the step number."""
-    order = []
-    for epoch in range(start // n, (start + count - 1) // n + 1):
-        order += torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-    offset = start - (start // n) * n
-    return order[offset : offset + count]
-
-
-# ----------------------------------------------------------------------------- Rollouts
-def eos_ids(model, tok) -> list[int]:
-    """Every token id that ends a completion (chat models often have several)."""
-    ids = model.generation_config.eos_token_id if model.generation_config is not None else None
-    ids = [ids] if isinstance(ids, int) else list(ids or [])
-    return sorted(set(ids + [tok.eos_token_id]) - {None})
-
-
-def bf16_copy(model):
-    """A frozen copy whose parameters are bf16 (half the memory, and bf16 compute with no autocast).
-    Buffers such as the rotary inv_freq stay fp32: in bf16 they would be off by up to ~0.5 rad at
-    position 600 for rope theta 1e6."""
-    twin = copy.deepcopy(model).requires_grad_(False).eval()
-    for p in twin.parameters():  # tied weights are one Parameter: converted once, still tied
-        p.data = p.data.to(torch.bfloat16)
-    return twin
-
-
-def sample(logits: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """One token per row from softmax(logits / T) (argmax when T = 0), and its log-prob: (R,), (R,).
-    argmax(p / q) with q ~ Exponential(1) is an exact draw from p (the smallest of independent
-    Exponential(p_i) clocks rings first, at index i with probability p_i), and unlike
-    torch.multinomial it never waits for the GPU."""
-    logp = torch.log_softmax(logits.float() / (temperature or 1.0), -1)  # (R, V)
-    if temperature > 0:
-        q = torch.empty_like(logp).exponential_().clamp_(min=torch.finfo(logp.dtype).tiny)  # no 0/0
-        token = (logp.exp() / q).argmax(-1)
-    else:
-        token = logits.argmax(-1)
-    return token, logp.gather(-1, token[:, None]).squeeze(1)
-
-
-def attention_mask_4d(keep: torch.Tensor, model) -> torch.Tensor:
-    """keep (R, K) bool, True where a query may attend -> the 4-D mask (R, 1, 1, K) that the attention
-    kernels take as is. Passing a 2-D mask instead makes transformers rebuild the 4-D one at every
-    step and ask the GPU whether there is any padding (a host sync per token)."""
-    if model.config._attn_implementation == "eager":  # eager attention adds the mask to the scores
-        return torch.zeros(keep.shape, dtype=model.dtype, device=keep.device).masked_fill(~keep, -1e9)[:, None, None]
-    return keep[:, None, None]  # sdpa and flex: True = attend
-
-
-@torch.no_grad()
-def rollout(model, prompt_ids, prompt_mask, group_size, max_new_tokens, temperature, eos, pad_id,
-            static_cache=False, ignore_eos=False, compile_decoder=None, env=None):  # fmt: skip
-    """Sample group_size completions for each prompt (temperature 0 = greedy).
-
-    prompt_ids, prompt_mask: (N, P) left-padded prompts. The prompt is prefilled once and its
-    KV cache shared by its G samples, instead of running the same prompt through the model G times.
-    Returns completion ids (B, L) with B = N*G (row b belongs to prompt b // G), lengths (B,)
-    counting the EOS that ended a completion, ended (B,), False for cut-off completions, and
-    sample_logp (B, L): the log-prob under `model` at `temperature` of each sampled token, and
-    by_env (B, L): True for tokens that the environment wrote (tool results), all False without env.
-    Tokens after a completion's end are pad_id and must be masked by length, not by value.
-    The model computes in its own dtype (run it outside autocast): a bf16 model keeps a bf16 cache.
-    """
-    n, P = prompt_ids.shape
-    B, dev = n * group_size, prompt_ids.device
-    R = rows_for_static_cache(B) if static_cache else B  # padded rows copy the last real one
-    row_prompt = torch.arange(R, device=dev).clamp(max=B - 1) // group_size  # (R,) the prompt of each row
-    # --- prefill: each prompt once; its KV cache is then repeated for its G rows
-    position = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)  # (n, P): left padding shifts positions
-    cache = DynamicCache(config=model.config)
-    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position, past_key_values=cache,
-                use_cache=True, logits_to_keep=1)  # fmt: skip
-    logits = out.logits[:, -1].float()[row_prompt]  # (R, V)
-    cache.batch_select_indices(row_prompt)  # (n, ...) -> (R, ...)
-    forward, K = model, P + max_new_tokens  # K: key/value slots the decode steps attend over
-    if static_cache:  # fixed-size buffers: every decode step has the same shapes, so it compiles once
-        cache = static_cache_with(model, cache, R, K)
-        K = cache.layers[0].max_cache_len
-        if dev.type == "cuda" if compile_decoder is None else compile_decoder:
-            forward = compiled_decoder(model)
-    keep = torch.cat([prompt_mask.bool()[row_prompt], prompt_mask.new_ones(R, K - P, dtype=torch.bool)], 1)  # (R, K)
-    slot = torch.arange(K, device=dev)  # (K,)
-    next_position = position[row_prompt, -1:] + 1  # (R, 1)
-    tokens = torch.full((R, max_new_tokens), pad_id, dtype=torch.long, device=dev)
-    sample_logp = torch.zeros(R, max_new_tokens, device=dev)
-    lengths = torch.full((R,), max_new_tokens, dtype=torch.long, device=dev)
-    ended = torch.zeros(R, dtype=torch.bool, device=dev)
-    by_env = torch.zeros(R, max_new_tokens, dtype=torch.bool, device=dev)
-    turns = {"ids": [[] for _ in range(R)], "queue": [[] for _ in range(R)], "calls": [0] * R, "eos": set(eos)}
-    eos = torch.tensor(eos, device=dev)
-    # --- decode: one token per row per step. No line here waits for the GPU except the "all ended?"
-    # check every 8 tokens, so the CPU queues kernels ahead of the GPU.
-    for t in range(max_new_tokens):
-        token, sample_logp[:, t] = sample(logits, temperature)
-        if env is not None:  # tools: the environment may write this step's token instead of the model
-            token, by_env[:, t] = environment_turn(env, token, ended, turns)
-        tokens[:, t] = torch.where(ended, pad_id, token)
-        if not ignore_eos:
-            new_end = ~ended & ~by_env[:, t] & torch.isin(token, eos)  # only the model ends its completion
-            lengths = torch.where(new_end, t + 1, lengths)  # the EOS itself is part of the completion
-            ended = ended | new_end
-            if t % 8 == 7 and bool(ended[:B].all()):  # the one host sync; tokens past the end are cut by length
-                break
-        if t == max_new_tokens - 1:
-            break
-        # token t sits at slot P + t and may see the prompt (less its padding) and the tokens so far
-        mask = keep & (slot <= P + t) if static_cache else keep[:, : P + t + 1]
-        if forward is not model and dev.type == "cuda":
-            torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
-        out = forward(input_ids=tokens[:, t : t + 1], attention_mask=attention_mask_4d(mask, model),
-                      position_ids=next_position, past_key_values=cache, use_cache=True)  # fmt: skip
-        logits = out.logits[:, -1].float()  # (R, V)
-        next_position = next_position + 1
-    L = int(lengths[:B].max())
-    return tokens[:B, :L], lengths[:B], ended[:B], sample_logp[:B, :L], by_env[:B, :L]
 
 
 def environment_turn(env, token, ended, turns: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -656,61 +959,6 @@ def environment_turn(env, token, ended, turns: dict) -> tuple[torch.Tensor, torc
     return torch.tensor(chosen, device=token.device), torch.tensor(by_env, device=token.device)
 
 
-def rows_for_static_cache(B: int) -> int:
-    """Batch rows rounded up to a power of two: one static cache and one compiled graph serve every
-    batch of up to that many rows (the last evaluation batch is often smaller)."""
-    return 1 << (B - 1).bit_length()
-
-
-_static_caches, _compiled = {}, {}
-
-
-def static_cache_with(model, prefill, rows: int, length: int) -> StaticCache:
-    """A StaticCache for (model, rows) holding the prefilled prompt keys/values. It is allocated once
-    and reset for every rollout, so its buffers keep their addresses and a captured CUDA graph is
-    replayed, not re-recorded (a new cache per rollout re-records every time, and after 128
-    re-records torch silently falls back to eager). Its length grows in steps of 256 tokens, only
-    when a longer prompt arrives, so a few sizes cover every prompt."""
-    key = (id(model), rows)
-    if key not in _static_caches or _static_caches[key][1].layers[0].max_cache_len < length:
-        size = -(-length // 256) * 256  # rounded up to a multiple of 256
-        _static_caches[key] = (model, StaticCache(config=model.config, max_cache_len=size))  # model: keeps id unique
-    cache = _static_caches[key][1]
-    cache.reset()  # zeros in place: same addresses
-    for i, layer in enumerate(prefill.layers):
-        cache.update(layer.keys, layer.values, i)  # fills slots 0..P-1
-    return cache
-
-
-def refresh_sampler(sampler, model) -> None:
-    """After an optimizer step: copy the fp32 weights into the bf16 sampler, one fused foreach copy."""
-    if sampler is not model:
-        with torch.no_grad():
-            torch._foreach_copy_(list(sampler.parameters()), list(model.parameters()))
-
-
-def compiled_decoder(model):
-    """The model's forward compiled for one-token decoding steps over the static cache: CUDA graphs on
-    CUDA (mode reduce-overhead, recorded once per shape), plain inductor kernels elsewhere."""
-    if id(model) not in _compiled:
-        mode = "reduce-overhead" if model.device.type == "cuda" else None
-        _compiled[id(model)] = (model, torch.compile(model.forward, mode=mode, dynamic=False))  # graph breaks allowed
-    return _compiled[id(model)][1]
-
-
-def tokenize_prompts(tok, prompts: list[str], device, multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded prompt ids and attention mask (N, P): generation continues from the right edge.
-    P is rounded up to a multiple of `multiple` (a few shapes for the static cache to compile for)."""
-    batch = tok(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False,
-                pad_to_multiple_of=multiple)  # fmt: skip
-    return batch["input_ids"].to(device), batch["attention_mask"].to(device)
-
-
-def decode(tok, completion_ids: torch.Tensor, lengths: torch.Tensor) -> list[str]:
-    """The text of each completion: its first lengths[b] tokens, special tokens (EOS) dropped."""
-    return [tok.decode(ids[:n], skip_special_tokens=True) for ids, n in zip(completion_ids.tolist(), lengths.tolist())]
-
-
 def tool_use(tok, completion_ids: torch.Tensor, lengths: torch.Tensor, by_env: torch.Tensor) -> tuple[list, list]:
     """Tool calls and failed calls per completion, read from who wrote each token: every run of
     environment tokens is one reply, and a reply that says 'error:' is a failed call."""
@@ -723,393 +971,102 @@ def tool_use(tok, completion_ids: torch.Tensor, lengths: torch.Tensor, by_env: t
     return calls, errors
 
 
-def generate(sampler, tok, questions: list[str], group_size: int, temperature: float, cfg: Config, device):
-    """Prompt ids/mask (N, P), completion ids (B, L), lengths (B,), ended (B,), sample_logp (B, L),
-    by_env (B, L) and texts for the questions. sampler: the policy itself (fp32), or its bf16 copy
-    (--precision bf16). With --tools the calculator answers calls inside the rollout."""
-    multiple = 64 if cfg.static_cache else 1
-    prompts = [build_prompt(tok, q, tools=bool(cfg.tools)) for q in questions]
-    prompt_ids, prompt_mask = tokenize_prompts(tok, prompts, device, multiple)
-    env = calculator_env(tok, cfg.max_tool_calls) if cfg.tools else None
-    sampler.eval()  # no dropout, and no activation checkpointing (it would drop the KV cache)
-    out = rollout(sampler, prompt_ids, prompt_mask, group_size, cfg.max_new_tokens, temperature,
-                  eos_ids(sampler, tok), tok.pad_token_id, static_cache=cfg.static_cache, env=env)  # fmt: skip
-    return prompt_ids, prompt_mask, *out, decode(tok, out[0], out[1])
+# ----------------------------------------------------------------------------- Data: loading and checks
+def load_data(cfg: Config) -> tuple[list[dict], list[dict]]:
+    """The train rows (none with --eval_only) and the first --eval_size test rows. A single data
+    file is all training data, so evaluation is off; with --eval_only the file is what is evaluated."""
+    one_file = os.path.isfile(os.path.expanduser(cfg.dataset))
+    train_rows = [] if cfg.eval_only else load_rows(cfg, "train")
+    if cfg.eval_size == 0:
+        return train_rows, []
+    if one_file and not cfg.eval_only:
+        print(f"evaluation off: {cfg.dataset} is one file, all of it for training; to evaluate, pass --dataset "
+              f"a folder with train and test files (train.jsonl and test.jsonl)", file=sys.stderr)  # fmt: skip
+        return train_rows, []
+    test_rows = load_rows(cfg, "train" if one_file else "test")  # a single file's rows are its only split
+    return train_rows, test_rows[: cfg.eval_size] if cfg.eval_size > 0 else test_rows
 
 
-# ----------------------------------------------------------------------------- GRPO math
-# Shapes: N prompts, G completions each, B = N*G, P prompt length, L completion length, V vocab.
-def group_advantages(rewards: torch.Tensor, group_size: int, scale_by_std: bool = True, eps: float = 1e-4):
-    """A_i = (r_i - mean(r_group)) / (std(r_group) + eps): each answer judged against its siblings.
-    rewards (B,) with each group's G completions contiguous; a group of equal rewards gives 0."""
-    r = rewards.view(-1, group_size)  # (N, G)
-    a = r - r.mean(1, keepdim=True)
-    if scale_by_std:
-        a = a / (r.std(1, keepdim=True) + eps)  # torch.std is unbiased (divides by G - 1)
-    return a.view(-1)  # (B,)
+DATA_FILES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}  # extension -> datasets' loader
 
 
-def selective_log_softmax(logits: torch.Tensor, ids: torch.Tensor, temperature: float) -> torch.Tensor:
-    """log softmax(logits / T)[id] in fp32, without keeping the fp32 (.., V) tensor around."""
-    logits = logits.float() / temperature
-    return logits.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+def load_rows(cfg: Config, split: str) -> list[dict]:
+    """Rows of one split, each with its parsed 'gold' answer: a local file, a local folder of train and
+    test files, or a hub dataset."""
+    import datasets  # imported here: it is slow to import and only needed when loading data
 
-
-def token_logprobs(model, prompt_ids, prompt_mask, completion_ids, prompt_index, temperature: float,
-                   chunk: int = 1024) -> torch.Tensor:  # fmt: skip
-    """log pi(o_t | q, o_<t) for every completion token: (B, L), fp32.
-
-    prompt_ids, prompt_mask (N, P): the distinct prompts; completion_ids (B, L); prompt_index (B,):
-    the prompt row of each completion. Each prompt runs through the model once and its KV cache is
-    shared by its completions (G of them), as in the rollout, so the prompt is not recomputed G times;
-    gradients flow through the shared cache. Logits exist only for the positions that predict
-    completion tokens, and the fp32 log-softmax runs over at most `chunk` tokens at a time; under
-    autograd each chunk is recomputed in backward instead of stored, so no fp32 (B, L, V) tensor exists.
-    """
-    B, L = completion_ids.shape
-    inner = getattr(model, "module", model)  # the model inside DDP: only the last forward goes through DDP
-    position = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)  # (N, P)
-    mask = torch.cat([prompt_mask[prompt_index], prompt_mask.new_ones(B, L)], 1)  # (B, P + L); past-the-end: loss mask
-    if inner.is_activation_checkpointing and inner.training:  # checkpointed layers drop the KV cache: no sharing
-        ids = torch.cat([prompt_ids[prompt_index], completion_ids], 1)  # (B, P + L)
-        position = (mask.long().cumsum(-1) - 1).clamp(min=0)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=False,
-                       logits_to_keep=L + 1).logits  # fmt: skip
-        return chunked_log_softmax(logits[:, :-1], completion_ids, temperature, chunk)  # position P-1+t predicts t
-    cache = DynamicCache(config=inner.config)
-    first = inner(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position, past_key_values=cache,
-                  use_cache=True, logits_to_keep=1).logits  # fmt: skip  # (N, 1, V): predicts completion token 0
-    cache.batch_select_indices(prompt_index)  # (N, ..) -> (B, ..), differentiable
-    completion_position = position[prompt_index, -1:] + 1 + torch.arange(L, device=position.device)  # (B, L)
-    rest = model(input_ids=completion_ids, attention_mask=mask, position_ids=completion_position,
-                 past_key_values=cache, use_cache=True).logits  # fmt: skip  # (B, L, V): token t predicts t + 1
-    return torch.cat([chunked_log_softmax(first[prompt_index], completion_ids[:, :1], temperature, chunk),
-                      chunked_log_softmax(rest[:, :-1], completion_ids[:, 1:], temperature, chunk)], 1)  # fmt: skip
-
-
-def chunked_log_softmax(logits: torch.Tensor, ids: torch.Tensor, temperature: float, chunk: int) -> torch.Tensor:
-    """selective_log_softmax over (B, L, V) logits, about `chunk` tokens (whole rows) at a time:
-    (B, L). Row slices are views, so only one chunk-sized fp32 tensor exists at a time; under
-    autograd each chunk is recomputed in backward instead of stored."""
-    rows = max(1, chunk // max(1, logits.shape[1]))
-    parts = []
-    for part, part_ids in zip(logits.split(rows), ids.split(rows)):  # split: in backward the chunks' gradients are
-        args = (part, part_ids, temperature)  # concatenated once (indexing would add each into a zeroed full copy)
-        if torch.is_grad_enabled():
-            parts.append(torch.utils.checkpoint.checkpoint(selective_log_softmax, *args, use_reentrant=False))
+    path, files = os.path.expanduser(cfg.dataset), None
+    if os.path.isdir(path):
+        files = sorted(os.path.join(path, f) for f in os.listdir(path)
+                       if f.startswith(split) and os.path.splitext(f)[1] in DATA_FILES)  # fmt: skip
+        if not files:
+            fail(f"no {split}.jsonl/.json/.parquet in folder {path}: add one, or pass another --dataset")
+    elif os.path.isfile(path):
+        files = [path]
+    elif looks_local(path):
+        fail(f"dataset path {path} does not exist: pass an existing file or folder, or a hub id like openai/gsm8k")
+    try:
+        if files:
+            ds = datasets.load_dataset(DATA_FILES[os.path.splitext(files[0])[1]], data_files=files, split="train")
         else:
-            parts.append(selective_log_softmax(*args))
-    return torch.cat(parts)
+            ds = datasets.load_dataset(path, cfg.dataset_config or None, split=split)
+    except Exception as e:  # offline hub, bad file, unknown split: one line, not a traceback
+        fail(f"could not load dataset {cfg.dataset!r} ({split}): {first_line(e)}. Check the path or hub id and your "
+             f"network; offline, set HF_HUB_OFFLINE=1 and pass --dataset a local file or folder")  # fmt: skip
+    missing = {"question", "answer"} - set(ds.column_names)
+    if missing:
+        fail(f"dataset {cfg.dataset} lacks column(s) {sorted(missing)}; it has {ds.column_names}. "
+             f"Rename them to question/answer")  # fmt: skip
+    rows, bad = [], 0
+    for row in ds:
+        try:
+            rows.append({**row, "gold": gold_answer(row["answer"])})
+        except ValueError:
+            bad += 1
+    forms = "a solution ending in '#### <number>' (GSM8K) or one number such as 42 or \"1,234\""
+    if not rows:
+        fail(f"none of the {bad} answers in {cfg.dataset} ({split}) is {forms}: fix the answer column")
+    if bad:
+        print(f"skipped {bad} of {bad + len(rows)} {split} rows whose answer is not {forms}", file=sys.stderr)
+    return rows
 
 
-def micro_batches(B: int, size: int, group_size: int, device) -> list[tuple[slice, slice, torch.Tensor]]:
-    """Rows [i, i + size) of the batch, the prompt rows they use, and each row's index into those."""
-    out = []
-    for i in range(0, B, size):
-        rows = slice(i, min(i + size, B))
-        prompts = slice(rows.start // group_size, (rows.stop - 1) // group_size + 1)
-        index = torch.arange(rows.start, rows.stop, device=device) // group_size - prompts.start
-        out.append((rows, prompts, index))
-    return out
+def gold_answer(answer) -> str:
+    """The gold number of a dataset answer, commas dropped: the number after the last '####' of a GSM8K
+    solution, or an answer that is one number (a string or a JSON number). ValueError otherwise.
 
-
-def completion_mask(lengths: torch.Tensor, L: int, by_env: torch.Tensor | None = None) -> torch.Tensor:
-    """(B, L) float mask, 1 for the first lengths[b] tokens of row b (its EOS included) that the model
-    sampled: tokens the environment wrote (by_env) are context, not actions, so no loss, KL or count."""
-    mask = torch.arange(L, device=lengths.device)[None, :] < lengths[:, None]
-    return (mask & ~by_env[:, :L]).float() if by_env is not None else mask.float()
-
-
-# The loss is -J, with J per token t of completion i (A_i broadcast over the tokens):
-#   (1) rho_it  = exp(logp_it - old_logp_it)
-#   (2) surr_it = min(rho_it A_i, clip(rho_it, 1 - eps, 1 + eps_high) A_i)
-#   (3) KL_it   = exp(ref_logp_it - logp_it) - (ref_logp_it - logp_it) - 1
-#   (4) J_it    = surr_it - beta KL_it
-#   (5) J = grpo:    1/B sum_i (1/|o_i| sum_t J_it)      mean over completions of their token mean (paper)
-#           dapo:    sum_i sum_t J_it / sum_i |o_i|      mean over all tokens of the batch
-#           dr_grpo: sum_i sum_t J_it / (B max_tokens)   a constant normalizer: no length bias
-LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
-
-
-def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps=0.2, beta=0.04, loss_type="grpo",
-              max_tokens=None, clip_eps_high=None):  # fmt: skip
-    """The GRPO loss (-J above) and a dict of detached stats. logp/old_logp/ref_logp/mask (B, L),
-    advantages (B,); ref_logp may be None when beta == 0; max_tokens defaults to L (dr_grpo)."""
-    eps_high = clip_eps if clip_eps_high is None else clip_eps_high
-    A = advantages.unsqueeze(1)  # (B, 1)
-    ratio = torch.exp(logp - old_logp)  # (1)  (B, L)
-    clipped = torch.clamp(ratio, 1 - clip_eps, 1 + eps_high)  # (2)  (B, L)
-    surrogate = torch.min(ratio * A, clipped * A)  # (2)  (B, L)
-    if beta != 0:
-        kl = torch.exp(ref_logp - logp) - (ref_logp - logp) - 1  # (3)  (B, L)
-        per_token = surrogate - beta * kl  # (4)  (B, L)
-    else:
-        kl, per_token = torch.zeros_like(logp), surrogate  # (4) without the KL term
-    masked = per_token * mask  # (B, L)
-    if loss_type == "grpo":
-        J = (masked.sum(1) / mask.sum(1).clamp(min=1)).mean()  # (5)  scalar
-    elif loss_type == "dapo":
-        J = masked.sum() / mask.sum().clamp(min=1)  # (5)
-    elif loss_type == "dr_grpo":
-        J = masked.sum() / (mask.shape[0] * (max_tokens or mask.shape[1]))  # (5)
-    else:
-        raise ValueError(f"unknown loss_type {loss_type!r}: use one of {LOSS_TYPES}")
-    with torch.no_grad():
-        tokens = mask.sum().clamp(min=1)
-        is_clipped = ((ratio < 1 - clip_eps) & (A < 0)) | ((ratio > 1 + eps_high) & (A > 0))  # no gradient there
-        stats = {"kl": (kl * mask).sum() / tokens, "clip_frac": (is_clipped.float() * mask).sum() / tokens}
-    return -J, stats
-
-
-# ----------------------------------------------------------------------------- Training
-def check_config(cfg: Config) -> None:
-    if cfg.group_size < 2:
-        fail(f"--group_size {cfg.group_size}: GRPO compares completions within a group, use 2 or more")
-    if cfg.loss_type not in LOSS_TYPES:
-        fail(f"unknown --loss_type {cfg.loss_type!r}: use one of {', '.join(LOSS_TYPES)}")
-    for name in ("steps", "prompts_per_step", "max_new_tokens", "mu", "eval_batch_size"):
-        if getattr(cfg, name) < 1:
-            fail(f"--{name} {getattr(cfg, name)}: must be at least 1")
-    if cfg.temperature <= 0:
-        fail(f"--temperature {cfg.temperature}: sampling needs a temperature above 0")
-    for name in ("save_every", "sample_every", "eval_every", "eval_samples"):
-        if getattr(cfg, name) < 0:
-            fail(f"--{name} {getattr(cfg, name)}: use 0 (off) or a positive number")
-    if cfg.tools not in ("", "calculator"):
-        fail(f"unknown --tools {cfg.tools!r}: use calculator, or leave it empty for none")
-    if cfg.max_tool_calls < 0:
-        fail(f"--max_tool_calls {cfg.max_tool_calls}: use 0 or more")
-    if cfg.precision not in ("auto", "fp32", "bf16"):
-        fail(f"unknown --precision {cfg.precision!r}: use auto, fp32 or bf16")
-    if cfg.micro_batch_size == 0 or cfg.micro_batch_size < -1:
-        fail(f"--micro_batch_size {cfg.micro_batch_size}: use a positive number, or -1 for the whole batch")
-
-
-def load_model(name: str, cfg: Config, device):
-    """A causal LM in fp32 (the master weights; bf16 comes from autocast) and its tokenizer."""
-    path = os.path.expanduser(name)
-    if not os.path.isdir(path) and looks_local(path):
-        fail(
-            f"model folder {name} does not exist: pass --model an existing folder or a hub id like Qwen/Qwen2.5-0.5B-Instruct"
-        )
-    try:
-        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code)
-    except (OSError, ValueError) as e:
-        fail(
-            f"could not load model {name!r}: {first_line(e)} Check the name and your network (HF_HUB_OFFLINE), or pass a local folder"
-        )
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token  # safe: masks come from lengths, never from token values
-    model.to(device)
-    if device.type == "cpu":  # weights may still point into the loaded file, at any alignment, and CPU matmuls
-        with torch.no_grad():  # can round differently by alignment: copy them into torch's own aligned memory,
-            for t in [*model.parameters(), *model.buffers()]:  # so a resumed run computes bit-identically
-                t.data = t.data.clone()
-    return model, tok
-
-
-def setup_distributed(cfg: Config) -> tuple[int, int, torch.device]:
-    """(rank, world size, device). Under torchrun: one process per device, nccl on CUDA, gloo on CPU."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    try:
-        device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError:
-        fail(f"unknown --device {cfg.device!r}: use cpu, cuda or cuda:N")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        fail(f"--device {cfg.device}: CUDA is not available here; use --device cpu or install a CUDA build of torch")
-    if device.type == "cuda" and world > 1:
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return (dist.get_rank() if world > 1 else 0), world, device
-
-
-def end_distributed() -> None:
-    """Wait for every rank (rank 0 may still be saving), then take the process group down. Not
-    barrier() on gloo: its barrier keeps weak references to the collectives before it, so a worker
-    thread frees their tensors only when it frees the barrier, which can fall after this process
-    has begun to exit; freeing a Python-owned tensor then aborts the process (SIGABRT). gloo's
-    monitored_barrier is a plain send and receive of its own tensors, with no such references."""
-    if dist.get_backend() == "gloo":
-        dist.monitored_barrier()
-    else:
-        dist.barrier()
-    dist.destroy_process_group()
-
-
-def reduce_metrics(sums: dict[str, list[float]], world: int, device) -> dict[str, float]:
-    """sums maps a name to [total, count]; returns total/count over all ranks (count-weighted means)."""
-    names = sorted(sums)
-    t = torch.tensor([sums[k] for k in names], dtype=torch.float64, device=device).view(-1, 2)  # (M, 2)
-    if world > 1:
-        dist.all_reduce(t)
-    return {k: (t[i, 0] / t[i, 1].clamp(min=1e-12)).item() for i, k in enumerate(names)}
-
-
-def score(completions: list[str], rows: list[dict], funcs=None) -> tuple[torch.Tensor, dict[str, list[float]]]:
-    """Total rewards (B,) and each function's unweighted values; rows[i] is completion i's row.
-    funcs: (function, weight) pairs, REWARD_FUNCS by default."""
-    funcs = REWARD_FUNCS if funcs is None else funcs
-    per_fn = {fn.__name__: [] for fn, _ in funcs}
-    total = []
-    for c, row in zip(completions, rows):
-        extra = {k: v for k, v in row.items() if k not in ("answer", "gold")}  # e.g. question
-        r = 0.0
-        for fn, weight in funcs:
-            value = float(fn(c, row["gold"], **extra))
-            per_fn[fn.__name__].append(value)
-            r += weight * value
-        total.append(r)
-    return torch.tensor(total, dtype=torch.float32), per_fn
-
-
-@torch.no_grad()
-def frozen_logprobs(model, prompt_ids, prompt_mask, completion_ids, micro_batch_size: int, temperature: float,
-                    bf16: bool = False):  # fmt: skip
-    """token_logprobs (B, L) of a model that is not being trained (pi_ref, or pi_old for mu > 1)."""
-    B, G = completion_ids.shape[0], completion_ids.shape[0] // prompt_ids.shape[0]
-    with autocast(prompt_ids.device, bf16):
-        return torch.cat(
-            [
-                token_logprobs(model, prompt_ids[p], prompt_mask[p], completion_ids[s], index, temperature)
-                for s, p, index in micro_batches(B, micro_batch_size, G, prompt_ids.device)
-            ]
-        )
-
-
-def accumulate_gradients(policy, prompt_ids, prompt_mask, completion_ids, lengths, advantages, old_logp, ref_logp,
-                         cfg: Config, micro_batch_size: int, world: int = 1, sample_logp=None,
-                         by_env=None) -> dict[str, list[float]]:  # fmt: skip
-    """Backward of the loss over the whole batch (B rows), micro_batch_size rows at a time.
-    prompt_ids/prompt_mask (N, P) hold each prompt once; completion b belongs to prompt b // G.
-
-    Each micro-batch's loss is weighted by its share of the full batch's normalizer (5), so the
-    accumulated gradient equals the full-batch gradient exactly. Under DDP gradients are averaged
-    over ranks, so dapo's token share is taken of the global token count times the world size.
-    old_logp None means mu == 1: pi_old is the current policy (rho = 1, gradient still flows).
-    Returns {"loss": [value, 1], "kl"/"clip_frac": [token-weighted sum, tokens]} for the metrics, and
-    with sample_logp (B, L), the sampler's log-probs of the tokens, "logp_mismatch": the summed
-    |sample_logp - logp| (the bf16 sampler and the trained policy do not compute identically).
-    by_env (B, L): tokens the environment wrote (tools); they condition the log-probs but are not
-    in the mask, so no loss, KL, clip fraction or token count comes from them.
+    >>> gold_answer("3 + 4 = 7 apples\\n#### 1,007"), gold_answer(" 1,234 "), gold_answer(-3.5)
+    ('1007', '1234', '-3.5')
     """
-    B = completion_ids.shape[0]
-    mask = completion_mask(lengths, completion_ids.shape[1], by_env)  # (B, L): the model's own tokens
-    total_tokens = mask.sum()
-    if world > 1 and cfg.loss_type == "dapo":
-        dist.all_reduce(total_tokens)  # dapo normalizes by the tokens of the whole global batch
-    slices = micro_batches(B, micro_batch_size, B // prompt_ids.shape[0], prompt_ids.device)
-    out = {"loss": [0.0, 1.0], "kl": [0.0, 0.0], "clip_frac": [0.0, 0.0]}
-    if sample_logp is not None:
-        out["logp_mismatch"] = [0.0, 0.0]
-    bf16 = use_bf16(cfg, prompt_ids.device)
-    for j, (s, p, index) in enumerate(slices):
-        Lm = int(lengths[s].max())  # trim this micro-batch to its longest completion
-        last = j == len(slices) - 1
-        with (
-            policy.no_sync() if world > 1 and not last else contextlib.nullcontext(),
-            autocast(prompt_ids.device, bf16),
-        ):
-            logp = token_logprobs(policy, prompt_ids[p], prompt_mask[p], completion_ids[s, :Lm], index, cfg.temperature)
-            old = logp.detach() if old_logp is None else old_logp[s, :Lm]  # mu = 1: pi_old is pi_theta
-            ref = None if ref_logp is None else ref_logp[s, :Lm]
-            eps_high = None if cfg.clip_eps_high < 0 else cfg.clip_eps_high
-            loss, stats = grpo_loss(logp, old, ref, advantages[s], mask[s, :Lm], cfg.clip_eps, cfg.beta, cfg.loss_type,
-                                    cfg.max_new_tokens, eps_high)  # fmt: skip
-            share = mask[s].sum() * world / total_tokens if cfg.loss_type == "dapo" else (s.stop - s.start) / B
-            (loss * share).backward()
-        tokens = mask[s].sum().item()
-        out["loss"][0] += float(loss.item() * share)
-        for k in ("kl", "clip_frac"):
-            out[k][0] += stats[k].item() * tokens
-            out[k][1] += tokens
-        if sample_logp is not None:
-            gap = (sample_logp[s, :Lm] - logp.detach()).abs() * mask[s, :Lm]  # (mb, Lm)
-            out["logp_mismatch"] = [out["logp_mismatch"][0] + gap.sum().item(), out["logp_mismatch"][1] + tokens]
-    return out
+    text = str(answer).strip()
+    head, sep, tail = text.rpartition("####")
+    gold = tail.strip() if sep else text
+    number = stated_number(gold) if sep else NUMBER.fullmatch(gold)  # a solution may wrap it: '#### $18'
+    if number is None or isinstance(answer, bool):
+        raise ValueError(f"no '#### <number>' at the end of, and not one number: {text[-60:]!r}")
+    return gold.replace(",", "").replace("\u2212", "-")
 
 
-def clip_and_step(model, optimizer, loss: float, max_grad_norm: float, world: int) -> tuple[bool, float]:
-    """Clip the accumulated gradient and take the optimizer step, unless the loss or the gradient is
-    not finite on some rank: that update would corrupt the weights, so every rank skips it alike.
-    Returns (whether the update was applied, the gradient norm before clipping)."""
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-    finite = torch.tensor(float(math.isfinite(loss) and bool(torch.isfinite(grad_norm))), device=grad_norm.device)
-    if world > 1:
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # every rank takes the same decision
-    if finite.item() == 1.0:
-        optimizer.step()
-    else:
-        optimizer.zero_grad(set_to_none=True)
-    return finite.item() == 1.0, grad_norm.item()
+def looks_local(path: str) -> bool:
+    """A path the user meant as a local file or folder, not a hub id like 'org/name'."""
+    return path.startswith((".", "/", "~")) or path.count("/") > 1 or path.endswith((".jsonl", ".json", ".parquet"))
 
 
-def grpo_step(policy, sampler, ref_model, tok, optimizer, rows: list[dict], cfg: Config, world: int = 1):
-    """One GRPO step on this rank's questions `rows`: rollout -> reward -> advantage -> reference
-    log-probs -> update. The rollout runs on `sampler`: the policy itself, or its bf16 copy.
-    Returns this rank's metric sums {name: [total, count]} (main averages them over ranks), whether
-    each of the mu updates was applied (False: skipped as non-finite), and the B = len(rows) * G
-    completions with their rewards (B,)."""
-    model = getattr(policy, "module", policy)  # the model inside DDP
-    device, G = next(model.parameters()).device, cfg.group_size
-    B = len(rows) * G  # completions on this rank
-    mb = B if cfg.micro_batch_size < 0 else min(cfg.micro_batch_size, B)
-
-    # --- 1. rollout: G samples per question from the current policy (pi_old)
-    prompt_ids, prompt_mask, completion_ids, lengths, ended, sample_logp, by_env, texts = generate(
-        sampler, tok, [r["question"] for r in rows], G, cfg.temperature, cfg, device
-    )  # (n, P), (n, P), (B, L), (B,), (B,), (B, L), (B, L), B strings; by_env: tool results
-
-    # --- 2. reward: the weighted sum of REWARD_FUNCS for each completion
-    group_rows = [r for r in rows for _ in range(G)]
-    rewards, per_fn = score(texts, group_rows, REWARD_FUNCS + (TOOL_REWARD_FUNCS if cfg.tools else []))  # (B,)
-
-    # --- 3. advantage: each completion judged against the others of its group
-    advantages = group_advantages(rewards, G, cfg.scale_rewards).to(device)  # (B,)
-
-    # --- 4. log-probs of the frozen models, one micro-batch at a time, before any update
-    model.train()
-    args = (prompt_ids, prompt_mask, completion_ids, mb, cfg.temperature, use_bf16(cfg, device))
-    ref_logp = frozen_logprobs(ref_model, *args) if ref_model is not None else None
-    old_logp = frozen_logprobs(model, *args) if cfg.mu > 1 else None  # pi_old, kept for the mu updates
-
-    # --- 5. update: mu optimizer steps on this batch (mu = 1: one step, pi_old = pi_theta)
-    sums = {"loss": [0.0, 0.0], "kl": [0.0, 0.0], "clip_frac": [0.0, 0.0], "grad_norm": [0.0, 0.0]}
-    applied = []
-    for i in range(cfg.mu):
-        optimizer.zero_grad(set_to_none=True)
-        stats = accumulate_gradients(policy, prompt_ids, prompt_mask, completion_ids, lengths, advantages, old_logp,
-                                     ref_logp, cfg, mb, world, sample_logp if i == 0 else None, by_env)  # fmt: skip
-        ok, grad_norm = clip_and_step(model, optimizer, stats["loss"][0], cfg.max_grad_norm, world)
-        if ok:
-            refresh_sampler(sampler, model)  # the next rollout samples from the updated policy
-        applied.append(ok)
-        for k, v in {**stats, "grad_norm": [grad_norm, 1]}.items():
-            sums[k] = [sums.get(k, [0.0, 0.0])[0] + v[0], sums.get(k, [0.0, 0.0])[1] + v[1]]
-
-    # --- what to watch: this rank's sums (main averages them over ranks)
-    n = float(B)
-    sums["reward"] = [rewards.sum().item(), n]
-    sums["accuracy"] = [sum(correctness_reward(t, r["gold"]) for t, r in zip(texts, group_rows)), n]
-    sums["completion_len"] = [completion_mask(lengths, completion_ids.shape[1], by_env).sum().item(), n]  # sampled
-    sums["truncated_frac"] = [(~ended).sum().item(), n]
-    sums["frac_zero_std"] = [(rewards.view(-1, G).std(1) == 0).sum().item(), float(len(rows))]  # groups without signal
-    sums.update({f"reward/{k}": [sum(v), n] for k, v in per_fn.items()})
-    if cfg.tools:
-        calls, errors = tool_use(tok, completion_ids, lengths, by_env)
-        sums["tool_calls"], sums["tool_errors"] = [sum(calls), n], [sum(errors), sum(calls)]  # errors: share of calls
-    return sums, applied, texts, rewards
+def prompt_indices(n: int, start: int, count: int, seed: int) -> list[int]:
+    """Row indices start..start+count of an endless stream of seeded shuffles of range(n).
+    The stream is a pure function of the position, so resuming needs only the step number."""
+    order = []
+    for epoch in range(start // n, (start + count - 1) // n + 1):
+        order += torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    offset = start - (start // n) * n
+    return order[offset : offset + count]
 
 
+# ----------------------------------------------------------------------------- Evaluation
 def evaluate(sampler, tok, rows: list[dict], cfg: Config, step: int, device, rank=0, world=1) -> dict[str, float]:
     """Greedy pass@1 on `rows` (and maj@k / pass@k if --eval_samples k), sharded over ranks.
-    Writes every completion to output_dir/eval_<step>.jsonl and returns eval/* metrics. The random
-    state is put back afterwards: a run then samples the same whether or when it evaluates, so a
-    resumed or extended run continues exactly as an uninterrupted one."""
-    saved_rng = rng_state()
+    Writes every completion to output_dir/eval_<step>.jsonl and returns eval/* metrics."""
+    seed_everything(cfg.seed, rank, step, "eval")  # training steps seed themselves: evaluating changes nothing
     mine = list(enumerate(rows))[rank::world]
     records = []
     for i in range(0, len(mine), cfg.eval_batch_size):
@@ -1153,23 +1110,155 @@ def evaluate(sampler, tok, rows: list[dict], cfg: Config, step: int, device, ran
     if rank == 0:
         with open(os.path.join(cfg.output_dir, f"eval_{step}.jsonl"), "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
-    set_rng_state(saved_rng)
     return metrics
 
 
-def rng_state() -> dict:
-    """This process's random states: a tuple of ints (Python) and byte tensors (torch), plain data."""
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+def lenient_correctness(completion: str, answer: str) -> float:
+    """1 if the completion is correct (correctness_reward) or the last number anywhere in it is the
+    gold number (ignores the format). Never below correctness_reward, so lenient >= strict.
+
+    >>> lenient_correctness("so the total is 1,234 apples", "1234")
+    1.0
+    """
+    numbers = NUMBER.findall(completion)
+    last = number_value(numbers[-1]) if numbers else None
+    return max(correctness_reward(completion, answer), float(same_number(last, stated_number(answer))))
 
 
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+# ----------------------------------------------------------------------------- Setup: config checks, model, optimizer
+def check_config(cfg: Config) -> None:
+    if cfg.group_size < 2:
+        fail(f"--group_size {cfg.group_size}: GRPO compares completions within a group, use 2 or more")
+    if cfg.loss_type not in LOSS_TYPES:
+        fail(f"unknown --loss_type {cfg.loss_type!r}: use one of {', '.join(LOSS_TYPES)}")
+    for name in ("steps", "prompts_per_step", "max_new_tokens", "mu", "eval_batch_size"):
+        if getattr(cfg, name) < 1:
+            fail(f"--{name} {getattr(cfg, name)}: must be at least 1")
+    if cfg.temperature <= 0:
+        fail(f"--temperature {cfg.temperature}: sampling needs a temperature above 0")
+    for name in ("save_every", "sample_every", "eval_every", "eval_samples"):
+        if getattr(cfg, name) < 0:
+            fail(f"--{name} {getattr(cfg, name)}: use 0 (off) or a positive number")
+    if cfg.tools not in ("", "calculator"):
+        fail(f"unknown --tools {cfg.tools!r}: use calculator, or leave it empty for none")
+    if cfg.max_tool_calls < 0:
+        fail(f"--max_tool_calls {cfg.max_tool_calls}: use 0 or more")
+    if cfg.precision not in ("auto", "fp32", "bf16"):
+        fail(f"unknown --precision {cfg.precision!r}: use auto, fp32 or bf16")
+    if cfg.micro_batch_size == 0 or cfg.micro_batch_size < -1:
+        fail(f"--micro_batch_size {cfg.micro_batch_size}: use a positive number, or -1 for the whole batch")
+
+
+def load_model(name: str, cfg: Config, device):
+    """A causal LM in fp32 (the master weights; bf16 comes from autocast) and its tokenizer."""
+    path = os.path.expanduser(name)
+    if not os.path.isdir(path) and looks_local(path):
+        fail(
+            f"model folder {name} does not exist: pass --model an existing folder or a hub id like Qwen/Qwen2.5-0.5B-Instruct"
+        )
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        fail(
+            f"could not load model {name!r}: {first_line(e)} Check the name and your network (HF_HUB_OFFLINE), or pass a local folder"
+        )
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token  # safe: masks come from lengths, never from token values
+    model.to(device)
+    if device.type == "cpu":  # own, aligned memory: CPU matmuls round by alignment, and resumes must be bit-exact
+        with torch.no_grad():
+            for t in [*model.parameters(), *model.buffers()]:
+                t.data = t.data.clone()
+    return model, tok
+
+
+def setup_training(model, cfg: Config, resume_from: str | None, world: int, device, bf16: bool):
+    """The frozen reference model (None when beta is 0; bf16 weights under --precision bf16), the
+    policy as trained (DDP-wrapped when there are several ranks: it averages their gradients), AdamW
+    and its warmup schedule."""
+    ref_model = None
+    if cfg.beta != 0:  # the frozen reference pi_ref is the initial policy, also after a resume
+        initial = load_model(cfg.model, cfg, device)[0] if resume_from else model
+        ref_model = bf16_copy(initial) if bf16 else copy.deepcopy(initial).requires_grad_(False).eval()
+    if cfg.gradient_checkpointing:
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    model.config.use_cache = False
+    ddp = torch.nn.parallel.DistributedDataParallel
+    policy = ddp(model, gradient_as_bucket_view=True) if world > 1 else model  # averages gradients; no 2nd copy
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
+    return policy, ref_model, optimizer, scheduler
+
+
+def use_bf16(cfg, device) -> bool:
+    """--precision: auto is bf16 on CUDA and fp32 elsewhere (bf16 matmuls are slow on most CPUs)."""
+    return cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+
+
+def autocast(device, bf16: bool):
+    """bf16 compute over the fp32 master weights (and fp32 AdamW state), or plain fp32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
+# ----------------------------------------------------------------------------- Checkpoints
+RESUME_MUST_MATCH = ("model", "dataset", "seed", "prompts_per_step", "group_size")  # they fix the data stream
+
+
+def read_checkpoint(cfg: Config) -> tuple[str | None, dict | None]:
+    """The checkpoint folder to continue from and its trainer state; (None, None) for a new run.
+    The state is plain data (step, optimizer and schedule state, config)."""
+    resume_from = latest_checkpoint(cfg.output_dir)
+    if cfg.resume and resume_from is None:
+        fail(f"--resume: no checkpoint in {cfg.output_dir}: drop --resume, or pass the --output_dir of the run")
+    if not cfg.resume and resume_from is not None and not cfg.eval_only:
+        fail(f"{resume_from} holds an earlier run: pass --resume to continue it, or another --output_dir")
+    if not cfg.resume or cfg.eval_only:
+        return None, None
+    path = os.path.join(resume_from, "trainer_state.pt")
+    try:  # weights_only: tensors, numbers, strings and containers only, so a shared checkpoint runs no code
+        state = torch.load(path, map_location="cpu", weights_only=True)  # cpu: the optimizer moves it to its device
+    except pickle.UnpicklingError as e:  # torch names what it refused, e.g. "GLOBAL os.system"
+        refused = re.search(r"GLOBAL (\S+)", str(e))
+        fail(f"{path} holds more than data ({refused.group(1) if refused else 'a pickled object'}), and loading it "
+             f"could run code: refused. Resume only from checkpoints that grpo.py wrote")  # fmt: skip
+    changed = [k for k in RESUME_MUST_MATCH if state["config"][k] != getattr(cfg, k)]
+    if changed:
+        fail(f"--resume with changed {', '.join(f'--{k}' for k in changed)}: the checkpoint's data order and "
+             f"batches depend on them; use the original values or another --output_dir")  # fmt: skip
+    if state["step"] > cfg.steps:  # a larger --steps extends a run; a smaller one has nothing to do
+        fail(f"--steps {cfg.steps} is below the checkpoint's step {state['step']}: pass a larger --steps to train on")
+    return resume_from, state
+
+
+def resume_state(state: dict | None, optimizer, scheduler, cfg: Config, rank: int) -> tuple[int, int]:
+    """(step, skipped updates) to start from. A new run starts at 0 with an empty metrics.jsonl; a
+    resumed one gets back the optimizer and schedule as saved, and forgets later logged steps. No random
+    state is restored: every step seeds itself from (seed, rank, step), on any number of ranks."""
+    metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
+    if state is None:
+        if rank == 0:
+            open(metrics_path, "w").close()
+        return 0, 0
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    start_step, skipped = state["step"], state["skipped"]
+    if rank == 0 and os.path.exists(metrics_path):  # forget steps logged after the checkpoint
+        with open(metrics_path) as f:
+            kept = [line for line in f if json.loads(line)["step"] <= start_step]
+        with open(metrics_path, "w") as f:
+            f.writelines(kept)
+    return start_step, skipped
+
+
+def save_checkpoint(cfg: Config, model, tok, optimizer, scheduler, step: int, skipped: int, rank: int):
+    """output_dir/checkpoint: weights, optimizer and schedule state, the step and the config; enough
+    for --resume to continue exactly (rank 0 writes it: the weights are the same on every rank)."""
+    if rank == 0:
+        state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "skipped": skipped, "config": dataclasses.asdict(cfg)}  # fmt: skip
+        save_atomically(os.path.join(cfg.output_dir, "checkpoint"), model, tok, state)
+        plot_metrics(cfg.output_dir)
 
 
 def save_atomically(path: str, model, tok, trainer_state: dict | None = None) -> None:
@@ -1198,6 +1287,93 @@ def latest_checkpoint(output_dir: str) -> str | None:
         if os.path.isfile(os.path.join(path, "trainer_state.pt")):
             return path
     return None
+
+
+def check_skipped(applied: list[bool], bad_in_a_row: int, skipped: int, step: int, cfg: Config, log) -> int:
+    """Say when a step's update was skipped as non-finite; three skipped in a row stop the run (the
+    weights were never touched, and the last checkpoint is intact). Returns the count in a row."""
+    for ok in applied:
+        bad_in_a_row = 0 if ok else bad_in_a_row + 1
+    if not all(applied):
+        log(f"step {step}: non-finite loss or gradient, update skipped ({skipped} so far)")
+    if bad_in_a_row >= 3:
+        fail(f"{bad_in_a_row} non-finite updates in a row at step {step}: lower --lr or check the rewards; "
+             f"the last checkpoint in {cfg.output_dir} is intact (--resume)")  # fmt: skip
+    return bad_in_a_row
+
+
+def seed_everything(*key) -> None:
+    """Seed Python and torch (CPU and every GPU) from a key such as (seed, rank, step)."""
+    random.seed("/".join(map(str, key)))  # a str seed is hashed (sha512): each key its own stream
+    torch.manual_seed(random.getrandbits(63))
+
+
+# ----------------------------------------------------------------------------- torchrun
+def setup_distributed(cfg: Config) -> tuple[int, int, torch.device]:
+    """(rank, world size, device). Under torchrun: one process per device, nccl on CUDA, gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    try:
+        device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        fail(f"unknown --device {cfg.device!r}: use cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        fail(f"--device {cfg.device}: CUDA is not available here; use --device cpu or install a CUDA build of torch")
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return (dist.get_rank() if world > 1 else 0), world, device
+
+
+def reduce_metrics(sums: dict[str, list[float]], world: int, device) -> dict[str, float]:
+    """sums maps a name to [total, count]; returns total/count over all ranks (count-weighted means)."""
+    names = sorted(sums)
+    t = torch.tensor([sums[k] for k in names], dtype=torch.float64, device=device).view(-1, 2)  # (M, 2)
+    if world > 1:
+        dist.all_reduce(t)
+    return {k: (t[i, 0] / t[i, 1].clamp(min=1e-12)).item() for i, k in enumerate(names)}
+
+
+def end_distributed() -> None:
+    """Wait for every rank (rank 0 may still be saving), then take the process group down. On gloo
+    with monitored_barrier: barrier() can free earlier collectives' tensors after exit has begun."""
+    if dist.get_backend() == "gloo":
+        dist.monitored_barrier()
+    else:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- Logging and plots
+def log_step(bar, m: dict, cfg: Config, bf16: bool, question: str, texts: list[str], rewards: torch.Tensor) -> None:
+    """Rank 0's record of a step m: one |-separated line (and one for an evaluation), every --sample_every
+    steps the question with its best and worst completion, and a line of metrics.jsonl."""
+    rewards_part = " ".join(f"{k[7:].removesuffix('_reward')} {v:.2f}" for k, v in m.items() if k.startswith("reward/"))
+    parts = [f"step {m['step']}/{cfg.steps}", f"reward {m['reward']:.3f} ({rewards_part})", f"acc {m['accuracy']:.3f}",
+             f"kl {m['kl']:.4f}", f"loss {m['loss']:.4f}", f"clip {m['clip_frac']:.3f}",
+             f"zero_std {m['frac_zero_std']:.2f}", f"len {m['completion_len']:.0f}", f"trunc {m['truncated_frac']:.2f}"]  # fmt: skip
+    if bf16:  # in fp32 the sampler is the policy itself: no mismatch to show
+        parts.append(f"mismatch {m['logp_mismatch']:.4f}")
+    if "tool_calls" in m:
+        parts.append(f"tools {m['tool_calls']:.2f} err {m['tool_errors']:.2f}")
+    bar.write(" | ".join([*parts, f"{m['step_time']:.1f}s", f"{m['tokens_per_s']:.0f} tok/s"]))
+    group = rewards[: cfg.group_size]  # the first question's group
+    if cfg.sample_every and m["step"] % cfg.sample_every == 0 and group.min() < group.max():
+        best, worst = int(group.argmax()), int(group.argmin())
+        bar.write(f"--- question: {question}\n--- best (reward {group[best]:.2f}):\n{texts[best]}\n"
+                  f"--- worst (reward {group[worst]:.2f}):\n{texts[worst]}\n---")  # fmt: skip
+    if any(k.startswith("eval/") for k in m):
+        bar.write(
+            f"eval step {m['step']} | " + " | ".join(f"{k} {v:.3f}" for k, v in m.items() if k.startswith("eval/"))
+        )
+    write_metrics(cfg, m)
+
+
+def write_metrics(cfg: Config, record: dict) -> None:
+    with open(os.path.join(cfg.output_dir, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
 
 
 def plot_metrics(output_dir: str) -> None:
@@ -1234,215 +1410,30 @@ def plot_metrics(output_dir: str) -> None:
     plt.close(fig)
 
 
-RESUME_MUST_MATCH = ("model", "dataset", "seed", "prompts_per_step", "group_size")  # they fix the data stream
+# ----------------------------------------------------------------------------- Command line
+def parse_config(argv: list[str] | None = None) -> Config:
+    """Every Config field becomes a --flag; its help text is the comment on its line above."""
+    helps = dict(re.findall(r"^    (\w+): \w+ = .*?  # (.*)$", inspect.getsource(Config), re.M))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    for f in dataclasses.fields(Config):
+        if f.type is bool:  # --x / --no-x; argparse appends the default to the help
+            parser.add_argument(
+                f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default, help=helps[f.name]
+            )
+        else:
+            parser.add_argument(
+                f"--{f.name}", type=f.type, default=f.default, help=f"{helps[f.name]} (default: {f.default!r})"
+            )
+    return Config(**vars(parser.parse_args(argv)))
 
 
-def read_checkpoint(cfg: Config) -> tuple[str | None, dict | None]:
-    """The checkpoint folder to continue from and its trainer state; (None, None) for a new run.
-    The state is plain data (step, optimizer and schedule state, RNG states, config)."""
-    resume_from = latest_checkpoint(cfg.output_dir)
-    if cfg.resume and resume_from is None:
-        fail(f"--resume: no checkpoint in {cfg.output_dir}: drop --resume, or pass the --output_dir of the run")
-    if not cfg.resume and resume_from is not None and not cfg.eval_only:
-        fail(f"{resume_from} holds an earlier run: pass --resume to continue it, or another --output_dir")
-    if not cfg.resume or cfg.eval_only:
-        return None, None
-    path = os.path.join(resume_from, "trainer_state.pt")
-    try:  # weights_only: tensors, numbers, strings and containers only, so a shared checkpoint runs no code
-        state = torch.load(path, map_location="cpu", weights_only=True)  # cpu: see below
-    except pickle.UnpicklingError as e:  # torch names what it refused, e.g. "GLOBAL os.system"
-        refused = re.search(r"GLOBAL (\S+)", str(e))
-        fail(f"{path} holds more than data ({refused.group(1) if refused else 'a pickled object'}), and loading it "
-             f"could run code: refused. Resume only from checkpoints that grpo.py wrote")  # fmt: skip
-    # map_location cpu: a GPU run saved its tensors as on cuda:0, and each rank would put its copy there and keep it
-    # (about 4 GB for the 0.5B model's AdamW state). From the CPU the optimizer moves its state to its parameters'
-    # device, and RNG states must be CPU tensors anyway; a checkpoint from a GPU then resumes on a CPU as well.
-    changed = [k for k in RESUME_MUST_MATCH if state["config"][k] != getattr(cfg, k)]
-    if changed:
-        fail(f"--resume with changed {', '.join(f'--{k}' for k in changed)}: the checkpoint's data order and "
-             f"batches depend on them; use the original values or another --output_dir")  # fmt: skip
-    if state["step"] > cfg.steps:  # a larger --steps extends a run; a smaller one has nothing to do
-        fail(f"--steps {cfg.steps} is below the checkpoint's step {state['step']}: pass a larger --steps to train on")
-    return resume_from, state
+def fail(message: str):
+    """Stop with one line on stderr (no traceback) and exit status 1."""
+    raise SystemExit(f"error: {message}")
 
 
-def setup_training(model, cfg: Config, resume_from: str | None, world: int, device, bf16: bool):
-    """The frozen reference model (None when beta is 0; bf16 weights under --precision bf16), the
-    policy as trained (DDP-wrapped when there are several ranks: it averages their gradients), AdamW
-    and its warmup schedule."""
-    ref_model = None
-    if cfg.beta != 0:  # the frozen reference pi_ref is the initial policy, also after a resume
-        initial = load_model(cfg.model, cfg, device)[0] if resume_from else model
-        ref_model = bf16_copy(initial) if bf16 else copy.deepcopy(initial).requires_grad_(False).eval()
-    if cfg.gradient_checkpointing:
-        model.activation_checkpointing_enable({"use_reentrant": False})
-    model.config.use_cache = False
-    ddp = torch.nn.parallel.DistributedDataParallel
-    policy = ddp(model, gradient_as_bucket_view=True) if world > 1 else model  # averages gradients; no 2nd copy
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
-    return policy, ref_model, optimizer, scheduler
-
-
-def resume_state(state: dict | None, optimizer, scheduler, cfg: Config, rank: int) -> tuple[int, int]:
-    """(step, skipped updates) to start from. A new run starts at 0 with an empty metrics.jsonl; a
-    resumed one gets back the optimizer, schedule and RNG as saved, and forgets later logged steps."""
-    metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
-    if state is None:
-        if rank == 0:
-            open(metrics_path, "w").close()
-        return 0, 0
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    start_step, skipped = state["step"], state["skipped"]
-    if rank < len(state["rng"]):
-        set_rng_state(state["rng"][rank])
-    else:  # more ranks than the run that saved: a fresh seed of its own for this rank
-        random.seed(cfg.seed + rank + 100_003 * start_step)
-        torch.manual_seed(cfg.seed + rank + 100_003 * start_step)
-    if rank == 0 and os.path.exists(metrics_path):  # forget steps logged after the checkpoint
-        with open(metrics_path) as f:
-            kept = [line for line in f if json.loads(line)["step"] <= start_step]
-        with open(metrics_path, "w") as f:
-            f.writelines(kept)
-    return start_step, skipped
-
-
-def save_checkpoint(cfg: Config, model, tok, optimizer, scheduler, step: int, skipped: int, rank: int, world: int):
-    """output_dir/checkpoint: weights, optimizer and schedule state, every rank's RNG state, the step
-    and the config; enough for --resume to continue exactly."""
-    rngs = [None] * world
-    if world > 1:
-        dist.all_gather_object(rngs, rng_state())
-    else:
-        rngs = [rng_state()]
-    if rank == 0:
-        state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "rng": rngs, "skipped": skipped, "config": dataclasses.asdict(cfg)}  # fmt: skip
-        save_atomically(os.path.join(cfg.output_dir, "checkpoint"), model, tok, state)
-        plot_metrics(cfg.output_dir)
-
-
-def check_skipped(applied: list[bool], bad_in_a_row: int, skipped: int, step: int, cfg: Config, log) -> int:
-    """Say when a step's update was skipped as non-finite; three skipped in a row stop the run (the
-    weights were never touched, and the last checkpoint is intact). Returns the count in a row."""
-    for ok in applied:
-        bad_in_a_row = 0 if ok else bad_in_a_row + 1
-    if not all(applied):
-        log(f"step {step}: non-finite loss or gradient, update skipped ({skipped} so far)")
-    if bad_in_a_row >= 3:
-        fail(f"{bad_in_a_row} non-finite updates in a row at step {step}: lower --lr or check the rewards; "
-             f"the last checkpoint in {cfg.output_dir} is intact (--resume)")  # fmt: skip
-    return bad_in_a_row
-
-
-def write_metrics(cfg: Config, record: dict) -> None:
-    with open(os.path.join(cfg.output_dir, "metrics.jsonl"), "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def log_step(bar, metrics: dict, cfg: Config, question: str, texts: list[str], rewards: torch.Tensor) -> None:
-    """Rank 0's record of a step: one |-separated line, every --sample_every steps the question with
-    its best and worst completion, the evaluation if there was one, and a line of metrics.jsonl."""
-    step = metrics["step"]
-    fn_part = " ".join(
-        f"{k[7:].removesuffix('_reward')} {v:.2f}" for k, v in metrics.items() if k.startswith("reward/")
-    )
-    bar.write(
-        f"step {step}/{cfg.steps} | reward {metrics['reward']:.3f} ({fn_part}) | acc {metrics['accuracy']:.3f} | "
-        f"kl {metrics['kl']:.4f} | loss {metrics['loss']:.4f} | clip {metrics['clip_frac']:.3f} | "
-        f"zero_std {metrics['frac_zero_std']:.2f} | len {metrics['completion_len']:.0f} | "
-        f"trunc {metrics['truncated_frac']:.2f} | mismatch {metrics['logp_mismatch']:.4f} | "
-        + (f"tools {metrics['tool_calls']:.2f} err {metrics['tool_errors']:.2f} | " if "tool_calls" in metrics else "")
-        + f"{metrics['step_time']:.1f}s | {metrics['tokens_per_s']:.0f} tok/s"
-    )
-    if cfg.sample_every and step % cfg.sample_every == 0:
-        G = cfg.group_size
-        best, worst = int(rewards[:G].argmax()), int(rewards[:G].argmin())
-        bar.write(
-            f"--- question: {question}\n--- best (reward {rewards[best]:.2f}):\n{texts[best]}\n"
-            f"--- worst (reward {rewards[worst]:.2f}):\n{texts[worst]}\n---"
-        )
-    if any(k.startswith("eval/") for k in metrics):
-        bar.write(
-            f"eval step {step} | " + " | ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k.startswith("eval/"))
-        )
-    write_metrics(cfg, metrics)
-
-
-def main(cfg: Config, on_step=None) -> None:
-    """Train (or with --eval_only, evaluate). on_step(step, model, metrics, sums) is an optional hook
-    called on every rank after every step, sums being this rank's {name: [total, count]} (for tests)."""
-    check_config(cfg)
-    train_rows, test_rows = load_data(cfg)  # the user's data first: wrong columns or answers stop here
-    rank, world, device = setup_distributed(cfg)
-    if cfg.prompts_per_step % world:
-        fail(
-            f"--prompts_per_step {cfg.prompts_per_step} does not divide over {world} processes: use a multiple of {world}"
-        )
-    random.seed(cfg.seed + rank)  # sampling differs per rank; model and data order are the same everywhere
-    torch.manual_seed(cfg.seed + rank)
-    os.makedirs(cfg.output_dir, exist_ok=True)
-    log = print if rank == 0 else (lambda *a, **k: None)
-    bf16 = use_bf16(cfg, device)
-    dtype = "bf16 compute over fp32 weights, bf16 sampler" if bf16 else "fp32"
-    log(f"device {device} | dtype {dtype} | ranks {world}")
-
-    resume_from, state = read_checkpoint(cfg)
-    model, tok = load_model(resume_from or cfg.model, cfg, device)
-    sampler = bf16_copy(model) if bf16 else model  # rollouts read bf16 weights once per token, keep a bf16 cache
-    if cfg.eval_only:
-        metrics = evaluate(sampler, tok, test_rows, cfg, 0, device, rank, world) if test_rows else {}
-        log(" | ".join(f"{k} {v:.3f}" for k, v in metrics.items()) + f" | {len(test_rows)} problems")
-        if rank == 0:
-            write_metrics(cfg, {"step": 0, **metrics})
-        if world > 1:
-            end_distributed()
-        return
-
-    policy, ref_model, optimizer, scheduler = setup_training(model, cfg, resume_from, world, device, bf16)
-    start_step, skipped = resume_state(state, optimizer, scheduler, cfg, rank)
-    if resume_from:
-        log(f"resumed from {resume_from} at step {start_step} of {cfg.steps}")
-    elif test_rows:
-        metrics = evaluate(sampler, tok, test_rows, cfg, 0, device, rank, world)
-        log("eval step 0 | " + " | ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
-        if rank == 0:
-            write_metrics(cfg, {"step": 0, **metrics})
-
-    n_local, bad_in_a_row = cfg.prompts_per_step // world, 0  # prompts per rank
-    bar = tqdm(range(start_step + 1, cfg.steps + 1), initial=start_step, total=cfg.steps, disable=rank != 0,
-               desc="grpo", dynamic_ncols=True)  # fmt: skip
-    for step in bar:
-        t0 = time.time()
-        first = (step - 1) * cfg.prompts_per_step + rank * n_local  # this rank's share of the step's prompts
-        rows = [train_rows[i] for i in prompt_indices(len(train_rows), first, n_local, cfg.seed)]
-        lr = scheduler.get_last_lr()[0]  # the rate this step's updates use (logged before the schedule moves)
-        sums, applied, texts, rewards = grpo_step(policy, sampler, ref_model, tok, optimizer, rows, cfg, world)
-        if any(applied):  # the schedule counts applied updates: warmup starts at the first real one
-            scheduler.step()
-        skipped += applied.count(False)
-        bad_in_a_row = check_skipped(applied, bad_in_a_row, skipped, step, cfg, log)
-        sums["skipped_updates"] = [float(skipped), 1.0]
-        metrics = reduce_metrics(sums, world, device)  # count-weighted means over all ranks
-        step_time = time.time() - t0
-        tokens_per_s = metrics["completion_len"] * len(texts) * world / step_time  # completion tokens, all ranks
-        metrics.update(step=step, lr=lr, step_time=step_time, tokens_per_s=tokens_per_s)
-        if test_rows and (step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0)):
-            metrics.update(evaluate(sampler, tok, test_rows, cfg, step, device, rank, world))
-        if rank == 0:
-            log_step(bar, metrics, cfg, rows[0]["question"], texts, rewards)
-        if on_step is not None:
-            on_step(step, model, metrics, sums)
-        if cfg.save_every and (step % cfg.save_every == 0 or step == cfg.steps):  # the last step too: runs get extended
-            save_checkpoint(cfg, model, tok, optimizer, scheduler, step, skipped, rank, world)
-    bar.close()
-    if rank == 0:
-        save_atomically(os.path.join(cfg.output_dir, "final"), model, tok)
-        plot_metrics(cfg.output_dir)
-        log(f"saved {os.path.join(cfg.output_dir, 'final')} (AutoModelForCausalLM.from_pretrained loads it)")
-    if world > 1:
-        end_distributed()
+def first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 if __name__ == "__main__":
