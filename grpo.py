@@ -1002,6 +1002,8 @@ def load_rows(cfg: Config, split: str) -> list[dict]:
         if not files:
             fail(f"no {split}.jsonl/.json/.parquet in folder {path}: add one, or pass another --dataset")
     elif os.path.isfile(path):
+        if split != "train":
+            fail(f"dataset file {path} has no {split} split: pass a folder with train and test files, or --eval_size 0")
         files = [path]
     elif looks_local(path):
         fail(f"dataset path {path} does not exist: pass an existing file or folder, or a hub id like openai/gsm8k")

@@ -376,7 +376,6 @@ def test_score_weights_and_names(monkeypatch):
         ("0.1 + 0.2", "0.3"),
         ("2.50 * 2", "5"),
         ("3.14159 * 2", "6.28318"),
-        ("1.5e3", "1500"),
         ("0.0000001", "0"),
         ("-0.0000001", "0"),  # not '-0'
         ("0.00001", "0.00001"),  # not '1e-05'
@@ -391,8 +390,8 @@ def test_score_weights_and_names(monkeypatch):
         ("10 ** 30", "1" + "0" * 30),  # the largest allowed magnitude
         ("-(10 ** 30)", "-1" + "0" * 30),
         ("10 ** 30 / 10", "1" + "0" * 29),  # exact, not a rounded float
-        ("1e12 / 3", "333333333333.333"),  # 15 significant digits, no float noise
-        ("1e20 + 0.5", "1e+20"),
+        ("1000000000000 / 3", "333333333333.333"),  # 15 significant digits, no float noise
+        ("100000000000000000000 + 0.5", "1e+20"),
         ("1+" * 99 + "1", "100"),  # 199 characters, 99 levels deep
         ("(" * 99 + "1" + ")" * 99, "1"),  # parentheses add no depth to the tree
     ],
@@ -634,7 +633,7 @@ def test_tool_reward_follows_results_from_call_to_call():
     assert grpo.tool_reward(chained, "31") == 0.0  # without the question, no number is known
 
 
-@pytest.mark.parametrize("expression", ["1_200", "12e2", "1.2E3", "0x4B0", "0o2260", "0b10010110000", "1_2.5"])
+@pytest.mark.parametrize("expression", ["1_200", "12e2", "1.5e3", "1.2E3", "0x4B0", "0o2260", "0b10010110000", "1_2.5"])
 def test_calculator_reads_plain_decimal_numbers_only(expression):
     assert grpo.calculator(expression) == "error: write numbers as plain decimals, like 1200 or 0.5"
     assert grpo.calculator("1200 + .5 - 0.5 + 5. - 5") == "1200"  # decimals in every written form still work
@@ -1076,9 +1075,10 @@ def test_a_sampler_that_differs_is_clipped_and_the_update_bounded(tiny_qwen):
     model, tok = load(tiny_qwen)
     model.train()
     sampler = grpo.bf16_copy(model)
+    torch.manual_seed(1)
     with torch.no_grad():
         for p in sampler.parameters():
-            p.add_(0.5 * p.float().std() * torch.randn(p.shape).bfloat16())
+            p.add_(3 * p.float().std() * torch.randn(p.shape).bfloat16())
     batch = sampled_batch(model, tok, sampler)
     adv = torch.tensor([1.0, -1.0, 0.5, -0.5, 1.5, -1.5, 0.2, -0.2])
     stats, clipped = grads_with(model, batch, batch[5], grpo.Config(beta=0.0, max_new_tokens=10), adv)
@@ -1824,6 +1824,38 @@ def test_dataset_errors(tiny_model, tmp_path, capsys):
         grpo.load_rows(grpo.Config(dataset=str(tmp_path / "single.jsonl")), "test")
 
 
+def test_plain_numeric_answers_are_their_own_gold(tmp_path, capsys):
+    """People's own data: an answer that is one number (a string or a JSON number) is the gold answer;
+    GSM8K's '#### N' still works; anything else is skipped with a count, or named with both forms."""
+    rows = [{"question": "2+3?", "answer": "5"}, {"question": "q", "answer": " 1,234 "}, {"question": "q", "answer": -3},
+            {"question": "q", "answer": "3.5"}, {"question": "q", "answer": "so\n#### 7"}, {"question": "q", "answer": "five"},
+            {"question": "q", "answer": "2+3"}]  # fmt: skip
+    for i, row in enumerate(rows):  # each row alone, so that the JSON column types never mix
+        write_jsonl(tmp_path / f"r{i}.jsonl", [row])
+    golds = []
+    for i in range(5):
+        golds += [r["gold"] for r in grpo.load_rows(grpo.Config(dataset=str(tmp_path / f"r{i}.jsonl")), "train")]
+    assert golds == ["5", "1234", "-3", "3.5", "7"]
+    assert grpo.correctness_reward("<answer>1,234</answer>", "1234") == 1.0
+    write_jsonl(tmp_path / "mixed.jsonl", [{"question": "q", "answer": a} for a in ["5", "so\n#### 7", "five", "2+3"]])
+    assert [r["gold"] for r in grpo.load_rows(grpo.Config(dataset=str(tmp_path / "mixed.jsonl")), "train")] == [
+        "5",
+        "7",
+    ]
+    assert "skipped 2 of 4 train rows" in capsys.readouterr().err
+    write_jsonl(tmp_path / "bad.jsonl", [{"question": "q", "answer": "five"}])
+    with pytest.raises(SystemExit) as e:
+        grpo.load_rows(grpo.Config(dataset=str(tmp_path / "bad.jsonl")), "train")
+    assert "\n" not in str(e.value) and "'#### <number>'" in str(e.value) and "1,234" in str(e.value)
+
+
+def test_offline_hub_error_names_the_local_way(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SystemExit) as e:
+        grpo.load_rows(grpo.Config(dataset="nobody/no-such-dataset"), "train")
+    assert "\n" not in str(e.value) and "HF_HUB_OFFLINE=1" in str(e.value) and "--dataset" in str(e.value)
+
+
 def test_single_data_file_trains_without_evaluation(tiny_model, tmp_path, capsys):
     single = tmp_path / "mine.jsonl"
     write_jsonl(single, arithmetic_rows(16, 0))
@@ -1847,7 +1879,7 @@ def test_data_is_checked_before_anything_else(tiny_model, tmp_path, monkeypatch)
     single = tmp_path / "mine.jsonl"
     for rows, words in [
         ([{"prompt": "1+1", "solution": "2"}], "lacks column(s) ['answer', 'question']"),
-        ([{"question": "1+1", "answer": "2"}], "none of the 1 answers"),
+        ([{"question": "1+1", "answer": "two"}], "none of the 1 answers"),
     ]:
         write_jsonl(single, rows)
         cfg = tiny_config("/no/such/model", str(single), tmp_path, resume=True, device="tpu-ish")
@@ -1908,6 +1940,7 @@ def test_distributed_two_processes(tiny_model, tiny_data, tmp_path, tools):
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.load(open(tmp_path / "out" / f"rank{r}.json")) for r in range(2)]
     assert [r["step"] for r in ranks[0]] == [1, 2, 3]
+    counts_differ = []
     for step in range(3):
         a, b = ranks[0][step], ranks[1][step]
         assert a["same"] and b["same"]  # parameters identical on both ranks after every step
@@ -1918,8 +1951,9 @@ def test_distributed_two_processes(tiny_model, tiny_data, tmp_path, tools):
         for k, (total_a, count_a) in a["sums"].items():  # means weighted by counts (tokens for kl, clip_frac)
             total_b, count_b = b["sums"][k]
             assert a["metrics"][k] == pytest.approx((total_a + total_b) / (count_a + count_b), rel=1e-9, abs=1e-12)
-        assert a["sums"]["kl"][1] != b["sums"]["kl"][1]  # the ranks' token counts differ, so weighting matters
+        counts_differ.append(a["sums"]["kl"][1] != b["sums"]["kl"][1])
         assert a["metrics"]["tool_calls"] > 0 if tools else "tool_calls" not in a["metrics"]
+    assert any(counts_differ)  # somewhere the ranks' token counts differ, so the weighting above is tested
     logged = [r for r in read_metrics(grpo.Config(output_dir=cfg["output_dir"])) if "reward" in r]
     assert [r["reward"] for r in logged] == pytest.approx([r["metrics"]["reward"] for r in ranks[0]])
     assert os.path.exists(tmp_path / "out" / "final" / "config.json")
