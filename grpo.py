@@ -379,12 +379,9 @@ def frozen_logprobs(model, prompt_ids, prompt_mask, completion_ids, micro_batch_
     """token_logprobs (B, L) of a model that is not being trained (pi_ref)."""
     B, G = completion_ids.shape[0], completion_ids.shape[0] // prompt_ids.shape[0]
     with autocast(prompt_ids.device, bf16):
-        return torch.cat(
-            [
-                token_logprobs(model, prompt_ids[p], prompt_mask[p], completion_ids[s], index, temperature)
-                for s, p, index in micro_batches(B, micro_batch_size, G, prompt_ids.device)
-            ]
-        )
+        parts = [token_logprobs(model, prompt_ids[p], prompt_mask[p], completion_ids[s], index, temperature)
+                 for s, p, index in micro_batches(B, micro_batch_size, G, prompt_ids.device)]  # fmt: skip
+    return torch.cat(parts)
 
 
 def accumulate_gradients(policy, prompt_ids, prompt_mask, completion_ids, lengths, by_env, advantages, old_logp,
@@ -1162,9 +1159,8 @@ def load_model(name: str, cfg: Config, device):
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as e:
-        fail(
-            f"could not load model {name!r}: {first_line(e)} Check the name and your network (HF_HUB_OFFLINE), or pass a local folder"
-        )
+        fail(f"could not load model {name!r}: {first_line(e)} Check the name and your network (offline: "
+             f"HF_HUB_OFFLINE=1), or pass a local folder")  # fmt: skip
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token  # safe: masks come from lengths, never from token values
     model.to(device)
