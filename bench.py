@@ -14,6 +14,13 @@ plain = the straightforward path: model.generate over the P*G repeated prompts w
 Weights are random (--random_init) and no completion ends early, so both paths do exactly the same
 amount of work whatever the weights. Each path runs in its own process, so peak memory (CUDA max
 allocated, or peak RSS on CPU) is its own. Prints a table and one JSON line.
+
+    python bench.py --memory --model qwen-shape                 # peak GPU memory of the default job, on CPU
+
+--memory predicts the peak GPU memory of one grpo.py training step on CUDA without a GPU: grpo.py's
+own code (bf16_copy, setup_training, rollout, frozen_logprobs, accumulate_gradients, clip_and_step,
+refresh_sampler) runs on fake tensors (shapes and dtypes, no storage) while torch's MemTracker counts
+the live bytes of each kind. Only the model's config is read. Sizes default to grpo.py's defaults.
 """
 
 import argparse
@@ -24,9 +31,14 @@ import resource
 import subprocess
 import sys
 import time
+import warnings
+import weakref
+from unittest import mock
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.distributed._tools.mem_tracker import MemTracker
+from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
 import grpo
 
@@ -175,27 +187,291 @@ def run_path(args) -> dict:
     }
 
 
+# ----------------------------------------------------------------------------- --memory
+MEMORY_PHASES = ["setup", "prefill", "decode", "ref_logp", "policy_fwd_bwd", "optimizer"]
+CARDS_GB = (16, 24, 40, 80)
+
+
+class StopDecoding(Exception):
+    pass
+
+
+class StepTracker(MemTracker):
+    """MemTracker (live tensor bytes by kind: parameters, buffers, gradients, activations, backward
+    temporaries, optimizer state) over one step, with four changes (to its private hooks):
+    - it keeps the peak of each phase, with the bytes the KV caches hold at that moment, instead of
+      per-module peaks;
+    - it answers the reads to Python that a fake tensor cannot (.item(), int(), bool()): with
+      ignore_eos every completion runs to L tokens, so an integer read (a length) is L, a finite
+      check is True and a metric is 1.0. They decide nothing else here;
+    - frozen models (sampler, reference) get no gradient hooks: MemTracker would fail on them;
+    - every model call counts as a first call: MemTracker refuses a second call of a model, and a
+      rollout calls the sampler once per token."""
+
+    def __init__(self, new_tokens: int, kv_bytes):
+        super().__init__()
+        self.new_tokens, self.kv_bytes, self.phase, self.peaks = new_tokens, kv_bytes, "setup", {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            t = args[0]
+            return True if t.dtype == torch.bool else 1.0 if t.is_floating_point() else self.new_tokens
+        if func is torch.ops.prim.device.default:  # asked of every tensor in backward; allocates nothing
+            return func(*args, **(kwargs or {}))
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+    def _update_peak_stats(self, peak_state) -> None:  # after every op
+        for snap in self._curr_mem_snap.values():  # one device
+            if snap["Total"] > self.peaks.get(self.phase, {}).get("Total", -1):
+                self.peaks[self.phase] = {getattr(k, "name", k): v for k, v in snap.items()} | {"KV": self.kv_bytes()}
+
+    def _pre_fw_hook(self, module, inputs) -> None:
+        if not self._mod_tracker.is_bw:  # in backward it is a checkpointed layer's recompute: keep it
+            self.memory_tracking.pop(module, None)
+        super()._pre_fw_hook(module, inputs)
+
+    def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
+        trainable = any(p.requires_grad for p in module.parameters())
+        return super()._track_module_params_and_buffers(module, install_grad_hooks and trainable)
+
+
+def param_bytes(model) -> int:
+    return 0 if model is None else sum(p.nbytes for p in model.parameters())  # tied weights counted once
+
+
+def predict_memory(args) -> dict:
+    """One steady-state training step of grpo.py (grpo_step's phases, mu = 1, one process) as it
+    runs on CUDA, on fake tensors: per-phase peaks (bytes by kind) and the numbers to read them by.
+
+    The fake tensors live on the CPU under CPU bf16 autocast: fake CUDA tensors do not work in a
+    CPU-only torch (autocast('cuda') turns itself off without CUDA, and attention with a mask
+    aborts). AdamW is switched to foreach, its default on CUDA. Its state exists before the step,
+    as from the job's second step on: a first AdamW step on zero gradients makes it during setup.
+    The first decode_steps decode steps run; each later one only adds one token per row to the KV
+    cache (no other tensor outlives a step), which is added to the decode peak."""
+    config = AutoConfig.from_pretrained(args.model)
+    bf16 = args.precision != "fp32"  # auto is bf16 on CUDA, the machine predicted here
+    N, G, P, L = args.prompts, args.group_size, args.prompt_len, args.new_tokens
+    B = N * G
+    mb = B if args.micro_batch_size < 0 else min(args.micro_batch_size, B)
+    cfg = grpo.Config(prompts_per_step=N, group_size=G, max_new_tokens=L, micro_batch_size=mb, beta=args.beta,
+                      precision="bf16" if bf16 else "fp32", gradient_checkpointing=args.gradient_checkpointing)  # fmt: skip
+    device = torch.device("cpu")
+    k = L if args.decode_steps < 0 else min(max(args.decode_steps, 1), L)
+    caches, at_stop, steps = weakref.WeakSet(), {}, 0
+
+    def new_cache(**kw):  # grpo's DynamicCache, remembered so that kv_bytes can find it
+        cache = DynamicCache(**kw)
+        caches.add(cache)
+        return cache
+
+    def kv_bytes() -> int:
+        layers = [layer for cache in caches for layer in cache.layers]
+        return sum(t.nbytes for layer in layers for t in (layer.keys, layer.values) if isinstance(t, torch.Tensor))
+
+    def sample(logits, temperature):  # grpo.sample, called once per decode step: marks the phase, stops at k
+        nonlocal steps
+        tracker.phase, steps = "decode", steps + 1
+        if steps > k:
+            at_stop["kv"] = kv_bytes()  # the cache now holds P + k tokens of every row
+            raise StopDecoding
+        return real_sample(logits, temperature)
+
+    real_sample = grpo.sample
+    warnings.filterwarnings("ignore", "Accessing the data pointer of FakeTensor")  # deepcopy asks; fake has none
+    fake = FakeTensorMode()
+    fake.__deepcopy__ = lambda memo: fake  # bf16_copy deep-copies the model: its copy stays in this mode
+    t0 = time.perf_counter()
+    with (
+        fake,
+        StepTracker(L, kv_bytes) as tracker,
+        mock.patch.object(grpo, "DynamicCache", new_cache),
+        mock.patch.object(grpo, "sample", sample),
+    ):
+        # setup, as grpo.main: fp32 policy, bf16 sampler, reference and AdamW (setup_training)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        sampler = grpo.bf16_copy(model) if bf16 else model
+        policy, ref, optimizer, _ = grpo.setup_training(model, cfg, None, 1, device, bf16)
+        for group in optimizer.param_groups:
+            group["foreach"] = True
+        tracker.track_external(model, sampler, ref)  # made under the tracker: labelled activations so far
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        # the step: rollout -> reference log-probs -> update (grpo_step)
+        tracker.phase = "prefill"
+        prompt_ids = torch.randint(0, config.vocab_size, (N, P))
+        prompt_mask = torch.ones_like(prompt_ids)
+        advantages = torch.zeros(B)
+        sampler.eval()
+        try:
+            completion, lengths, _, sample_logp, by_env = grpo.rollout(
+                sampler, prompt_ids, prompt_mask, G, L, 1.0, [0], 0, ignore_eos=True
+            )
+        except StopDecoding:  # after k of L decode steps: the rest of the rollout's outputs, same shapes
+            completion, lengths = torch.randint(0, config.vocab_size, (B, L)), torch.full((B,), L)
+            sample_logp, by_env = torch.zeros(B, L), torch.zeros(B, L, dtype=torch.bool)
+        model.train()
+        tracker.phase = "ref_logp"
+        args_ = (prompt_ids, prompt_mask, completion, mb, 1.0, bf16)
+        ref_logp = grpo.frozen_logprobs(ref, *args_) if ref is not None else None
+        tracker.phase = "policy_fwd_bwd"
+        optimizer.zero_grad(set_to_none=True)
+        stats = grpo.accumulate_gradients(policy, prompt_ids, prompt_mask, completion, lengths, by_env, advantages,
+                                          sample_logp, ref_logp, cfg, mb, 1, mismatch=True)  # fmt: skip
+        tracker.phase = "optimizer"
+        grpo.clip_and_step(model, optimizer, stats["loss"][0], cfg.max_grad_norm, 1)
+        grpo.refresh_sampler(sampler, model)
+        sizes = {
+            "weights": param_bytes(model),
+            "sampler": param_bytes(sampler) if sampler is not model else 0,
+            "reference": param_bytes(ref),
+            "optimizer_state": sum(t.nbytes for state in optimizer.state.values() for t in state.values()),
+        }
+        n_params = sum(p.numel() for p in model.parameters())
+    seconds = time.perf_counter() - t0
+    kv_per_token = at_stop["kv"] // (P + k) if at_stop else 0  # bytes per token of all B rows
+    if at_stop:
+        tracker.peaks["decode"]["Total"] += (L - k) * kv_per_token
+        tracker.peaks["decode"]["KV"] += (L - k) * kv_per_token
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_heads, layers = config.num_key_value_heads, config.num_hidden_layers
+    kv_analytic = 2 * layers * B * (P + L) * kv_heads * head_dim * (2 if bf16 else 4)  # K and V, every row and slot
+    return {
+        "peaks": tracker.peaks, "sizes": sizes, "params": n_params, "decode_steps_run": k,
+        "kv_bytes_per_token": kv_per_token, "kv_cache_analytic_bytes": kv_analytic, "seconds": seconds,
+        "micro_batch_size": mb, "bf16": bf16,
+    }  # fmt: skip
+
+
+def breakdown(snap: dict, sizes: dict) -> dict[str, int]:
+    """A phase's peak by kind, in bytes; the kinds add up to its total. Parameters are split by model,
+    the optimizer's bytes into its state and its step's temporaries, activations into KV cache and rest."""
+    params, out = snap["PARAM"], {}
+    for name in ("weights", "sampler", "reference"):  # the models' own sizes, as far as labelled parameters go
+        out[name] = min(params, sizes[name])
+        params -= out[name]
+    out["buffers"] = snap["BUFFER"]
+    out["gradients"] = snap["GRAD"]
+    out["optimizer_state"] = min(snap["OPT"], sizes["optimizer_state"])
+    out["optimizer_temporaries"] = snap["OPT"] - out["optimizer_state"]
+    out["kv_cache"] = snap["KV"]
+    out["activations"] = snap["ACT"] - snap["KV"]  # KV tensors are made in forward: MemTracker calls them activations
+    out["backward_temporaries"] = snap["TEMP"]
+    out["other"] = snap["OTH"] + params
+    return out
+
+
+def report_memory(args, result: dict) -> None:
+    GiB = 2**30
+    peaks = result["peaks"]
+    peak_phase = max(peaks, key=lambda k: peaks[k]["Total"])
+    total = peaks[peak_phase]["Total"]
+    parts = breakdown(peaks[peak_phase], result["sizes"])
+    B, k, L = args.prompts * args.group_size, result["decode_steps_run"], args.new_tokens
+    print(
+        f"\npredicted peak GPU memory of one grpo.py training step on CUDA | model {args.model} "
+        f"({result['params'] / 1e6:.1f}M params) | P={args.prompts} G={args.group_size} (B={B}) prompt "
+        f"{args.prompt_len} new {L} | micro-batch {result['micro_batch_size']} | beta {args.beta} | "
+        f"{'bf16' if result['bf16'] else 'fp32'} | gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}"
+    )
+    print(
+        "grpo.py's own code on fake tensors (no storage) of device cpu, CPU bf16 autocast standing in for CUDA's\n"
+        "(fake CUDA tensors need a CUDA build of torch); torch's MemTracker counts the live bytes of each kind\n"
+    )
+    print(f"{'phase':<16}{'peak GiB':>10}")
+    for name in MEMORY_PHASES:
+        if name in peaks:
+            note = "   <- peak" if name == peak_phase else ""
+            if name == "decode" and k < L:
+                note += f"   (ran {k} of {L} steps; the other {L - k} add {(L - k) * result['kv_bytes_per_token'] / GiB:.2f} GiB of KV cache, counted)"
+            print(f"{name:<16}{peaks[name]['Total'] / GiB:>10.2f}{note}")
+    labels = {
+        "weights": "weights (fp32 policy)", "sampler": "sampler copy (bf16)", "reference": "reference copy",
+        "buffers": "buffers (rotary)", "gradients": "gradients (fp32)", "optimizer_state": "AdamW state (fp32)",
+        "optimizer_temporaries": "AdamW step temporaries", "kv_cache": "KV cache", "activations": "activations",
+        "backward_temporaries": "backward temporaries", "other": "other",
+    }  # fmt: skip
+    print(f"\n{'at the peak (' + peak_phase + ')':<34}{'GiB':>8}{'GB':>9}")
+    for name, n in parts.items():
+        print(f"  {labels[name]:<32}{n / GiB:>8.2f}{n / 1e9:>9.2f}")
+    print(f"  {'total':<32}{total / GiB:>8.2f}{total / 1e9:>9.2f}")
+    print(
+        f"KV cache of the rollout at full length: analytic 2*layers*B*(P+L)*kv_heads*head_dim*bytes = "
+        f"{result['kv_cache_analytic_bytes'] / GiB:.2f} GiB, counted {peaks['decode']['KV'] / GiB:.2f} GiB "
+        f"(the last token's keys are never computed)"
+    )
+    fits = {}
+    for gb in CARDS_GB:
+        fits[gb] = "fits" if total <= 0.85 * gb * GiB else "tight" if total <= gb * GiB else "no"
+    print(
+        "\ncards: a card sold as N GB has N GiB of memory, a little less usable (79.2 GiB on an 80 GB H100). "
+        "fits = peak <= 0.85 N GiB (room for the CUDA context, allocator fragmentation, kernel workspaces); "
+        "tight = peak <= N GiB, may run out"
+    )
+    print("  " + " | ".join(f"{gb} GB: {v}" for gb, v in fits.items()))
+    print(
+        "\nnot seen here: the CUDA caching allocator's rounding and fragmentation (reserved memory runs above\n"
+        "allocated, more so as the KV cache grows a token at a time; PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True\n"
+        "helps); the CUDA context (~0.3-0.5 GiB) and kernel workspaces (cuBLAS, attention); CPU kernels and CPU\n"
+        "autocast stand in for CUDA's and can allocate differently (attention here is CPU flash attention: it keeps no\n"
+        "(L, L) scores, as CUDA's flash / memory-efficient kernels); DDP buffers are not modelled.\n"
+        f"Host reads were answered, not computed (lengths L, finite checks true, metrics 1). Ran in {result['seconds']:.0f} s.\n"
+    )
+    summary = {
+        "peak_gib": total / GiB, "peak_bytes": total, "peak_phase": peak_phase,
+        "breakdown_bytes": parts, "phase_peak_gib": {name: peaks[name]["Total"] / GiB for name in peaks},
+        "phase_kv_cache_bytes": {name: peaks[name]["KV"] for name in peaks},
+        "kv_cache_analytic_bytes": result["kv_cache_analytic_bytes"], "params": result["params"],
+        "decode_steps_run": k, "fits": {f"{gb}GB": v for gb, v in fits.items()}, "seconds": result["seconds"],
+        "args": {key: v for key, v in vars(args).items() if key != "path"},
+    }  # fmt: skip
+    print(json.dumps(summary))
+
+
 def main() -> None:
+    cfg = grpo.Config()  # --memory predicts the job grpo.py runs by default
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--model", required=True, help="model folder or hub id (with --random_init: only its config is used)"
     )
     p.add_argument("--random_init", action="store_true", help="random weights of the model's shape")
-    p.add_argument("--prompts", type=int, default=4, help="P: distinct prompts per step")
-    p.add_argument("--group_size", type=int, default=8, help="G: samples per prompt")
+    p.add_argument("--prompts", type=int, help=f"P: distinct prompts per step (4; --memory {cfg.prompts_per_step})")
+    p.add_argument("--group_size", type=int, help=f"G: samples per prompt (8; --memory {cfg.group_size})")
     p.add_argument("--prompt_len", type=int, default=200, help="prompt tokens")
-    p.add_argument("--new_tokens", type=int, default=64, help="completion tokens, forced (no early EOS)")
-    p.add_argument("--beta", type=float, default=0.04, help="KL weight; 0 = no reference pass")
-    p.add_argument("--micro_batch_size", type=int, default=-1, help="fast path micro-batch; -1 = whole batch")
+    p.add_argument(
+        "--new_tokens", type=int, help=f"completion tokens, no early EOS (64; --memory {cfg.max_new_tokens})"
+    )
+    p.add_argument("--beta", type=float, help=f"KL weight; 0 = no reference pass (0.04; --memory {cfg.beta})")
+    p.add_argument(
+        "--micro_batch_size", type=int, help=f"micro-batch; -1 = whole batch (-1; --memory {cfg.micro_batch_size})"
+    )
     p.add_argument("--gradient_checkpointing", action="store_true", help="both paths")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="as grpo.py's --precision")
+    p.add_argument(
+        "--precision", default="auto", choices=["auto", "fp32", "bf16"], help="as grpo.py's; --memory: auto = bf16"
+    )
     p.add_argument("--repeats", type=int, default=2, help="timed repeats after one warmup (median reported)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument(
         "--bandwidth_gbs", type=float, default=0.0, help="GPU memory bandwidth for the decode roofline (GB/s)"
     )
+    p.add_argument("--memory", action="store_true", help="predict the peak GPU memory of one step, on CPU")
+    p.add_argument(
+        "--decode_steps", type=int, default=16, help="--memory: decode steps run; the rest are counted; -1 = all"
+    )
     p.add_argument("--path", choices=["fast", "plain"], help=argparse.SUPPRESS)  # internal: one path in this process
     args = p.parse_args()
+    defaults = {"prompts": 4, "group_size": 8, "new_tokens": 64, "beta": 0.04, "micro_batch_size": -1}
+    if args.memory:
+        defaults = {"prompts": cfg.prompts_per_step, "group_size": cfg.group_size, "new_tokens": cfg.max_new_tokens,
+                    "beta": cfg.beta, "micro_batch_size": cfg.micro_batch_size}  # fmt: skip
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.memory:
+        report_memory(args, predict_memory(args))
+        return
     if args.path:
         print(json.dumps(run_path(args)))
         return

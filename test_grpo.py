@@ -2090,3 +2090,48 @@ def test_bench_runs_the_bf16_path(tiny_qwen):
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["fast"]["seconds"]["step"] > 0 and summary["plain"]["seconds"]["step"] > 0
     assert set(summary["speedup"]) >= {"rollout", "decode", "step"}
+
+
+def test_bench_memory_predicts_a_step_by_kind(tiny_qwen):
+    """bench.py --memory on the tiny Qwen2 (fake tensors, MemTracker): the kinds add up to the peak,
+    the weights and the KV cache are the sizes worked out by hand, a larger micro-batch needs more, and
+    a decode loop cut short and counted predicts what the whole loop measures."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    N, G, P, L = 2, 2, 32, 8
+    args = [os.path.join(HERE, "bench.py"), "--memory", "--model", tiny_qwen, "--prompts", str(N), "--group_size"]
+    args += [str(G), "--prompt_len", str(P), "--new_tokens", str(L), "--micro_batch_size"]
+    procs = {  # both at once: most of each run is importing torch
+        mb: subprocess.Popen(
+            [sys.executable, *args, str(mb), "--decode_steps", "3" if mb == 2 else "-1"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for mb in (2, 4)
+    }
+    runs = {}
+    for mb, proc in procs.items():
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-2000:]
+        runs[mb] = json.loads(out.strip().splitlines()[-1])
+    small, large = runs[2], runs[4]
+    config = AutoConfig.from_pretrained(tiny_qwen)
+    n = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())  # tied embeddings once
+    parts = small["breakdown_bytes"]
+    assert small["peak_gib"] > 0 and small["peak_phase"] == "policy_fwd_bwd"
+    assert sum(parts.values()) == small["peak_bytes"]
+    assert small["peak_gib"] == pytest.approx(small["peak_bytes"] / 2**30)
+    assert (parts["weights"], parts["sampler"], parts["reference"]) == (4 * n, 2 * n, 2 * n)  # fp32 policy, 2 bf16
+    assert parts["gradients"] == 4 * n and parts["optimizer_state"] >= 8 * n  # 2nd micro-batch: every gradient
+    assert parts["activations"] > 0 and parts["backward_temporaries"] > 0
+    head_dim = config.hidden_size // config.num_attention_heads
+    analytic = 2 * config.num_hidden_layers * N * G * (P + L) * config.num_key_value_heads * head_dim * 2  # bf16 K, V
+    assert large["kv_cache_analytic_bytes"] == analytic and large["decode_steps_run"] == L
+    kv = large["phase_kv_cache_bytes"]["decode"]  # the last step's: P + L - 1 slots (the last token is not fed)
+    assert analytic * (P + L - 2) / (P + L) <= kv <= analytic * (P + L - 1) / (P + L)
+    assert small["decode_steps_run"] == 3  # 3 of 8 run, the KV cache of the other 5 counted: within one token
+    decode = small["phase_peak_gib"]["decode"] - large["phase_peak_gib"]["decode"]
+    assert abs(decode) * 2**30 <= analytic / (P + L)
+    assert large["peak_bytes"] > small["peak_bytes"]
+    assert large["breakdown_bytes"]["activations"] > parts["activations"]
