@@ -96,7 +96,7 @@ class Config:
     mu: int = 1  # mu: optimizer steps per rollout batch, all with pi_old = the policy that sampled
     loss_type: str = "grpo"  # normalization: grpo (paper), dapo (token mean), dr_grpo (constant)
     scale_rewards: bool = True  # divide advantages by the group's reward std (paper); off = Dr. GRPO
-    micro_batch_size: int = 16  # completions per forward/backward (gradient accumulation); -1 = all
+    micro_batch_size: int = 8  # completions per forward/backward (gradient accumulation); -1 = all
     gradient_checkpointing: bool = False  # recompute activations in backward to save memory
     precision: str = "auto"  # bf16 (bf16 compute and sampling over fp32 weights), fp32, or auto (bf16 on CUDA)
     tools: str = ""  # "calculator": the model may write <calc>EXPR</calc> mid-answer and read <result>; "" = off
