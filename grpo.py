@@ -10,7 +10,7 @@ Run it:
     torchrun --nproc_per_node 8 grpo.py              # the same job data-parallel on 8 GPUs
     python grpo.py --model PATH --dataset ../shared/data/gsm8k --device cpu \\
         --steps 10 --prompts_per_step 2 --group_size 4 --max_new_tokens 64   # tiny CPU run
-    python grpo.py --eval_only --model out/final     # GSM8K accuracy of any model
+    python grpo.py --eval_only --model out/final --output_dir eval-trained   # GSM8K accuracy of any model
     python grpo.py --tools calculator                # the model may call a calculator mid-answer
     python -m pytest -q test_grpo.py                 # tests: offline, CPU, a few minutes
 
@@ -52,6 +52,8 @@ import ast
 import contextlib
 import copy
 import dataclasses
+import difflib
+import importlib
 import inspect
 import itertools
 import json
@@ -109,6 +111,7 @@ class Config:
     save_every: int = 50  # write output_dir/checkpoint every N steps and at the last; 0 = never
     resume: bool = False  # continue from output_dir/checkpoint; with a larger --steps, extend a finished run
     sample_every: int = 10  # print a question with its best and worst completion every N steps; 0 = never
+    report_to: str = "none"  # none, wandb or trackio: also log the config and every metrics record there
     seed: int = 0  # seeds data order, sampling and everything else
     device: str = ""  # cpu, cuda, cuda:1, ...; "" = cuda if available
     trust_remote_code: bool = False  # let transformers run code shipped with the model (off: safer)
@@ -686,10 +689,14 @@ def micro_batches(B: int, size: int, group_size: int, device) -> list[tuple[slic
 
 
 # ----------------------------------------------------------------------------- Training loop
-def main(cfg: Config, on_step=None) -> None:
+def main(cfg: Config, on_step=None, given: set[str] | None = None) -> None:
     """Train (or with --eval_only, evaluate). on_step(step, model, metrics, sums) is an optional hook
-    called on every rank after every step, sums being this rank's {name: [total, count]} (for tests)."""
+    called on every rank after every step, sums being this rank's {name: [total, count]} (for tests).
+    given: the flags set on the command line (parse_config's); None means the fields that differ from
+    Config's defaults. On --resume they change the saved configuration, and only they do."""
     check_config(cfg)
+    cfg, state = read_checkpoint(cfg, given)  # --resume: the checkpoint's configuration and trainer state
+    import_tracker(cfg.report_to)  # an optional package: a missing one stops the run here, before any loading
     train_rows, test_rows = load_data(cfg)  # the user's data first: wrong columns or answers stop here
     rank, world, device = setup_distributed(cfg)
     if cfg.prompts_per_step % world:
@@ -702,14 +709,19 @@ def main(cfg: Config, on_step=None) -> None:
     dtype = "bf16 compute over fp32 weights, bf16 sampler" if bf16 else "fp32"
     log(f"device {device} | dtype {dtype} | ranks {world}")
 
-    resume_from, state = read_checkpoint(cfg)
+    resume_from = check_output_dir(cfg)
     model, tok = load_model(resume_from or cfg.model, cfg, device)
     sampler = bf16_copy(model) if bf16 else model  # rollouts read bf16 weights once per token, keep a bf16 cache
-    if cfg.eval_only:
-        metrics = evaluate(sampler, tok, test_rows, cfg, 0, device, rank, world) if test_rows else {}
+    tracker = start_tracker(cfg, rank)  # --report_to: rank 0's run of wandb or trackio, None otherwise
+    if cfg.eval_only:  # files of its own, which training never writes: a run's folder is safe to evaluate into
+        metrics = evaluate(sampler, tok, test_rows, cfg, 0, device, rank, world, "evaluation") if test_rows else {}
         log(" | ".join(f"{k} {v:.3f}" for k, v in metrics.items()) + f" | {len(test_rows)} problems")
         if rank == 0:
-            write_metrics(cfg, {"step": 0, **metrics})
+            with open(os.path.join(cfg.output_dir, "evaluation.json"), "w") as f:
+                json.dump({"model": cfg.model, "problems": len(test_rows), **metrics}, f, indent=1)
+        if tracker is not None:
+            tracker.log(metrics)
+            tracker.finish()
         if world > 1:
             end_distributed()
         return
@@ -722,7 +734,7 @@ def main(cfg: Config, on_step=None) -> None:
         metrics = evaluate(sampler, tok, test_rows, cfg, 0, device, rank, world)
         log("eval step 0 | " + " | ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
         if rank == 0:
-            write_metrics(cfg, {"step": 0, **metrics})
+            write_metrics(cfg, {"step": 0, **metrics}, tracker)
 
     n_local, bad_in_a_row = cfg.prompts_per_step // world, 0  # prompts per rank
     bar = tqdm(range(start_step + 1, cfg.steps + 1), initial=start_step, total=cfg.steps, disable=rank != 0,
@@ -732,7 +744,7 @@ def main(cfg: Config, on_step=None) -> None:
         seed_everything(cfg.seed, rank, step)  # a resumed run needs no saved random state; ranks sample apart
         first = (step - 1) * cfg.prompts_per_step + rank * n_local  # this rank's share of the step's prompts
         rows = [train_rows[i] for i in prompt_indices(len(train_rows), first, n_local, cfg.seed)]
-        lr = scheduler.get_last_lr()[0]  # the rate this step's updates use (logged before the schedule moves)
+        lr = optimizer.param_groups[0]["lr"]  # the rate this step's updates use (logged before the schedule moves)
         try:
             sums, applied, texts, rewards = grpo_step(policy, sampler, ref_model, tok, optimizer, rows, cfg, world)
         except torch.OutOfMemoryError:
@@ -750,7 +762,7 @@ def main(cfg: Config, on_step=None) -> None:
         if test_rows and (step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0)):
             metrics.update(evaluate(sampler, tok, test_rows, cfg, step, device, rank, world))
         if rank == 0:
-            log_step(bar, metrics, cfg, bf16, rows[0]["question"], texts, rewards)
+            log_step(bar, metrics, cfg, bf16, rows[0]["question"], texts, rewards, tracker)
         if on_step is not None:
             on_step(step, model, metrics, sums)
         if cfg.save_every and (step % cfg.save_every == 0 or step == cfg.steps):  # the last step too: runs get extended
@@ -760,6 +772,8 @@ def main(cfg: Config, on_step=None) -> None:
         save_atomically(os.path.join(cfg.output_dir, "final"), model, tok)
         plot_metrics(cfg.output_dir)
         log(f"saved {os.path.join(cfg.output_dir, 'final')} (AutoModelForCausalLM.from_pretrained loads it)")
+    if tracker is not None:
+        tracker.finish()
     if world > 1:
         end_distributed()
 
@@ -1062,9 +1076,10 @@ def prompt_indices(n: int, start: int, count: int, seed: int) -> list[int]:
 
 
 # ----------------------------------------------------------------------------- Evaluation
-def evaluate(sampler, tok, rows: list[dict], cfg: Config, step: int, device, rank=0, world=1) -> dict[str, float]:
+def evaluate(sampler, tok, rows: list[dict], cfg: Config, step: int, device, rank=0, world=1,
+             name: str = "") -> dict[str, float]:  # fmt: skip
     """Greedy pass@1 on `rows` (and maj@k / pass@k if --eval_samples k), sharded over ranks.
-    Writes every completion to output_dir/eval_<step>.jsonl and returns eval/* metrics."""
+    Writes every completion to output_dir/<name>.jsonl (eval_<step>.jsonl by default) and returns eval/* metrics."""
     seed_everything(cfg.seed, rank, step, "eval")  # training steps seed themselves: evaluating changes nothing
     mine = list(enumerate(rows))[rank::world]
     records = []
@@ -1107,7 +1122,7 @@ def evaluate(sampler, tok, rows: list[dict], cfg: Config, step: int, device, ran
         metrics[f"eval/maj@{cfg.eval_samples}"] = sum(r["maj"] for r in records) / max(1, len(records))
         metrics[f"eval/pass@{cfg.eval_samples}"] = sum(r["pass"] for r in records) / max(1, len(records))
     if rank == 0:
-        with open(os.path.join(cfg.output_dir, f"eval_{step}.jsonl"), "w") as f:
+        with open(os.path.join(cfg.output_dir, f"{name or f'eval_{step}'}.jsonl"), "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
     return metrics
 
@@ -1146,6 +1161,8 @@ def check_config(cfg: Config) -> None:
         fail(f"unknown --precision {cfg.precision!r}: use auto, fp32 or bf16")
     if cfg.micro_batch_size == 0 or cfg.micro_batch_size < -1:
         fail(f"--micro_batch_size {cfg.micro_batch_size}: use a positive number, or -1 for the whole batch")
+    if cfg.report_to not in TRACKERS:
+        fail(f"unknown --report_to {cfg.report_to!r}: use {', '.join(TRACKERS)}")
 
 
 def load_model(name: str, cfg: Config, device):
@@ -1200,19 +1217,19 @@ def autocast(device, bf16: bool):
 
 
 # ----------------------------------------------------------------------------- Checkpoints
-RESUME_MUST_MATCH = ("model", "dataset", "seed", "prompts_per_step", "group_size")  # they fix the data stream
+RESUME_MUST_MATCH = ("model", "dataset", "dataset_config", "seed", "prompts_per_step", "group_size")  # the data stream
+
+NOT_RESUMED = ("output_dir", "resume", "eval_only", "device", "trust_remote_code")  # this process's, not the run's
 
 
-def read_checkpoint(cfg: Config) -> tuple[str | None, dict | None]:
-    """The checkpoint folder to continue from and its trainer state; (None, None) for a new run.
-    The state is plain data (step, optimizer and schedule state, config)."""
+def read_checkpoint(cfg: Config, given: set[str] | None) -> tuple[Config, dict | None]:
+    """With --resume, the run's configuration and the checkpoint's trainer state (plain data: step, optimizer
+    and schedule state, config); else (cfg, None). A resumed run is the saved configuration: each flag given
+    (main's `given`) takes effect, all of them named in one line, or is refused if it cannot (the data order);
+    none is ignored. A missing checkpoint is reported later (check_output_dir), once the data is checked."""
     resume_from = latest_checkpoint(cfg.output_dir)
-    if cfg.resume and resume_from is None:
-        fail(f"--resume: no checkpoint in {cfg.output_dir}: drop --resume, or pass the --output_dir of the run")
-    if not cfg.resume and resume_from is not None and not cfg.eval_only:
-        fail(f"{resume_from} holds an earlier run: pass --resume to continue it, or another --output_dir")
-    if not cfg.resume or cfg.eval_only:
-        return None, None
+    if not cfg.resume or cfg.eval_only or resume_from is None:
+        return cfg, None
     path = os.path.join(resume_from, "trainer_state.pt")
     try:  # weights_only: tensors, numbers, strings and containers only, so a shared checkpoint runs no code
         state = torch.load(path, map_location="cpu", weights_only=True)  # cpu: the optimizer moves it to its device
@@ -1220,26 +1237,49 @@ def read_checkpoint(cfg: Config) -> tuple[str | None, dict | None]:
         refused = re.search(r"GLOBAL (\S+)", str(e))
         fail(f"{path} holds more than data ({refused.group(1) if refused else 'a pickled object'}), and loading it "
              f"could run code: refused. Resume only from checkpoints that grpo.py wrote")  # fmt: skip
-    changed = [k for k in RESUME_MUST_MATCH if state["config"][k] != getattr(cfg, k)]
-    if changed:
-        fail(f"--resume with changed {', '.join(f'--{k}' for k in changed)}: the checkpoint's data order and "
+    now = dataclasses.asdict(cfg)
+    if given is None:  # main(Config(...)) from Python: a field set away from its default counts as given
+        given = {f.name for f in dataclasses.fields(Config) if now[f.name] != f.default}
+    saved = {k: v for k, v in state["config"].items() if k in now and k not in NOT_RESUMED}
+    refused = [k for k in RESUME_MUST_MATCH if k in given and k in saved and saved[k] != now[k]]
+    if refused:
+        fail(f"--resume with changed {', '.join(f'--{k}' for k in refused)}: the checkpoint's data order and "
              f"batches depend on them; use the original values or another --output_dir")  # fmt: skip
+    changed = [k for k in now if k in given and k in saved and saved[k] != now[k]]
+    cfg = Config(**{**now, **{k: v for k, v in saved.items() if k not in given}})
     if state["step"] > cfg.steps:  # a larger --steps extends a run; a smaller one has nothing to do
         fail(f"--steps {cfg.steps} is below the checkpoint's step {state['step']}: pass a larger --steps to train on")
-    return resume_from, state
+    if changed and os.environ.get("RANK", "0") == "0":  # rank 0 (torchrun sets RANK; no process group yet)
+        print("resume: " + ", ".join(f"--{k} {saved[k]!r} -> {now[k]!r}" for k in changed))
+    return cfg, state
+
+
+def check_output_dir(cfg: Config) -> str | None:
+    """The checkpoint folder to continue from; None for a new run or an evaluation. A new run refuses a
+    folder that holds another run's checkpoint, so it is never resumed by mistake."""
+    resume_from = latest_checkpoint(cfg.output_dir)
+    if cfg.resume and resume_from is None:
+        fail(f"--resume: no checkpoint in {cfg.output_dir}: drop --resume, or pass the --output_dir of the run")
+    if not cfg.resume and resume_from is not None and not cfg.eval_only:
+        fail(f"{resume_from} holds an earlier run: pass --resume to continue it, or another --output_dir")
+    return resume_from if cfg.resume and not cfg.eval_only else None
 
 
 def resume_state(state: dict | None, optimizer, scheduler, cfg: Config, rank: int) -> tuple[int, int]:
     """(step, skipped updates) to start from. A new run starts at 0 with an empty metrics.jsonl; a
-    resumed one gets back the optimizer and schedule as saved, and forgets later logged steps. No random
-    state is restored: every step seeds itself from (seed, rank, step), on any number of ranks."""
+    resumed one gets back the optimizer state and the schedule's position as saved, with the run's --lr
+    and --weight_decay, and forgets later logged steps. No random state is restored: every step seeds
+    itself from (seed, rank, step), on any number of ranks."""
     metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
     if state is None:
         if rank == 0:
             open(metrics_path, "w").close()
         return 0, 0
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
+    optimizer.load_state_dict(state["optimizer"])  # AdamW's moments, and the saved lr and weight decay...
+    scheduler.load_state_dict(state["scheduler"])  # ...and the count of applied updates (warmup)
+    scheduler.base_lrs = [cfg.lr for _ in optimizer.param_groups]  # ...replaced by this run's, which --lr may change
+    for group, rate in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group.update(lr=cfg.lr * rate(scheduler.last_epoch), initial_lr=cfg.lr, weight_decay=cfg.weight_decay)
     start_step, skipped = state["step"], state["skipped"]
     if rank == 0 and os.path.exists(metrics_path):  # forget steps logged after the checkpoint
         with open(metrics_path) as f:
@@ -1345,9 +1385,10 @@ def end_distributed() -> None:
 
 
 # ----------------------------------------------------------------------------- Logging and plots
-def log_step(bar, m: dict, cfg: Config, bf16: bool, question: str, texts: list[str], rewards: torch.Tensor) -> None:
+def log_step(bar, m: dict, cfg: Config, bf16: bool, question: str, texts: list[str], rewards: torch.Tensor,
+             tracker=None) -> None:  # fmt: skip
     """Rank 0's record of a step m: one |-separated line (and one for an evaluation), every --sample_every
-    steps the question with its best and worst completion, and a line of metrics.jsonl."""
+    steps the question with its best and worst completion, and a line of metrics.jsonl (and the tracker's)."""
     rewards_part = " ".join(f"{k[7:].removesuffix('_reward')} {v:.2f}" for k, v in m.items() if k.startswith("reward/"))
     parts = [f"step {m['step']}/{cfg.steps}", f"reward {m['reward']:.3f} ({rewards_part})", f"acc {m['accuracy']:.3f}",
              f"kl {m['kl']:.4f}", f"loss {m['loss']:.4f}", f"clip {m['clip_frac']:.3f}",
@@ -1366,33 +1407,65 @@ def log_step(bar, m: dict, cfg: Config, bf16: bool, question: str, texts: list[s
         bar.write(
             f"eval step {m['step']} | " + " | ".join(f"{k} {v:.3f}" for k, v in m.items() if k.startswith("eval/"))
         )
-    write_metrics(cfg, m)
+    write_metrics(cfg, m, tracker)
 
 
-def write_metrics(cfg: Config, record: dict) -> None:
+def write_metrics(cfg: Config, record: dict, tracker=None) -> None:
+    """A line of metrics.jsonl, and the same record to the --report_to tracker if there is one."""
     with open(os.path.join(cfg.output_dir, "metrics.jsonl"), "a") as f:
         f.write(json.dumps(record) + "\n")
+    if tracker is not None:  # the step as the tracker's own step, not a metric (trackio reserves the name)
+        tracker.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+
+TRACKERS = ("none", "wandb", "trackio")  # --report_to; the two trackers share init(), log() and finish()
+
+
+def import_tracker(name: str):
+    """The --report_to package, imported only when asked for (an optional dependency); None for none.
+    main calls it before loading anything, so a missing package costs one line, not a loaded model."""
+    if name == "none":
+        return None
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        fail(f"--report_to {name}: the {name} package is not installed; pip install {name}, or drop --report_to")
+
+
+def start_tracker(cfg: Config, rank: int):
+    """Rank 0 starts a run of the --report_to tracker, named after --output_dir, with the config; returns the
+    tracker module (for log and finish), or None on other ranks and without --report_to."""
+    tracker = import_tracker(cfg.report_to) if rank == 0 else None
+    if tracker is not None:
+        name = os.path.basename(os.path.abspath(cfg.output_dir))
+        tracker.init(project="grpo", name=name, config=dataclasses.asdict(cfg))
+    return tracker
 
 
 def plot_metrics(output_dir: str) -> None:
-    """metrics.png from metrics.jsonl: rewards, accuracies, KL and completion length against step."""
+    """metrics.png from metrics.jsonl against step: the weighted total reward, each reward function
+    (unweighted), accuracies, what to watch first (groups without signal, cut-off completions), KL and
+    completion length."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
         print("no metrics.png: pip install matplotlib to get plots", file=sys.stderr)
         return
     with open(os.path.join(output_dir, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f if line.strip()]
     panels = [
-        ("reward", sorted({k for r in records for k in r if k == "reward" or k.startswith("reward/")})),
+        ("reward (weighted total)", ["reward"]),
+        ("reward per function (unweighted)", sorted({k for r in records for k in r if k.startswith("reward/")})),
         ("accuracy", ["accuracy", "eval/accuracy_strict", "eval/accuracy_lenient", "eval/format"]),
+        ("what to watch: shares that should stay low", ["frac_zero_std", "truncated_frac"]),
         ("KL to reference", ["kl"]),
         ("completion length (tokens)", ["completion_len"]),
     ]
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+    fig, axes = plt.subplots(2, 3, figsize=(15, 7))
     for ax, (title, keys) in zip(axes.flat, panels):
         for k in keys:
             points = [(r["step"], r[k]) for r in records if k in r]
@@ -1400,6 +1473,9 @@ def plot_metrics(output_dir: str) -> None:
                 ax.plot(*zip(*points), marker="o" if k.startswith("eval/") else None, ms=4, label=k)
         ax.set_title(title)
         ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers: no tick at step 1.5
+        if "shares" in title:  # on the whole 0-1 scale, where 1 means no group has a signal, or every answer is cut off
+            ax.set_ylim(-0.05, 1.05)
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=7)
@@ -1409,20 +1485,35 @@ def plot_metrics(output_dir: str) -> None:
 
 
 # ----------------------------------------------------------------------------- Command line
-def parse_config(argv: list[str] | None = None) -> Config:
-    """Every Config field becomes a --flag; its help text is the comment on its line above."""
+def parse_config(argv: list[str] | None = None) -> tuple[Config, set[str]]:
+    """Every Config field becomes a --flag; its help text is the comment on its line above. Returns the
+    config and the names of the flags given on the command line (on --resume, only they change the run)."""
     helps = dict(re.findall(r"^    (\w+): \w+ = .*?  # (.*)$", inspect.getsource(Config), re.M))
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    # argument_default=SUPPRESS: only the flags given land in args, and Config's own defaults fill in the rest
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS,
+                                     allow_abbrev=False,  # --step is an error, not --steps
+                                     epilog="Flags take dashes as well: --group-size 4 is --group_size 4.")  # fmt: skip
+    parser.error = fail  # a bad value is one line too, without the usage text
     for f in dataclasses.fields(Config):
-        if f.type is bool:  # --x / --no-x; argparse appends the default to the help
-            parser.add_argument(
-                f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default, help=helps[f.name]
-            )
-        else:
-            parser.add_argument(
-                f"--{f.name}", type=f.type, default=f.default, help=f"{helps[f.name]} (default: {f.default!r})"
-            )
-    return Config(**vars(parser.parse_args(argv)))
+        kind = {"action": argparse.BooleanOptionalAction} if f.type is bool else {"type": f.type}  # --x / --no-x
+        parser.add_argument(f"--{f.name}", **kind, help=f"{helps[f.name]} (default: {f.default!r})")
+        if "_" in f.name:  # the dashed spelling, left out of --help so that it lists each flag once
+            parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, **kind, help=argparse.SUPPRESS)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        fail(unknown_flag(unknown[0]))
+    return Config(**vars(args)), set(vars(args))
+
+
+def unknown_flag(arg: str) -> str:
+    """What to say about a command-line word that is no flag: the nearest flag, when one is near."""
+    name = arg.partition("=")[0]
+    if not name.startswith("-"):
+        return f"unexpected argument {arg!r}: every setting is a --flag (python grpo.py --help)"
+    flags = [f"--{no}{f.name}" for f in dataclasses.fields(Config) for no in (["", "no-"] if f.type is bool else [""])]
+    by_words = {flag.lstrip("-").replace("-", "_"): flag for flag in flags}  # --no-scale_rewards: no_scale_rewards
+    near = difflib.get_close_matches(name.lstrip("-").replace("-", "_"), by_words, n=1)
+    return f"unknown flag {name}: " + (f"did you mean {by_words[near[0]]}?" if near else "see python grpo.py --help")
 
 
 def fail(message: str):
@@ -1435,4 +1526,5 @@ def first_line(e: Exception) -> str:
 
 
 if __name__ == "__main__":
-    main(parse_config())
+    cfg, given = parse_config()
+    main(cfg, given=given)

@@ -7,11 +7,13 @@ when GRPO_TEST_MODEL (a model folder) and GRPO_TEST_DATA (a dataset path) are se
 
 import ast
 import builtins
+import glob
 import json
 import math
 import operator
 import os
 import random
+import re
 import string
 import subprocess
 import sys
@@ -1394,16 +1396,106 @@ def test_loss_is_zero_at_the_first_step_yet_the_update_is_not(tiny_model, tiny_d
     assert not all(torch.equal(a, b) for a, b in zip(params_of(tiny_model), params_of(cfg.output_dir + "/final")))
 
 
-def test_plot_has_every_reward_curve(tmp_path, monkeypatch):
+def test_plot_shows_what_to_watch_and_every_reward_curve(tmp_path, monkeypatch):
+    """metrics.png: the weighted total reward alone, each reward function in a panel of its own, the shares the
+    README says to watch first (frac_zero_std, truncated_frac), and whole-number steps on every x axis."""
     plt = pytest.importorskip("matplotlib.pyplot")
-    drawn = []
-    monkeypatch.setattr(plt.Axes, "plot", lambda self, *a, **k: drawn.append(k["label"]))
+    figures, savefig = [], plt.Figure.savefig
+    monkeypatch.setattr(plt.Figure, "savefig", lambda fig, *a, **k: (figures.append(fig), savefig(fig, *a, **k)))
     records = [{"step": 0, "eval/accuracy_strict": 0.1}] + [
         {"step": s, "reward": 1.0, "reward/a_reward": 0.5, "reward/b_reward": 0.2, "accuracy": 0.3, "kl": 0.01,
-         "completion_len": 40} for s in (1, 2)]  # fmt: skip
+         "completion_len": 40, "frac_zero_std": 0.5, "truncated_frac": 0.25} for s in (1, 2)]  # fmt: skip
     write_jsonl(tmp_path / "metrics.jsonl", records)
     grpo.plot_metrics(str(tmp_path))
-    assert {"reward", "reward/a_reward", "reward/b_reward", "accuracy", "eval/accuracy_strict", "kl"} <= set(drawn)
+    (fig,) = figures
+    panels = {ax.get_title(): [line.get_label() for line in ax.lines] for ax in fig.axes}
+    by_curve = {label: title for title, labels in panels.items() for label in labels}
+    assert panels[by_curve["reward"]] == ["reward"]  # the weighted total, apart from the 0-1 per-function curves
+    assert panels[by_curve["reward/a_reward"]] == ["reward/a_reward", "reward/b_reward"]
+    assert panels[by_curve["frac_zero_std"]] == ["frac_zero_std", "truncated_frac"]
+    assert "what to watch" in by_curve["frac_zero_std"]
+    assert {"accuracy", "eval/accuracy_strict", "kl", "completion_len"} <= set(by_curve)
+    for ax in fig.axes:
+        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert ticks and all(t == int(t) for t in ticks), (ax.get_title(), ticks)
+    assert os.path.getsize(tmp_path / "metrics.png") > 10_000
+
+
+def wandb_log_records(path: str) -> list:
+    """The records of a wandb run's transaction log (run-<id>.wandb, all that an offline run keeps): leveldb's
+    log format, a 7-byte file header, then 32 KiB blocks of chunks, each with a 7-byte header (crc32, length,
+    type: 1 a whole record, 2/3/4 its first/middle/last piece) and a piece of a protobuf Record."""
+    from wandb.proto.wandb_internal_pb2 import Record
+
+    with open(path, "rb") as f:
+        data = f.read()
+    assert b":W&B".startswith(data[:4])  # the format's magic (or the start of it, in a file being written)
+    records, piece, pos, block = [], b"", 7, 32768
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's last bytes, too few for a header, are padding
+            pos += block - pos % block
+            continue
+        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
+        if pos + 7 + length > len(data):  # a chunk still being written
+            break
+        piece, pos = piece + data[pos + 7 : pos + 7 + length], pos + 7 + length
+        if kind in (1, 4):
+            records.append(Record.FromString(piece))
+            piece = b""
+    return records
+
+
+def test_report_to_wandb_logs_the_config_and_every_record(tiny_model, tiny_data, tmp_path, monkeypatch):
+    """--report_to wandb, for real and offline: the run's log holds the config and, step by step, the very
+    records of metrics.jsonl (the step-0 evaluation included)."""
+    quiet = dict(WANDB_SILENT="true", WANDB_CONSOLE="off", WANDB_DISABLE_GIT="true", WANDB_DISABLE_CODE="true")
+    for k, v in {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), **quiet}.items():
+        monkeypatch.setenv(k, v)
+    wandb = pytest.importorskip("wandb")
+    cfg = tiny_config(tiny_model, tiny_data, tmp_path, steps=2, eval_size=2, report_to="wandb")
+    grpo.main(cfg)
+    wandb.teardown()  # wandb's own process writes the log: wait for it, as a script's exit does
+    for _ in range(60):  # and, should it still be closing the file, a little longer
+        found = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb"))
+        records = wandb_log_records(found[0]) if found else []
+        if records and records[-1].WhichOneof("record_type") == "exit":
+            break
+        time.sleep(0.5)
+    (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+    config = {item.key: json.loads(item.value_json) for item in run.config.update if not item.key.startswith("_")}
+    assert config == dataclasses_asdict(cfg)
+    history = [r.history for r in records if r.WhichOneof("record_type") == "history"]
+    items = [{i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in h.item} for h in history]
+    logged = [{"step": item["_step"], **{k: v for k, v in item.items() if not k.startswith("_")}} for item in items]
+    assert logged == read_metrics(cfg) and [r["step"] for r in logged] == [0, 1, 2]
+    assert records[-1].WhichOneof("record_type") == "exit"  # the run finished
+
+
+def test_report_to_trackio_logs_the_config_and_every_record(tiny_model, tiny_data, tmp_path, monkeypatch):
+    """--report_to trackio (where it is installed): its local database holds the config and each record."""
+    import sqlite3
+
+    monkeypatch.setenv("TRACKIO_DIR", str(tmp_path / "trackio"))  # read when trackio is imported
+    pytest.importorskip("trackio")
+    cfg = tiny_config(tiny_model, tiny_data, tmp_path, steps=2, eval_size=2, report_to="trackio")
+    grpo.main(cfg)
+    db = sqlite3.connect(tmp_path / "trackio" / "grpo.db")
+    ((config,),) = db.execute("select config from configs").fetchall()
+    assert {k: v for k, v in json.loads(config).items() if not k.startswith("_")} == dataclasses_asdict(cfg)
+    rows = db.execute("select step, metrics from metrics order by id").fetchall()
+    logged = [{"step": step, **json.loads(metrics)} for step, metrics in rows]
+    assert logged == read_metrics(cfg) and [r["step"] for r in logged] == [0, 1, 2]
+
+
+def test_report_to_a_missing_package_stops_before_loading(tiny_model, tiny_data, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # 'import wandb' fails, as where it is not installed
+    monkeypatch.setattr(grpo, "load_data", lambda cfg: pytest.fail("the data was loaded before the check"))
+    with pytest.raises(SystemExit) as e:
+        grpo.main(tiny_config(tiny_model, tiny_data, tmp_path, report_to="wandb"))
+    assert str(e.value) == (
+        "error: --report_to wandb: the wandb package is not installed; pip install wandb, or drop --report_to"
+    )
+    assert not os.path.exists(tmp_path / "out")  # nothing was written either
 
 
 def test_main_mu_beta0_and_options(tiny_model, tiny_data, tmp_path):
@@ -1527,14 +1619,35 @@ def test_evaluate_maj_and_pass_at_k(tiny_model, tiny_data, tmp_path, monkeypatch
     assert m["eval/accuracy_strict"] == 0.5 and m["eval/maj@3"] == 0.5 and m["eval/pass@3"] == 1.0
 
 
+def read_evaluation(output_dir) -> dict:
+    with open(os.path.join(output_dir, "evaluation.json")) as f:
+        return json.load(f)
+
+
 def test_eval_only(tiny_model, tiny_data, tmp_path):
     cfg = tiny_config(tiny_model, tiny_data, tmp_path, eval_only=True, eval_size=-1)
     grpo.main(cfg)
-    (record,) = read_metrics(cfg)
-    assert set(record) == {"step", "eval/accuracy_strict", "eval/accuracy_lenient", "eval/format"}
-    with open(os.path.join(cfg.output_dir, "eval_0.jsonl")) as f:
+    record = read_evaluation(cfg.output_dir)
+    assert set(record) == {"model", "problems", "eval/accuracy_strict", "eval/accuracy_lenient", "eval/format"}
+    assert record["model"] == tiny_model and record["problems"] == 6
+    with open(os.path.join(cfg.output_dir, "evaluation.jsonl")) as f:
         assert len(f.readlines()) == 6  # eval_size -1: the whole test split
-    assert not os.path.exists(os.path.join(cfg.output_dir, "final"))
+    assert sorted(os.listdir(cfg.output_dir)) == ["evaluation.json", "evaluation.jsonl"]  # no metrics.jsonl, no final/
+
+
+def test_eval_only_into_a_training_folder_changes_none_of_its_files(tiny_model, tiny_data, tmp_path):
+    """The README's 'evaluate the trained model' with the training's --output_dir: the run's metrics.jsonl,
+    eval_<step>.jsonl and metrics.png stay byte for byte as they were, the evaluation has files of its own."""
+    cfg = tiny_config(tiny_model, tiny_data, tmp_path, steps=2, eval_size=3)
+    grpo.main(cfg)
+    out = cfg.output_dir
+    files = [name for name in os.listdir(out) if os.path.isfile(os.path.join(out, name))]
+    assert {"metrics.jsonl", "eval_0.jsonl", "eval_2.jsonl"} <= set(files)
+    before = {name: open(os.path.join(out, name), "rb").read() for name in files}
+    grpo.main(dataclasses_replace(cfg, eval_only=True, model=os.path.join(out, "final"), eval_size=-1))
+    assert {name: open(os.path.join(out, name), "rb").read() for name in files} == before
+    assert set(os.listdir(out)) - set(files) - {"final"} == {"evaluation.json", "evaluation.jsonl"}
+    assert read_evaluation(out)["problems"] == 6
 
 
 # ----------------------------------------------------------------------------- checkpoints and resume
@@ -1629,6 +1742,12 @@ def dataclasses_replace(cfg, **kw):
     return dataclasses.replace(cfg, **kw)
 
 
+def dataclasses_fields(cls):
+    import dataclasses
+
+    return dataclasses.fields(cls)
+
+
 def test_interrupted_save_leaves_a_loadable_checkpoint(tiny_model, tmp_path, monkeypatch):
     model, tok = load(tiny_model)
     path = str(tmp_path / "checkpoint")
@@ -1685,6 +1804,36 @@ def test_stale_checkpoint_and_changed_config_are_refused(tiny_model, tiny_data, 
         grpo.main(dataclasses_replace(cfg, resume=True, steps=4, seed=1, group_size=2))
     grpo.main(dataclasses_replace(cfg, resume=True, steps=4))
     assert [r["step"] for r in read_metrics(cfg)] == [1, 2, 3, 4]
+
+
+def test_resume_takes_the_saved_config_and_each_flag_given(tiny_model, tiny_data, tmp_path, capsys):
+    """A resumed run is the checkpoint's configuration: a flag left out keeps its saved value (not Config's
+    default), a flag given takes effect and is named in one line, a data-order flag is refused."""
+    cfg = tiny_config(tiny_model, tiny_data, tmp_path, steps=2, save_every=1, eval_size=0, lr=1e-5, max_new_tokens=8)
+    grpo.main(cfg)
+    capsys.readouterr()
+
+    def resume(*flags):  # as from the shell: python grpo.py --output_dir DIR --resume --device cpu FLAGS
+        new, given = grpo.parse_config(["--output_dir", cfg.output_dir, "--resume", "--device", "cpu", *flags])
+        grpo.main(new, given=given)
+
+    with pytest.raises(SystemExit, match="changed --seed: the checkpoint's data order"):
+        resume("--steps", "3", "--seed", "1")
+    # --lr takes effect (the restored optimizer and schedule held 1e-05); --max_new_tokens, --model and --dataset
+    # are not given: the saved 8, tiny model and data, not Config's 400 and Qwen on GSM8K
+    resume("--steps", "3", "--lr", "1e-3")
+    assert capsys.readouterr().out.splitlines()[0] == "resume: --steps 2 -> 3, --lr 1e-05 -> 0.001"
+    records = read_metrics(cfg)
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert [r["lr"] for r in records] == [1e-5, 1e-5, 1e-3]
+    assert records[2]["completion_len"] <= 8  # a random model's answers run to the cap: 8, not 400
+    state = torch.load(os.path.join(cfg.output_dir, "checkpoint", "trainer_state.pt"), weights_only=True)
+    assert state["config"]["lr"] == 1e-3 and state["config"]["max_new_tokens"] == 8  # the next resume goes on alike
+    assert state["optimizer"]["param_groups"][0]["lr"] == 1e-3
+    # a flag given with its saved value changes nothing and says nothing
+    resume("--steps", "4", "--max_new_tokens", "8")
+    assert capsys.readouterr().out.splitlines()[0] == "resume: --steps 3 -> 4"
+    assert read_metrics(cfg)[3]["lr"] == 1e-3
 
 
 class Payload:
@@ -1788,6 +1937,7 @@ def test_cli_errors(tiny_model, tiny_data, tmp_path):
         (dict(device="tpu-ish"), ["unknown --device"]),
         (dict(save_every=-1), ["--save_every"]),
         (dict(precision="fp16"), ["--precision", "auto, fp32 or bf16"]),
+        (dict(report_to="tensorboard"), ["--report_to", "none, wandb, trackio"]),
     ],
 )
 def test_bad_config_errors(tiny_model, tiny_data, tmp_path, kw, words):
@@ -1869,7 +2019,7 @@ def test_single_data_file_trains_without_evaluation(tiny_model, tmp_path, capsys
     # --eval_only evaluates the one file
     cfg = tiny_config(tiny_model, str(single), tmp_path / "e", eval_only=True, eval_size=-1)
     grpo.main(cfg)
-    with open(os.path.join(cfg.output_dir, "eval_0.jsonl")) as f:
+    with open(os.path.join(cfg.output_dir, "evaluation.jsonl")) as f:
         assert len(f.readlines()) == 16
 
 
@@ -1889,9 +2039,32 @@ def test_data_is_checked_before_anything_else(tiny_model, tmp_path, monkeypatch)
 
 
 def test_parse_config_flags():
-    cfg = grpo.parse_config(["--steps", "7", "--no-scale_rewards", "--beta", "0", "--loss_type", "dr_grpo"])
+    cfg, given = grpo.parse_config(["--steps", "7", "--no-scale_rewards", "--beta", "0", "--loss_type", "dr_grpo"])
     assert (cfg.steps, cfg.scale_rewards, cfg.beta, cfg.loss_type) == (7, False, 0.0, "dr_grpo")
-    assert grpo.parse_config([]) == grpo.Config()
+    assert given == {"steps", "scale_rewards", "beta", "loss_type"}  # what a resumed run takes from the command line
+    assert grpo.parse_config([]) == (grpo.Config(), set())
+    assert grpo.parse_config(["--max_new_tokens", "400"])[1] == {"max_new_tokens"}  # given, though the default
+
+
+def test_flags_take_dashes_and_are_never_abbreviated():
+    dashed = grpo.parse_config(["--group-size", "4", "--no-scale-rewards", "--max-new-tokens=48", "--eval-only"])
+    underscored = grpo.parse_config(["--group_size", "4", "--no-scale_rewards", "--max_new_tokens=48", "--eval_only"])
+    assert dashed == underscored and dashed[0].group_size == 4 and dashed[0].scale_rewards is False
+    for argv, message in [
+        (["--step", "3"], "error: unknown flag --step: did you mean --steps?"),  # a prefix is not a flag
+        (["--group-sise", "4"], "error: unknown flag --group-sise: did you mean --group_size?"),
+        (["--no-scale-reward"], "error: unknown flag --no-scale-reward: did you mean --no-scale_rewards?"),
+        (["--steps", "many"], "error: argument --steps: invalid int value: 'many'"),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            grpo.parse_config(argv)
+        assert str(e.value) == message
+    result = run_cli("--step", "3")  # from the shell: one line, no usage text, before anything is loaded
+    assert result.returncode == 1 and result.stderr.strip() == "error: unknown flag --step: did you mean --steps?"
+    shown = run_cli("--help").stdout
+    for f in dataclasses_fields(grpo.Config):  # each flag listed once, in its underscore spelling
+        assert len(re.findall(rf"^  --{f.name}\b", shown, re.M)) == 1, f.name
+    assert "--group-size" in shown and "--max-new-tokens" not in shown  # the epilog's example, no dashed duplicates
 
 
 def test_prompt_indices_cover_each_epoch():
@@ -1976,9 +2149,9 @@ def test_distributed_two_processes(tiny_model, tiny_data, tmp_path, tools):
     cmd[-1] = json.dumps({**cfg, "model": str(tmp_path / "out" / "final"), "eval_only": True, "output_dir": evaluated})
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    [record] = read_metrics(grpo.Config(output_dir=evaluated))
-    assert record["step"] == 0 and "eval/accuracy_strict" in record
-    with open(os.path.join(evaluated, "eval_0.jsonl")) as f:
+    record = read_evaluation(evaluated)
+    assert record["problems"] == 4 and "eval/accuracy_strict" in record
+    with open(os.path.join(evaluated, "evaluation.jsonl")) as f:
         assert [json.loads(line)["index"] for line in f] == [0, 1, 2, 3]
 
 
