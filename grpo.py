@@ -700,9 +700,8 @@ def main(cfg: Config, on_step=None, given: set[str] | None = None) -> None:
     train_rows, test_rows = load_data(cfg)  # the user's data first: wrong columns or answers stop here
     rank, world, device = setup_distributed(cfg)
     if cfg.prompts_per_step % world:
-        fail(
-            f"--prompts_per_step {cfg.prompts_per_step} does not divide over {world} processes: use a multiple of {world}"
-        )
+        fail(f"--prompts_per_step {cfg.prompts_per_step} does not divide over {world} processes: use a multiple "
+             f"of {world}")  # fmt: skip
     os.makedirs(cfg.output_dir, exist_ok=True)
     log = print if rank == 0 else (lambda *a, **k: None)
     bf16 = use_bf16(cfg, device)
@@ -713,18 +712,8 @@ def main(cfg: Config, on_step=None, given: set[str] | None = None) -> None:
     model, tok = load_model(resume_from or cfg.model, cfg, device)
     sampler = bf16_copy(model) if bf16 else model  # rollouts read bf16 weights once per token, keep a bf16 cache
     tracker = start_tracker(cfg, rank)  # --report_to: rank 0's run of wandb or trackio, None otherwise
-    if cfg.eval_only:  # files of its own, which training never writes: a run's folder is safe to evaluate into
-        metrics = evaluate(sampler, tok, test_rows, cfg, 0, device, rank, world, "evaluation") if test_rows else {}
-        log(" | ".join(f"{k} {v:.3f}" for k, v in metrics.items()) + f" | {len(test_rows)} problems")
-        if rank == 0:
-            with open(os.path.join(cfg.output_dir, "evaluation.json"), "w") as f:
-                json.dump({"model": cfg.model, "problems": len(test_rows), **metrics}, f, indent=1)
-        if tracker is not None:
-            tracker.log(metrics)
-            tracker.finish()
-        if world > 1:
-            end_distributed()
-        return
+    if cfg.eval_only:
+        return evaluate_only(sampler, tok, test_rows, cfg, device, rank, world, tracker, log)
 
     policy, ref_model, optimizer, scheduler = setup_training(model, cfg, resume_from, world, device, bf16)
     start_step, skipped = resume_state(state, optimizer, scheduler, cfg, rank)
@@ -1125,6 +1114,21 @@ def evaluate(sampler, tok, rows: list[dict], cfg: Config, step: int, device, ran
         with open(os.path.join(cfg.output_dir, f"{name or f'eval_{step}'}.jsonl"), "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
     return metrics
+
+
+def evaluate_only(sampler, tok, test_rows, cfg: Config, device, rank: int, world: int, tracker, log) -> None:
+    """--eval_only: evaluate and write files of its own (evaluation.jsonl, evaluation.json), which
+    training never writes, so a run's folder is safe to evaluate into."""
+    metrics = evaluate(sampler, tok, test_rows, cfg, 0, device, rank, world, "evaluation") if test_rows else {}
+    log(" | ".join(f"{k} {v:.3f}" for k, v in metrics.items()) + f" | {len(test_rows)} problems")
+    if rank == 0:
+        with open(os.path.join(cfg.output_dir, "evaluation.json"), "w") as f:
+            json.dump({"model": cfg.model, "problems": len(test_rows), **metrics}, f, indent=1)
+    if tracker is not None:
+        tracker.log(metrics)
+        tracker.finish()
+    if world > 1:
+        end_distributed()
 
 
 def lenient_correctness(completion: str, answer: str) -> float:
