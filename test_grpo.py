@@ -7,6 +7,7 @@ when GRPO_TEST_MODEL (a model folder) and GRPO_TEST_DATA (a dataset path) are se
 
 import ast
 import builtins
+import gc
 import glob
 import json
 import math
@@ -141,6 +142,20 @@ def tiny_config(tiny_model, tiny_data, tmp_path, **kw) -> grpo.Config:
     return grpo.Config(**base)
 
 
+def cpu_seconds(fn, *args):
+    """fn(*args) and the CPU seconds it took in this thread, with garbage collection paused. A wall clock
+    would also count time the cores spent on other processes, and a full collection of the test
+    process's heap (about 100 ms with torch, transformers and datasets loaded), which a call that
+    allocates can trigger: neither is the function's cost, and both failed these bounds under load."""
+    gc.disable()
+    try:
+        t0 = time.thread_time()
+        out = fn(*args)
+        return out, time.thread_time() - t0
+    finally:
+        gc.enable()
+
+
 def read_metrics(cfg) -> list[dict]:
     with open(os.path.join(cfg.output_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
@@ -241,14 +256,14 @@ def test_wrapped_answers_score(inner, gold, expected):
     ],
 )
 def test_wrapped_answers_hostile_and_fast(inner, expected):
-    import time
-
     completion = f"<answer>{inner}</answer>"
-    t0 = time.time()
-    assert grpo.correctness_reward(completion, "18") == expected
-    assert grpo.lenient_correctness(completion, "18") >= expected
-    grpo.int_answer_reward(completion, "18")
-    assert time.time() - t0 < 0.5
+    (correct, lenient, _), seconds = cpu_seconds(
+        lambda: [
+            f(completion, "18") for f in (grpo.correctness_reward, grpo.lenient_correctness, grpo.int_answer_reward)
+        ]
+    )
+    assert correct == expected and lenient >= expected
+    assert seconds < 0.5
 
 
 @pytest.mark.parametrize(
@@ -307,13 +322,10 @@ ADVERSARIAL = [
 
 @pytest.mark.parametrize("fn", [f for f, _ in grpo.REWARD_FUNCS + grpo.TOOL_REWARD_FUNCS] + [grpo.lenient_correctness])
 def test_rewards_never_raise_and_are_fast(fn):
-    import time
-
     for text in ADVERSARIAL:
-        t0 = time.time()
-        value = fn(text, "5")
+        value, seconds = cpu_seconds(fn, text, "5")
         assert isinstance(value, float) and math.isfinite(value)
-        assert time.time() - t0 < 0.5, f"{fn.__name__} is slow on a {len(text)}-char string"
+        assert seconds < 0.5, f"{fn.__name__} is slow on a {len(text)}-char string"
 
 
 def test_parse_gsm8k_answer_and_lenient():
@@ -463,9 +475,7 @@ HOSTILE = [
 
 @pytest.mark.parametrize("expression", HOSTILE, ids=lambda e: repr(e[:30]) + (f"...{len(e)}" if len(e) > 30 else ""))
 def test_calculator_rejects_hostile_input_quickly(expression):
-    t0 = time.perf_counter()
-    result = grpo.calculator(expression)
-    elapsed = time.perf_counter() - t0
+    result, elapsed = cpu_seconds(grpo.calculator, expression)
     assert result.startswith("error: ") and len(result) < 80, result
     assert elapsed < 0.05, f"{elapsed * 1000:.1f} ms"
 
@@ -651,10 +661,9 @@ def test_tool_reward_only_with_tools(tiny_model, tiny_data, tmp_path):
 def test_tool_response_long_inputs_are_fast():
     for text in ["x" * 1_000_000 + "</calc>", "<calc>" * 200_000 + "</calc>", "</calc>" * 200_000,
                  "<calc>" + "1+" * 500_000 + "1</calc>", "<calc>" + "9" * 10**6 + "</calc>"]:  # fmt: skip
-        t0 = time.perf_counter()
-        result = grpo.tool_response(text)
+        result, seconds = cpu_seconds(grpo.tool_response, text)
         assert result is None or result.startswith("<result>error: ")
-        assert time.perf_counter() - t0 < 0.05
+        assert seconds < 0.05
 
 
 # ----------------------------------------------------------------------------- GRPO math
