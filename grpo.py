@@ -1096,20 +1096,16 @@ def evaluate(sampler, tok, rows: list[dict], cfg: Config, step: int, device, ran
         gathered = [None] * world
         dist.all_gather_object(gathered, records)
         records = sorted((r for part in gathered for r in part), key=lambda r: r["index"])
-    metrics = {f"eval/{k}": sum(r[k] for r in records) / max(1, len(records)) for k in ("strict", "lenient", "format")}
-    metrics = {
-        "eval/accuracy_strict": metrics["eval/strict"],
-        "eval/accuracy_lenient": metrics["eval/lenient"],
-        "eval/format": metrics["eval/format"],
-    }
+
+    def mean(key: str, over: str = "") -> float:  # over every problem, or (over="tool_calls") over the calls
+        return sum(r[key] for r in records) / max(1, sum(r[over] for r in records) if over else len(records))
+
+    metrics = {"eval/accuracy_strict": mean("strict"), "eval/accuracy_lenient": mean("lenient"),
+               "eval/format": mean("format")}  # fmt: skip
     if cfg.tools:  # calls per problem, and the share of calls that failed
-        metrics["eval/tool_calls"] = sum(r["tool_calls"] for r in records) / max(1, len(records))
-        metrics["eval/tool_errors"] = sum(r["tool_errors"] for r in records) / max(
-            1, sum(r["tool_calls"] for r in records)
-        )
+        metrics.update({"eval/tool_calls": mean("tool_calls"), "eval/tool_errors": mean("tool_errors", "tool_calls")})
     if cfg.eval_samples > 0:
-        metrics[f"eval/maj@{cfg.eval_samples}"] = sum(r["maj"] for r in records) / max(1, len(records))
-        metrics[f"eval/pass@{cfg.eval_samples}"] = sum(r["pass"] for r in records) / max(1, len(records))
+        metrics.update({f"eval/maj@{cfg.eval_samples}": mean("maj"), f"eval/pass@{cfg.eval_samples}": mean("pass")})
     if rank == 0:
         with open(os.path.join(cfg.output_dir, f"{name or f'eval_{step}'}.jsonl"), "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
