@@ -319,7 +319,7 @@ def predict_memory(args) -> dict:
         tracker.phase = "policy_fwd_bwd"
         optimizer.zero_grad(set_to_none=True)
         stats = grpo.accumulate_gradients(policy, prompt_ids, prompt_mask, completion, lengths, by_env, advantages,
-                                          sample_logp, ref_logp, cfg, mb, 1, mismatch=True)  # fmt: skip
+                                          sample_logp, ref_logp, cfg, mb, 1)  # fmt: skip
         tracker.phase = "optimizer"
         grpo.clip_and_step(model, optimizer, stats["loss"][0], cfg.max_grad_norm, 1)
         grpo.refresh_sampler(sampler, model)

@@ -27,20 +27,19 @@ Where this departs from the paper (each is a deliberate, common choice):
     ratio are exactly those of the distribution the answers were drawn from.
  3. pi_old is the policy that sampled: its log-probs of the sampled tokens come from the rollout,
     so no extra pass computes them. With mu = 1 (the default) and fp32, rho = 1 in value (its
-    gradient is still the policy gradient); under bf16, rho also carries the sampler's rounding.
+    gradient is still the policy gradient). Under --precision bf16 (the default on CUDA) a bf16 copy
+    of the policy samples, while the trained log-probs come from bf16 autocast over the fp32 weights
+    with an fp32 LM head: rho = pi_theta / pi_sampler is then the importance ratio that PPO's clip was
+    made for, and the clip bounds the update where the two differ (logged as logp_mismatch).
  4. --loss_type dapo / dr_grpo change only the normalization in (5) (DAPO, arXiv 2503.14476;
     Dr. GRPO, arXiv 2503.20783); --no-scale_rewards drops the std in A (Dr. GRPO).
  5. The reference model stays the initial model for the whole run (the paper's iterative
     variant also refreshes it and retrains the reward model; there is no reward model here).
  6. Completions cut off at --max_new_tokens are kept and trained on like the others; their
     share is logged as truncated_frac.
- 7. Under --precision bf16 (the default on CUDA) completions are sampled by a bf16 copy of the
-    policy, while the trained log-probs come from bf16 autocast over the fp32 weights with an fp32
-    LM head. rho = pi_theta / pi_sampler is then the importance ratio that PPO's clip was made for:
-    the clip bounds the update where the two differ (logged as logp_mismatch, mean |log rho|).
- 8. With --tools, tokens written by the environment (tool results) are context, not actions: they
+ 7. With --tools, tokens written by the environment (tool results) are context, not actions: they
     condition later tokens but are left out of every sum and count in J (see completion_mask).
- 9. The k3 KL sits inside the loss, as in the paper: over tokens sampled from pi_theta its expected
+ 8. The k3 KL sits inside the loss, as in the paper: over tokens sampled from pi_theta its expected
     gradient is that of KL(pi_ref || pi_theta), not KL(pi_theta || pi_ref) (README, the objective).
 
 A first reading can stop after main(): everything the algorithm does is above it. Below it is the
@@ -53,7 +52,7 @@ import contextlib
 import copy
 import dataclasses
 import difflib
-import importlib
+import importlib.util
 import inspect
 import itertools
 import json
@@ -330,7 +329,9 @@ def grpo_step(policy, sampler, ref_model, tok, optimizer, rows: list[dict], cfg:
     for i in range(cfg.mu):
         optimizer.zero_grad(set_to_none=True)
         stats = accumulate_gradients(policy, prompt_ids, prompt_mask, completion_ids, lengths, by_env, advantages,
-                                     sample_logp, ref_logp, cfg, mb, world, mismatch=i == 0)  # fmt: skip
+                                     sample_logp, ref_logp, cfg, mb, world)  # fmt: skip
+        if i > 0:  # after an update the policy has moved: only the first pass measures the sampler's mismatch
+            del stats["logp_mismatch"]
         ok, grad_norm = clip_and_step(model, optimizer, stats["loss"][0], cfg.max_grad_norm, world)
         if ok:
             refresh_sampler(sampler, model)  # the next rollout samples from the updated policy
@@ -388,8 +389,7 @@ def frozen_logprobs(model, prompt_ids, prompt_mask, completion_ids, micro_batch_
 
 
 def accumulate_gradients(policy, prompt_ids, prompt_mask, completion_ids, lengths, by_env, advantages, old_logp,
-                         ref_logp, cfg: Config, micro_batch_size: int, world: int = 1,
-                         mismatch: bool = False) -> dict[str, list[float]]:  # fmt: skip
+                         ref_logp, cfg: Config, micro_batch_size: int, world: int = 1) -> dict[str, list[float]]:  # fmt: skip
     """Backward of the loss over the whole batch (B rows), micro_batch_size rows at a time.
     prompt_ids/prompt_mask (N, P) hold each prompt once; completion b belongs to prompt b // G.
     by_env (B, L): tokens the environment wrote (tools), or None; they condition the log-probs but
@@ -399,9 +399,8 @@ def accumulate_gradients(policy, prompt_ids, prompt_mask, completion_ids, length
     Each micro-batch's loss is weighted by its share of the full batch's normalizer (5), so the
     accumulated gradient equals the full-batch gradient exactly. Under DDP gradients are averaged
     over ranks, so dapo's token share is taken of the global token count times the world size.
-    Returns {"loss": [value, 1], "kl"/"clip_frac": [token-weighted sum, tokens]} for the metrics, and
-    with mismatch, "logp_mismatch": the summed |old_logp - logp| (|log rho| before any update: the
-    sampler and the trained policy do not compute identically).
+    Returns {"loss": [value, 1], "kl"/"clip_frac"/"logp_mismatch": [token-weighted sum, tokens]} for the
+    metrics; logp_mismatch sums |old_logp - logp|, where the sampler and the policy compute differently.
     """
     B = completion_ids.shape[0]
     mask = completion_mask(lengths, completion_ids.shape[1], by_env)  # (B, L): the model's own tokens
@@ -409,9 +408,7 @@ def accumulate_gradients(policy, prompt_ids, prompt_mask, completion_ids, length
     if world > 1 and cfg.loss_type == "dapo":
         dist.all_reduce(total_tokens)  # dapo normalizes by the tokens of the whole global batch
     slices = micro_batches(B, micro_batch_size, B // prompt_ids.shape[0], prompt_ids.device)
-    out = {"loss": [0.0, 1.0], "kl": [0.0, 0.0], "clip_frac": [0.0, 0.0]} | (
-        {"logp_mismatch": [0.0, 0.0]} if mismatch else {}
-    )
+    out = {"loss": [0.0, 1.0], "kl": [0.0, 0.0], "clip_frac": [0.0, 0.0], "logp_mismatch": [0.0, 0.0]}
     bf16 = use_bf16(cfg, prompt_ids.device)
     eps_high = None if cfg.clip_eps_high < 0 else cfg.clip_eps_high
     for j, (s, p, index) in enumerate(slices):
@@ -433,12 +430,10 @@ def accumulate_gradients(policy, prompt_ids, prompt_mask, completion_ids, length
             (loss * share).backward()
         tokens = mask[s].sum().item()
         out["loss"][0] += float(loss.item() * share)
-        for k in ("kl", "clip_frac"):
+        stats["logp_mismatch"] = ((old - logp.detach()).abs() * m).sum() / max(tokens, 1)  # mean |log rho|
+        for k in ("kl", "clip_frac", "logp_mismatch"):
             out[k][0] += stats[k].item() * tokens
             out[k][1] += tokens
-        if mismatch:
-            gap = ((old - logp.detach()).abs() * m).sum().item()
-            out["logp_mismatch"] = [out["logp_mismatch"][0] + gap, out["logp_mismatch"][1] + tokens]
     return out
 
 
@@ -468,7 +463,8 @@ def generate(sampler, tok, questions: list[str], group_size: int, temperature: f
     sampler.eval()  # no dropout, and no activation checkpointing (it would drop the KV cache)
     out = rollout(sampler, prompt_ids, prompt_mask, group_size, cfg.max_new_tokens, temperature,
                   eos_ids(sampler, tok), tok.pad_token_id, env=env)  # fmt: skip
-    return prompt_ids, prompt_mask, *out, decode(tok, out[0], out[1])
+    texts = [tok.decode(ids[:n], skip_special_tokens=True) for ids, n in zip(out[0].tolist(), out[1].tolist())]
+    return prompt_ids, prompt_mask, *out, texts  # each text: the first lengths[b] tokens, special tokens (EOS) dropped
 
 
 def build_prompt(tok, question: str, tools: bool = False) -> str:
@@ -586,11 +582,6 @@ def eos_ids(model, tok) -> list[int]:
     return sorted(set(ids + [tok.eos_token_id]) - {None})
 
 
-def decode(tok, completion_ids: torch.Tensor, lengths: torch.Tensor) -> list[str]:
-    """The text of each completion: its first lengths[b] tokens, special tokens (EOS) dropped."""
-    return [tok.decode(ids[:n], skip_special_tokens=True) for ids, n in zip(completion_ids.tolist(), lengths.tolist())]
-
-
 def bf16_copy(model):
     """A frozen copy whose parameters are bf16 (half the memory, and bf16 compute with no autocast).
     Buffers such as the rotary inv_freq stay fp32: in bf16 they would be off by up to ~0.5 rad at
@@ -660,21 +651,17 @@ def head_logprobs(inner, hidden: torch.Tensor, ids: torch.Tensor, temperature: f
     weight = head.weight.float()  # (V, H): the master weight itself when fp32; one copy for a bf16 model
     bias = head.bias.float() if head.bias is not None else None
     flat_h, flat_ids = hidden.flatten(0, 1), ids.flatten()  # (B*L, H), (B*L,)
-    parts = []
-    for h, i in zip(flat_h.split(chunk), flat_ids.split(chunk)):  # split: backward concatenates the chunks once
-        args = (h, i, weight, bias, temperature)
-        if torch.is_grad_enabled():
-            parts.append(torch.utils.checkpoint.checkpoint(selective_logprobs, *args, use_reentrant=False))
-        else:
-            parts.append(selective_logprobs(*args))
+
+    def chunk_logprobs(h, i):  # h (n, H), ids (n,) -> (n,)
+        with torch.autocast(h.device.type, enabled=False):
+            logits = torch.nn.functional.linear(h.float(), weight, bias) / temperature  # (n, V) fp32
+            return logits.gather(-1, i[:, None]).squeeze(-1) - logits.logsumexp(-1)
+
+    # checkpointed: each chunk's logits are recomputed in backward, not stored (no randomness to replay);
+    # split, not a slice per chunk: backward concatenates the chunks' gradients once
+    parts = [torch.utils.checkpoint.checkpoint(chunk_logprobs, h, i, use_reentrant=False, preserve_rng_state=False)
+             for h, i in zip(flat_h.split(chunk), flat_ids.split(chunk))]  # fmt: skip
     return torch.cat(parts).view(ids.shape)
-
-
-def selective_logprobs(h, ids, weight, bias, temperature: float) -> torch.Tensor:
-    """log softmax((h W^T + b) / T)[id] in fp32 for one chunk: h (n, H), ids (n,) -> (n,)."""
-    with torch.autocast(h.device.type, enabled=False):
-        logits = torch.nn.functional.linear(h.float(), weight, bias) / temperature  # (n, V) fp32
-        return logits.gather(-1, ids[:, None]).squeeze(-1) - logits.logsumexp(-1)
 
 
 def micro_batches(B: int, size: int, group_size: int, device) -> list[tuple[slice, slice, torch.Tensor]]:
@@ -694,9 +681,8 @@ def main(cfg: Config, on_step=None, given: set[str] | None = None) -> None:
     called on every rank after every step, sums being this rank's {name: [total, count]} (for tests).
     given: the flags set on the command line (parse_config's); None means the fields that differ from
     Config's defaults. On --resume they change the saved configuration, and only they do."""
-    check_config(cfg)
     cfg, state = read_checkpoint(cfg, given)  # --resume: the checkpoint's configuration and trainer state
-    import_tracker(cfg.report_to)  # an optional package: a missing one stops the run here, before any loading
+    check_config(cfg)  # before any loading: a bad value or a missing optional package costs one line
     train_rows, test_rows = load_data(cfg)  # the user's data first: wrong columns or answers stop here
     rank, world, device = setup_distributed(cfg)
     if cfg.prompts_per_step % world:
@@ -775,25 +761,17 @@ def main(cfg: Config, on_step=None, given: set[str] | None = None) -> None:
 # ----------------------------------------------------------------------------- Tools (off by default): the calculator, its environment, its reward
 # The model may write <calc>EXPRESSION</calc> mid-answer; the environment appends <result>VALUE</result>.
 TOOL_CALL = ("<calc>", "</calc>")
-
 TOOL_RESULT = ("<result>", "</result>")
-
 TOOL_PROMPT = "\nYou have a calculator: write <calc>expression</calc> and its result appears as <result>value</result>."
-
 TOOL_EXAMPLE = ("What is 2 + 3 * 4?", "<reasoning>\n3 * 4 = <calc>3 * 4</calc><result>12</result>, and 2 + 12 = "
                 "<calc>2 + 12</calc><result>14</result>.\n</reasoning>\n<answer>\n14\n</answer>")  # fmt: skip
 
 CALC_MAX_CHARS = 200  # checked before parsing, so parse time and the number of AST nodes are bounded
-
 CALC_MAX_DEPTH = 100  # nesting of the tree, bounds the recursion (1+1+...+1 in 200 characters fits)
-
 CALC_MAX_ABS = 10**30  # every intermediate value; keeps each operation on small numbers
-
 CALC_BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
                ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}  # fmt: skip
-
 CALC_UNARY = {ast.UAdd: operator.pos, ast.USub: operator.neg}
-
 PLAIN_NUMBER = re.compile(r"\d+(\.\d*)?|\.\d+")  # what a written number may look like: the value it has
 CALC_SIGNS = str.maketrans({"\N{MULTIPLICATION SIGN}": "*", "\N{DIVISION SIGN}": "/", "\N{MINUS SIGN}": "-"})
 
@@ -987,18 +965,16 @@ def load_data(cfg: Config) -> tuple[list[dict], list[dict]]:
     return train_rows, test_rows[: cfg.eval_size] if cfg.eval_size > 0 else test_rows
 
 
-DATA_FILES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}  # extension -> datasets' loader
-
-
 def load_rows(cfg: Config, split: str) -> list[dict]:
     """Rows of one split, each with its parsed 'gold' answer: a local file, a local folder of train and
     test files, or a hub dataset."""
     import datasets  # imported here: it is slow to import and only needed when loading data
 
     path, files = os.path.expanduser(cfg.dataset), None
+    loaders = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}  # extension -> datasets' loader
     if os.path.isdir(path):
         files = sorted(os.path.join(path, f) for f in os.listdir(path)
-                       if f.startswith(split) and os.path.splitext(f)[1] in DATA_FILES)  # fmt: skip
+                       if f.startswith(split) and os.path.splitext(f)[1] in loaders)  # fmt: skip
         if not files:
             fail(f"no {split}.jsonl/.json/.parquet in folder {path}: add one, or pass another --dataset")
     elif os.path.isfile(path):
@@ -1009,7 +985,7 @@ def load_rows(cfg: Config, split: str) -> list[dict]:
         fail(f"dataset path {path} does not exist: pass an existing file or folder, or a hub id like openai/gsm8k")
     try:
         if files:
-            ds = datasets.load_dataset(DATA_FILES[os.path.splitext(files[0])[1]], data_files=files, split="train")
+            ds = datasets.load_dataset(loaders[os.path.splitext(files[0])[1]], data_files=files, split="train")
         else:
             ds = datasets.load_dataset(path, cfg.dataset_config or None, split=split)
     except Exception as e:  # offline hub, bad file, unknown split: one line, not a traceback
@@ -1161,17 +1137,19 @@ def check_config(cfg: Config) -> None:
         fail(f"unknown --precision {cfg.precision!r}: use auto, fp32 or bf16")
     if cfg.micro_batch_size == 0 or cfg.micro_batch_size < -1:
         fail(f"--micro_batch_size {cfg.micro_batch_size}: use a positive number, or -1 for the whole batch")
-    if cfg.report_to not in TRACKERS:
-        fail(f"unknown --report_to {cfg.report_to!r}: use {', '.join(TRACKERS)}")
+    if cfg.report_to not in ("none", "wandb", "trackio"):  # the two trackers share init(), log() and finish()
+        fail(f"unknown --report_to {cfg.report_to!r}: use none, wandb, trackio")
+    if cfg.report_to != "none" and importlib.util.find_spec(cfg.report_to) is None:  # an optional package
+        fail(f"--report_to {cfg.report_to}: the {cfg.report_to} package is not installed; pip install "
+             f"{cfg.report_to}, or drop --report_to")  # fmt: skip
 
 
 def load_model(name: str, cfg: Config, device):
     """A causal LM in fp32 (the master weights; bf16 comes from autocast) and its tokenizer."""
     path = os.path.expanduser(name)
     if not os.path.isdir(path) and looks_local(path):
-        fail(
-            f"model folder {name} does not exist: pass --model an existing folder or a hub id like Qwen/Qwen2.5-0.5B-Instruct"
-        )
+        fail(f"model folder {name} does not exist: pass --model an existing folder or a hub id like "
+             f"Qwen/Qwen2.5-0.5B-Instruct")  # fmt: skip
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code)
@@ -1218,7 +1196,6 @@ def autocast(device, bf16: bool):
 
 # ----------------------------------------------------------------------------- Checkpoints
 RESUME_MUST_MATCH = ("model", "dataset", "dataset_config", "seed", "prompts_per_step", "group_size")  # the data stream
-
 NOT_RESUMED = ("output_dir", "resume", "eval_only", "device", "trust_remote_code")  # this process's, not the run's
 
 
@@ -1418,27 +1395,13 @@ def write_metrics(cfg: Config, record: dict, tracker=None) -> None:
         tracker.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
 
 
-TRACKERS = ("none", "wandb", "trackio")  # --report_to; the two trackers share init(), log() and finish()
-
-
-def import_tracker(name: str):
-    """The --report_to package, imported only when asked for (an optional dependency); None for none.
-    main calls it before loading anything, so a missing package costs one line, not a loaded model."""
-    if name == "none":
-        return None
-    try:
-        return importlib.import_module(name)
-    except ImportError:
-        fail(f"--report_to {name}: the {name} package is not installed; pip install {name}, or drop --report_to")
-
-
 def start_tracker(cfg: Config, rank: int):
     """Rank 0 starts a run of the --report_to tracker, named after --output_dir, with the config; returns the
     tracker module (for log and finish), or None on other ranks and without --report_to."""
-    tracker = import_tracker(cfg.report_to) if rank == 0 else None
-    if tracker is not None:
-        name = os.path.basename(os.path.abspath(cfg.output_dir))
-        tracker.init(project="grpo", name=name, config=dataclasses.asdict(cfg))
+    if rank != 0 or cfg.report_to == "none":
+        return None
+    tracker = importlib.import_module(cfg.report_to)  # imported only when asked for: an optional dependency
+    tracker.init(project="grpo", name=os.path.basename(os.path.abspath(cfg.output_dir)), config=dataclasses.asdict(cfg))
     return tracker
 
 
@@ -1447,10 +1410,7 @@ def plot_metrics(output_dir: str) -> None:
     (unweighted), accuracies, what to watch first (groups without signal, cut-off completions), KL and
     completion length."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure  # not pyplot: no GUI backend, no global figure to close
         from matplotlib.ticker import MaxNLocator
     except ImportError:
         print("no metrics.png: pip install matplotlib to get plots", file=sys.stderr)
@@ -1465,7 +1425,8 @@ def plot_metrics(output_dir: str) -> None:
         ("KL to reference", ["kl"]),
         ("completion length (tokens)", ["completion_len"]),
     ]
-    fig, axes = plt.subplots(2, 3, figsize=(15, 7))
+    fig = Figure(figsize=(15, 7))
+    axes = fig.subplots(2, 3)
     for ax, (title, keys) in zip(axes.flat, panels):
         for k in keys:
             points = [(r["step"], r[k]) for r in records if k in r]
@@ -1481,7 +1442,6 @@ def plot_metrics(output_dir: str) -> None:
             ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(os.path.join(output_dir, "metrics.png"), dpi=100)
-    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------- Command line

@@ -1058,9 +1058,7 @@ def sampled_batch(model, tok, sampler, G=4, L=10):
 def grads_with(model, batch, old_logp, cfg, adv):
     ids, mask, out, lengths, by_env, _ = batch
     model.zero_grad()
-    stats = grpo.accumulate_gradients(
-        model, ids, mask, out, lengths, by_env, adv, old_logp, None, cfg, 4, mismatch=True
-    )
+    stats = grpo.accumulate_gradients(model, ids, mask, out, lengths, by_env, adv, old_logp, None, cfg, 4)
     return stats, torch.cat([p.grad.flatten() for p in model.parameters()])
 
 
