@@ -21,13 +21,24 @@ allocated, or peak RSS on CPU) is its own. Prints a table and one JSON line.
 own code (bf16_copy, setup_training, rollout, frozen_logprobs, accumulate_gradients, clip_and_step,
 refresh_sampler) runs on fake tensors (shapes and dtypes, no storage) while torch's MemTracker counts
 the live bytes of each kind. Only the model's config is read. Sizes default to grpo.py's defaults.
+
+    python bench.py --job --model qwen-shape --random_init --tokenizer TOK --dataset DATA --device cuda
+
+--job trains --steps steps of the default job (sizes as --memory) twice, each in its own process:
+grpo.py's main, and TRL's GRPOTrainer (its transformers generation path) on the same random-weight
+model, questions, prompts, rewards, batch and micro-batch, every completion forced to full length in
+both. Reports seconds per step and completion tokens per second from the second step on, the peak
+memory of each step, and grpo.py's measured peak against --memory's prediction for the same flags.
+.ci/gpu runs this and the phase table on a GPU in one go.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -430,6 +441,198 @@ def report_memory(args, result: dict) -> None:
     print(json.dumps(summary))
 
 
+# ----------------------------------------------------------------------------- --job: training steps, grpo.py and TRL
+def job_rows(args, tok) -> tuple[list[dict], int]:
+    """The questions of the job's steps, in grpo.py's order (TRL gets the same, unshuffled), and the longest
+    step's prompt length in tokens (prompts are left-padded to it)."""
+    rows = grpo.load_rows(grpo.Config(dataset=args.dataset), "train")
+    P = args.prompts
+    chosen = [rows[i] for i in grpo.prompt_indices(len(rows), 0, P * args.steps, grpo.Config().seed)]
+    lengths = [len(tok(grpo.build_prompt(tok, r["question"]), add_special_tokens=False).input_ids) for r in chosen]
+    return chosen, max(max(lengths[i : i + P]) for i in range(0, len(lengths), P))
+
+
+def print_mark(device, mean_length: float) -> None:
+    """One line per training step, printed as it ends: the time, the peak memory since the last step's end
+    (CUDA max allocated; on CPU the process's peak RSS) and the step's mean completion length."""
+    sync(device)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / 2**30
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (Linux)
+    print(json.dumps({"t": time.perf_counter(), "peak_gib": peak, "length": mean_length}), flush=True)
+
+
+def run_grpo_job(args) -> None:
+    """grpo.main on the job's flags (no evaluation, no checkpoints), each completion forced to full length."""
+    device = torch.device(args.device)
+    cfg = grpo.Config(model=args.job_model, dataset=args.dataset, output_dir=os.path.join(args.job_dir, "grpo-out"),
+                      steps=args.steps, prompts_per_step=args.prompts, group_size=args.group_size,
+                      max_new_tokens=args.new_tokens, beta=args.beta, micro_batch_size=args.micro_batch_size,
+                      precision=args.precision, gradient_checkpointing=args.gradient_checkpointing, eval_size=0,
+                      save_every=0, sample_every=0, device=args.device)  # fmt: skip
+    print(json.dumps({"trainer": "grpo.py"}), flush=True)
+    with mock.patch.object(grpo, "eos_ids", lambda model, tok: [-1]):  # no token ends a completion
+        grpo.main(cfg, on_step=lambda step, model, metrics, sums: print_mark(device, metrics["completion_len"]))
+
+
+def run_trl_job(args) -> None:
+    """TRL's GRPOTrainer on the same model, questions, prompts, rewards and sizes, on its transformers generation
+    path (model.generate, no vLLM): G completions per question, micro-batches of the same size accumulated to the
+    same batch, one generation per optimizer step, beta, the grpo loss, bf16 autocast over fp32 weights as grpo.py
+    (--precision), each completion forced to full length (min_new_tokens)."""
+    import datasets
+    import trl
+    from transformers import AutoTokenizer, TrainerCallback
+
+    print(json.dumps({"trainer": f"TRL {trl.__version__}"}), flush=True)
+    device = torch.device(args.device)
+    tok = AutoTokenizer.from_pretrained(args.job_model)
+    rows, _ = job_rows(args, tok)
+    data = datasets.Dataset.from_list(
+        [{"prompt": grpo.build_prompt(tok, r["question"]), "gold": r["gold"], "question": r["question"]} for r in rows]
+    )
+
+    def as_trl(fn):  # grpo.py's reward function, in TRL's signature
+        def reward(prompts, completions, gold, question, **kwargs):
+            return [fn(c, g, question=q) for c, g, q in zip(completions, gold, question)]
+
+        reward.__name__ = fn.__name__
+        return reward
+
+    B = args.prompts * args.group_size
+    mb = B if args.micro_batch_size < 0 else min(args.micro_batch_size, B)
+    config = trl.GRPOConfig(
+        output_dir=os.path.join(args.job_dir, "trl-out"), max_steps=args.steps, per_device_train_batch_size=mb,
+        gradient_accumulation_steps=B // mb, num_generations=args.group_size, max_completion_length=args.new_tokens,
+        generation_kwargs={"min_new_tokens": args.new_tokens}, temperature=1.0, top_p=1.0, top_k=0,
+        beta=args.beta, loss_type="grpo", epsilon=0.2, scale_rewards="group", num_iterations=1,
+        learning_rate=grpo.Config().lr, lr_scheduler_type="constant", adam_beta2=0.99, max_grad_norm=1.0,
+        bf16=grpo.use_bf16(grpo.Config(precision=args.precision), device), use_cpu=device.type == "cpu",
+        gradient_checkpointing=args.gradient_checkpointing, model_init_kwargs={"dtype": torch.float32},
+        reward_weights=[w for _, w in grpo.REWARD_FUNCS], shuffle_dataset=False, logging_steps=1,
+        save_strategy="no", report_to="none", seed=0, disable_dropout=True,
+    )  # fmt: skip
+
+    class Marks(TrainerCallback):
+        def on_log(self, args_, state, control, logs=None, **kwargs):  # logged at the end of every step
+            if logs and "completions/mean_length" in logs:
+                print_mark(device, logs["completions/mean_length"])
+
+    trainer = trl.GRPOTrainer(model=args.job_model, reward_funcs=[as_trl(fn) for fn, _ in grpo.REWARD_FUNCS],
+                              args=config, train_dataset=data, processing_class=tok, callbacks=[Marks()])  # fmt: skip
+    trainer.train()
+
+
+def job_result(stdout: str, args, timed_out: bool, trainer: str) -> dict:
+    """Seconds and peak memory of each step after the first (which also loads and warms up), from the lines
+    the job printed as its steps ended, and completion tokens per second (every completion ran to full length)."""
+    lines = []
+    for line in stdout.splitlines():
+        with contextlib.suppress(ValueError):  # other lines: the trainers' own logs
+            lines.append(json.loads(line))
+    lines = [m for m in lines if isinstance(m, dict)]
+    marks = [m for m in lines if "t" in m]
+    name = next((m["trainer"] for m in lines if "trainer" in m), trainer)
+    seconds = [b["t"] - a["t"] for a, b in zip(marks, marks[1:])]
+    median = statistics.median(seconds) if seconds else float("nan")
+    return {"trainer": name, "steps_done": len(marks), "timed_out": timed_out, "step_seconds": seconds,
+            "median_step_seconds": median, "completion_tokens_per_s": args.prompts * args.group_size * args.new_tokens / median,
+            "peak_gib": max((m["peak_gib"] for m in marks[1:]), default=float("nan")),
+            "mean_completion_length": [m["length"] for m in marks]}  # fmt: skip
+
+
+def run_jobs(args) -> None:
+    """--job: a random-weight model folder of the shape (or the model itself), then each trainer in a process of
+    its own (at most --job_timeout seconds each), while another predicts grpo.py's peak for the same flags
+    (bench.py --memory, on the CPU); one table."""
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    device = torch.device(args.device)
+    args.job_dir = args.job_dir or tempfile.mkdtemp(prefix="bench-job-")
+    tok = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+    _, longest = job_rows(args, tok)
+    args.job_model = args.model
+    if args.random_init:  # random weights of the shape, saved with the tokenizer for grpo.py and TRL to load
+        torch.manual_seed(0)
+        args.job_model = os.path.join(args.job_dir, "model")
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.model), dtype=torch.float32)
+        model.save_pretrained(args.job_model)
+        tok.save_pretrained(args.job_model)
+        del model
+    flags = ["--prompts", str(args.prompts), "--group_size", str(args.group_size), "--new_tokens", str(args.new_tokens),
+             "--beta", str(args.beta), "--micro_batch_size", str(args.micro_batch_size), "--precision", args.precision]  # fmt: skip
+    flags += ["--gradient_checkpointing"] if args.gradient_checkpointing else []
+    trainers = args.trainers.split(",")
+    predict = None
+    if "grpo" in trainers:  # as on CUDA (auto = bf16), whatever --device: it predicts a GPU's memory
+        cmd = [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--memory",
+            "--model",
+            args.model,
+            "--prompt_len",
+            str(longest),
+        ]
+        predict = subprocess.Popen([*cmd, *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    results = {}
+    for trainer in trainers:
+        cmd = [sys.executable, os.path.abspath(__file__), "--model", args.model, "--dataset", args.dataset,
+               "--steps", str(args.steps), "--device", args.device, *flags, "--job_dir", args.job_dir,
+               "--job_model", args.job_model, "--path", f"job_{trainer}"]  # fmt: skip
+        try:  # a failure or a timeout keeps the steps it finished, and the next trainer still runs
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.job_timeout or None)
+            out, timed_out, failed = proc.stdout, False, proc.returncode != 0
+            if failed:
+                print(f"the {trainer} job failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
+        except subprocess.TimeoutExpired as e:
+            out, timed_out, failed = (
+                (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else e.stdout or "",
+                True,
+                False,
+            )
+        results[trainer] = job_result(out, args, timed_out, trainer) | {"failed": failed}
+    predicted = None
+    if predict is not None:
+        out, err = predict.communicate()
+        if predict.returncode == 0:
+            predicted = json.loads(out.strip().splitlines()[-1])["peak_gib"]
+        else:  # the measurements stand without it
+            print(f"the memory prediction failed:\n{err[-3000:]}", file=sys.stderr)
+    machine = (
+        torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()}, {os.cpu_count()} cores"
+    )
+    print(f"\nmachine {machine} | model {args.model}{' (random weights)' if args.random_init else ''} | P={args.prompts} "
+          f"G={args.group_size} prompts up to {longest} tokens, {args.new_tokens} new (forced) | micro-batch "
+          f"{args.micro_batch_size} | beta {args.beta} | {args.precision} | {args.steps} steps, timed from the 2nd\n")  # fmt: skip
+    kind = "CUDA max allocated" if device.type == "cuda" else "peak RSS"
+    print(
+        f"{'trainer':<14}{'s/step':>10}{'tokens/s':>12}{'peak GiB':>10}  {'steps':<16}mean completion length ({kind})"
+    )
+    for r in results.values():
+        lengths = ", ".join(f"{x:.0f}" for x in r["mean_completion_length"])
+        done = f"{r['steps_done']}{' (timed out)' if r['timed_out'] else ' (failed)' if r['failed'] else ''}"
+        print(f"{r['trainer']:<14}{r['median_step_seconds']:>10.2f}{r['completion_tokens_per_s']:>12.0f}"
+              f"{r['peak_gib']:>10.2f}  {done:<16}{lengths}")  # fmt: skip
+    summary = {"machine": machine, "prompt_len_longest": longest, "predicted_peak_gib": predicted, **results,
+               "args": {k: v for k, v in vars(args).items() if k != "path"}}  # fmt: skip
+    if predicted is not None and "grpo" in results:
+        print(f"\nbench.py --memory predicts grpo.py's peak at {predicted:.2f} GiB on CUDA for the same flags (prompts of "
+              f"{longest} tokens)" + (f": measured / predicted = {results['grpo']['peak_gib'] / predicted:.3f}" if device.type == "cuda" else ""))  # fmt: skip
+        summary["grpo_peak_over_predicted"] = results["grpo"]["peak_gib"] / predicted if device.type == "cuda" else None
+    if "grpo" in results and "trl" in results:
+        ratio = results["trl"]["median_step_seconds"] / results["grpo"]["median_step_seconds"]
+        print(f"TRL s/step / grpo.py s/step = {ratio:.2f}")
+        summary["trl_over_grpo_step_time"] = ratio
+    print(json.dumps(summary))
+    if any(r["failed"] for r in results.values()):
+        sys.exit(1)
+
+
 def main() -> None:
     cfg = grpo.Config()  # --memory predicts the job grpo.py runs by default
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -460,10 +663,18 @@ def main() -> None:
     p.add_argument(
         "--decode_steps", type=int, default=16, help="--memory: decode steps run; the rest are counted; -1 = all"
     )
-    p.add_argument("--path", choices=["fast", "plain"], help=argparse.SUPPRESS)  # internal: one path in this process
+    p.add_argument("--job", action="store_true", help="train --steps steps with grpo.py and TRL (--trainers)")
+    p.add_argument("--trainers", default="grpo,trl", help="--job: grpo, trl or both (comma-separated)")
+    p.add_argument("--dataset", default="openai/gsm8k", help="--job: the questions, as grpo.py's --dataset")
+    p.add_argument("--tokenizer", help="--job --random_init: a tokenizer folder, if --model holds only a config")
+    p.add_argument("--steps", type=int, default=6, help="--job: steps per trainer; the first is not timed")
+    p.add_argument("--job_timeout", type=int, default=0, help="--job: seconds per trainer, then its steps so far")
+    p.add_argument("--job_dir", default="", help="--job: where the model and the runs are written (a temp folder)")
+    p.add_argument("--job_model", help=argparse.SUPPRESS)  # internal: the model folder the jobs train
+    p.add_argument("--path", choices=["fast", "plain", "job_grpo", "job_trl"], help=argparse.SUPPRESS)  # internal
     args = p.parse_args()
     defaults = {"prompts": 4, "group_size": 8, "new_tokens": 64, "beta": 0.04, "micro_batch_size": -1}
-    if args.memory:
+    if args.memory or args.job:
         defaults = {"prompts": cfg.prompts_per_step, "group_size": cfg.group_size, "new_tokens": cfg.max_new_tokens,
                     "beta": cfg.beta, "micro_batch_size": cfg.micro_batch_size}  # fmt: skip
     for name, value in defaults.items():
@@ -471,6 +682,12 @@ def main() -> None:
             setattr(args, name, value)
     if args.memory:
         report_memory(args, predict_memory(args))
+        return
+    if args.path in ("job_grpo", "job_trl"):
+        run_grpo_job(args) if args.path == "job_grpo" else run_trl_job(args)
+        return
+    if args.job:
+        run_jobs(args)
         return
     if args.path:
         print(json.dumps(run_path(args)))

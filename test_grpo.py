@@ -9,6 +9,7 @@ import ast
 import builtins
 import gc
 import glob
+import importlib.util
 import json
 import math
 import operator
@@ -2315,3 +2316,26 @@ def test_bench_memory_predicts_a_step_by_kind(tiny_qwen):
     assert abs(decode) * 2**30 <= analytic / (P + L)
     assert large["peak_bytes"] > small["peak_bytes"]
     assert large["breakdown_bytes"]["activations"] > parts["activations"]
+
+
+def test_bench_job_trains_grpo_and_trl_on_the_same_work(tiny_qwen, tiny_data, tmp_path):
+    """bench.py --job on the tiny Qwen2 with random weights: grpo.py's main and, where TRL is installed, TRL's
+    GRPOTrainer train the same questions; every completion of every step ran to full length in both (the
+    forcing took effect), each step after the first is timed, and grpo.py's peak is predicted beside it."""
+    trainers = "grpo,trl" if importlib.util.find_spec("trl") else "grpo"
+    L, steps = 5, 3
+    args = [os.path.join(HERE, "bench.py"), "--job", "--trainers", trainers, "--model", tiny_qwen, "--random_init"]
+    args += ["--dataset", tiny_data, "--steps", str(steps), "--prompts", "2", "--group_size", "2", "--new_tokens"]
+    args += [str(L), "--micro_batch_size", "2", "--precision", "fp32", "--device", "cpu", "--job_dir", str(tmp_path)]
+    result = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    for name in trainers.split(","):
+        r = summary[name]
+        assert r["steps_done"] == steps and not r["timed_out"], r
+        assert r["mean_completion_length"] == [L] * steps  # no completion ended early
+        assert len(r["step_seconds"]) == steps - 1 and min(r["step_seconds"]) > 0 and r["peak_gib"] > 0
+    assert summary["grpo"]["trainer"] == "grpo.py" and summary["predicted_peak_gib"] > 0
+    assert os.path.isfile(os.path.join(tmp_path, "grpo-out", "final", "config.json"))  # grpo.py trained and saved
+    if "trl" in trainers:
+        assert summary["trl"]["trainer"].startswith("TRL ") and summary["trl_over_grpo_step_time"] > 0
