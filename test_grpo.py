@@ -2116,9 +2116,10 @@ def test_distributed_two_processes(tiny_model, tiny_data, tmp_path, tools):
         str(script),
         json.dumps(cfg),
     ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    # PYTHONFAULTHANDLER: a rank that aborts prints every thread's Python stack, so a failure says where it was
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, result.stderr[-8000:]
     ranks = [json.load(open(tmp_path / "out" / f"rank{r}.json")) for r in range(2)]
     assert [r["step"] for r in ranks[0]] == [1, 2, 3]
     counts_differ = []
@@ -2145,7 +2146,7 @@ def test_distributed_two_processes(tiny_model, tiny_data, tmp_path, tools):
     assert torch.load(tmp_path / "out" / "checkpoint" / "trainer_state.pt", weights_only=True)["step"] == 3
     cmd[-1] = json.dumps({**cfg, "steps": 5, "resume": True, "eval_size": 0})
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, result.stderr[-8000:]
     resumed = json.load(open(tmp_path / "out" / "rank0.json"))
     assert [r["step"] for r in resumed] == [4, 5] and all(r["same"] for r in resumed)
     steps = [r["step"] for r in read_metrics(grpo.Config(output_dir=cfg["output_dir"])) if "reward" in r]
@@ -2156,7 +2157,7 @@ def test_distributed_two_processes(tiny_model, tiny_data, tmp_path, tools):
     evaluated = str(tmp_path / "eval_only")
     cmd[-1] = json.dumps({**cfg, "model": str(tmp_path / "out" / "final"), "eval_only": True, "output_dir": evaluated})
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, result.stderr[-8000:]
     record = read_evaluation(evaluated)
     assert record["problems"] == 4 and "eval/accuracy_strict" in record
     with open(os.path.join(evaluated, "evaluation.jsonl")) as f:
