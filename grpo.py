@@ -1338,6 +1338,11 @@ def setup_distributed(cfg: Config) -> tuple[int, int, torch.device]:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
+        # transformers imports torch.distributed.nn when it loads its first model, and that module's functions take
+        # the default process group as a default argument: imported after init, they would keep the group alive past
+        # destroy_process_group, its threads running into interpreter exit (an abort there). So import it first.
+        import transformers.modeling_utils  # noqa: F401
+
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return (dist.get_rank() if world > 1 else 0), world, device
 

@@ -2097,7 +2097,19 @@ def on_step(step, model, metrics, sums):
 grpo.main(cfg, on_step=on_step)
 with open(os.path.join(cfg.output_dir, f"rank{{int(os.environ['RANK'])}}.json"), "w") as f:
     json.dump(records, f)
+threads = sorted(open(f"/proc/self/task/{{t}}/comm").read().strip() for t in os.listdir("/proc/self/task"))
+with open(os.path.join(cfg.output_dir, f"threads{{int(os.environ['RANK'])}}.json"), "w") as f:
+    json.dump(threads, f)  # the threads still running once main has returned
 """
+
+
+def assert_process_group_gone(output_dir: str) -> None:
+    """Once main has returned, no rank has a gloo thread left: the process group was destroyed, not left to
+    interpreter exit, where a gloo thread that needs the GIL to free a tensor aborts the process (SIGABRT)."""
+    for rank in range(2):
+        with open(os.path.join(output_dir, f"threads{rank}.json")) as f:
+            threads = json.load(f)
+        assert not [t for t in threads if "gloo" in t], threads
 
 
 @pytest.mark.parametrize("tools", ["", "calculator"])
@@ -2120,6 +2132,7 @@ def test_distributed_two_processes(tiny_model, tiny_data, tmp_path, tools):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-8000:]
+    assert_process_group_gone(tmp_path / "out")
     ranks = [json.load(open(tmp_path / "out" / f"rank{r}.json")) for r in range(2)]
     assert [r["step"] for r in ranks[0]] == [1, 2, 3]
     counts_differ = []
@@ -2147,6 +2160,7 @@ def test_distributed_two_processes(tiny_model, tiny_data, tmp_path, tools):
     cmd[-1] = json.dumps({**cfg, "steps": 5, "resume": True, "eval_size": 0})
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-8000:]
+    assert_process_group_gone(tmp_path / "out")
     resumed = json.load(open(tmp_path / "out" / "rank0.json"))
     assert [r["step"] for r in resumed] == [4, 5] and all(r["same"] for r in resumed)
     steps = [r["step"] for r in read_metrics(grpo.Config(output_dir=cfg["output_dir"])) if "reward" in r]
@@ -2158,6 +2172,7 @@ def test_distributed_two_processes(tiny_model, tiny_data, tmp_path, tools):
     cmd[-1] = json.dumps({**cfg, "model": str(tmp_path / "out" / "final"), "eval_only": True, "output_dir": evaluated})
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-8000:]
+    assert_process_group_gone(evaluated)
     record = read_evaluation(evaluated)
     assert record["problems"] == 4 and "eval/accuracy_strict" in record
     with open(os.path.join(evaluated, "evaluation.jsonl")) as f:
