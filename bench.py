@@ -61,6 +61,19 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def peak_gib(device: torch.device) -> float:
+    """Peak memory in GiB: CUDA max allocated (since the last reset), or on CPU the process's peak RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (Linux)
+
+
+def machine_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+
+
 def build(args, device):
     config = AutoConfig.from_pretrained(args.model)
     if args.random_init:  # the real shape with random weights: works on a folder holding only config.json
@@ -185,10 +198,7 @@ def run_path(args) -> dict:
     for _ in range(args.repeats):
         one_step()
     median = {k: sorted(v)[len(v) // 2] for k, v in times.items() if v}
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device) / 2**30
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (Linux)
+    peak = peak_gib(device)
     n_params = sum(p.numel() for p in model.parameters())
     return {
         "seconds": median,
@@ -456,11 +466,9 @@ def print_mark(device, mean_length: float) -> None:
     """One line per training step, printed as it ends: the time, the peak memory since the last step's end
     (CUDA max allocated; on CPU the process's peak RSS) and the step's mean completion length."""
     sync(device)
+    peak = peak_gib(device)
     if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device) / 2**30
         torch.cuda.reset_peak_memory_stats(device)
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (Linux)
     print(json.dumps({"t": time.perf_counter(), "peak_gib": peak, "length": mean_length}), flush=True)
 
 
@@ -603,9 +611,7 @@ def run_jobs(args) -> None:
             predicted = json.loads(out.strip().splitlines()[-1])["peak_gib"]
         else:  # the measurements stand without it
             print(f"the memory prediction failed:\n{err[-3000:]}", file=sys.stderr)
-    machine = (
-        torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()}, {os.cpu_count()} cores"
-    )
+    machine = machine_name(device)
     print(f"\nmachine {machine} | model {args.model}{' (random weights)' if args.random_init else ''} | P={args.prompts} "
           f"G={args.group_size} prompts up to {longest} tokens, {args.new_tokens} new (forced) | micro-batch "
           f"{args.micro_batch_size} | beta {args.beta} | {args.precision} | {args.steps} steps, timed from the 2nd\n")  # fmt: skip
@@ -702,11 +708,7 @@ def main() -> None:
         results[path] = json.loads(proc.stdout.strip().splitlines()[-1])
     fast, plain = results["fast"], results["plain"]
     device = torch.device(args.device)
-    machine = (
-        torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
-    )
+    machine = machine_name(device)
     print(
         f"\nmachine {machine} | model {args.model} ({fast['params'] / 1e6:.1f}M params{', random init' if args.random_init else ''}) | "
         f"P={args.prompts} G={args.group_size} prompt {args.prompt_len} new {args.new_tokens} beta {args.beta}\n"

@@ -430,10 +430,11 @@ def accumulate_gradients(policy, prompt_ids, prompt_mask, completion_ids, length
             (loss * share).backward()
         tokens = mask[s].sum().item()
         out["loss"][0] += float(loss.item() * share)
-        stats["logp_mismatch"] = ((old - logp.detach()).abs() * m).sum() / max(tokens, 1)  # mean |log rho|
-        for k in ("kl", "clip_frac", "logp_mismatch"):
+        for k in ("kl", "clip_frac"):
             out[k][0] += stats[k].item() * tokens
             out[k][1] += tokens
+        out["logp_mismatch"][0] += ((old - logp.detach()).abs() * m).sum().item()  # summed |log rho|
+        out["logp_mismatch"][1] += tokens
     return out
 
 
