@@ -99,6 +99,8 @@ class Config:
     scale_rewards: bool = True  # divide advantages by the group's reward std (paper); off = Dr. GRPO
     micro_batch_size: int = 8  # completions per forward/backward (gradient accumulation); -1 = all
     gradient_checkpointing: bool = False  # recompute activations in backward to save memory
+    lora_rank: int = 0  # r: train rank-r adapters on the decoder's linear layers, base frozen; 0 = full fine-tuning
+    lora_alpha: float = 32.0  # alpha: the adapters' update is scaled by alpha / r
     precision: str = "auto"  # bf16 (bf16 compute and sampling over fp32 weights), fp32, or auto (bf16 on CUDA)
     tools: str = ""  # "calculator": the model may write <calc>EXPR</calc> mid-answer and read <result>; "" = off
     max_tool_calls: int = 4  # T: tool calls per completion; a call past T is answered with an error
@@ -380,9 +382,10 @@ def completion_mask(lengths: torch.Tensor, L: int, by_env: torch.Tensor | None =
 @torch.no_grad()
 def frozen_logprobs(model, prompt_ids, prompt_mask, completion_ids, micro_batch_size: int, temperature: float,
                     bf16: bool = False):  # fmt: skip
-    """token_logprobs (B, L) of a model that is not being trained (pi_ref)."""
+    """token_logprobs (B, L) of a model that is not being trained (pi_ref; with LoRA, the policy with its
+    adapters off)."""
     B, G = completion_ids.shape[0], completion_ids.shape[0] // prompt_ids.shape[0]
-    with autocast(prompt_ids.device, bf16):
+    with autocast(prompt_ids.device, bf16), adapters_off(model):
         parts = [token_logprobs(model, prompt_ids[p], prompt_mask[p], completion_ids[s], index, temperature)
                  for s, p, index in micro_batches(B, micro_batch_size, G, prompt_ids.device)]  # fmt: skip
     return torch.cat(parts)
@@ -693,11 +696,12 @@ def main(cfg: Config, on_step=None, given: set[str] | None = None) -> None:
     log = print if rank == 0 else (lambda *a, **k: None)
     bf16 = use_bf16(cfg, device)
     dtype = "bf16 compute over fp32 weights, bf16 sampler" if bf16 else "fp32"
+    dtype = "bf16 frozen base, fp32 adapters, the policy samples" if bf16 and cfg.lora_rank else dtype
     log(f"device {device} | dtype {dtype} | ranks {world}")
 
     resume_from = check_output_dir(cfg)
-    model, tok = load_model(resume_from or cfg.model, cfg, device)
-    sampler = bf16_copy(model) if bf16 else model  # rollouts read bf16 weights once per token, keep a bf16 cache
+    model, tok = load_model(cfg.model if cfg.lora_rank else resume_from or cfg.model, cfg, device)  # LoRA: + adapters
+    sampler = bf16_copy(model) if bf16 and not cfg.lora_rank else model  # rollouts read bf16 weights, keep a bf16 cache
     tracker = start_tracker(cfg, rank)  # --report_to: rank 0's run of wandb or trackio, None otherwise
     if cfg.eval_only:
         return evaluate_only(sampler, tok, test_rows, cfg, device, rank, world, tracker, log)
@@ -745,6 +749,9 @@ def main(cfg: Config, on_step=None, given: set[str] | None = None) -> None:
             save_checkpoint(cfg, model, tok, optimizer, scheduler, step, skipped, rank)
     bar.close()
     if rank == 0:
+        if cfg.lora_rank:  # the adapters alone (small), then final/ is the merged model: a plain one
+            save_atomically(os.path.join(cfg.output_dir, "adapters"), model, tok)
+            merge_lora(model)
         save_atomically(os.path.join(cfg.output_dir, "final"), model, tok)
         plot_metrics(cfg.output_dir)
         log(f"saved {os.path.join(cfg.output_dir, 'final')} (AutoModelForCausalLM.from_pretrained loads it)")
@@ -950,6 +957,123 @@ def tool_use(tok, completion_ids: torch.Tensor, lengths: torch.Tensor, by_env: t
     return calls, errors
 
 
+# ----------------------------------------------------------------------------- LoRA (off by default): adapters, and pi_ref as adapters off
+# --lora_rank r trains, in place of each weight W (out, in) of the decoder blocks' linear layers, a low-rank
+# update (LoRA, arXiv 2106.09685):  y = W x + (alpha / r) B A x,  A (r, in) random, B (out, r) zero at the start,
+# so the policy starts as the base model. W, the embeddings and the LM head are frozen (bf16 under --precision
+# bf16); only A and B get gradients and AdamW state (fp32): rank 16 on Qwen2.5-7B trains 40M parameters, not 7.6B.
+# Two copies go as well: pi_ref is the same network with its adapters switched off (frozen_logprobs), and the
+# policy itself samples, with no bf16 copy. Each adapted nn.Linear keeps its name and weight, and a forward hook
+# adds the update, so the merged model saves exactly as the base model did.
+ADAPTERS = "adapters.safetensors"
+
+
+def add_lora(model, cfg: Config, resume_from: str | None, bf16: bool) -> None:
+    """Freeze the model and give every linear layer of its decoder blocks (model.base_model: not the LM head)
+    rank-r adapters; with resume_from, the checkpoint's. Under bf16 the frozen weights become bf16."""
+    layers = [m for m in model.base_model.modules() if isinstance(m, torch.nn.Linear)]
+    if not layers:
+        fail(f"--lora_rank: {type(model).__name__} has no torch.nn.Linear layers in its decoder blocks to adapt "
+             f"(some models use other layer types); drop --lora_rank to fine-tune every weight")  # fmt: skip
+    model.requires_grad_(False)
+    if bf16:  # frozen weights are only read: bf16 halves them (buffers such as rotary inv_freq stay fp32)
+        for p in model.parameters():
+            p.data = p.data.to(torch.bfloat16)
+    seed_everything(cfg.seed, "lora")  # the same A on every rank
+    for linear in layers:
+        A = torch.empty(cfg.lora_rank, linear.in_features, device=linear.weight.device)  # (r, in) fp32
+        torch.nn.init.kaiming_uniform_(A, a=math.sqrt(5))  # nn.Linear's own initialization, as in the paper's code
+        linear.lora_A = torch.nn.Parameter(A)
+        linear.lora_B = torch.nn.Parameter(torch.zeros(linear.out_features, cfg.lora_rank, device=A.device))  # (out, r)
+        linear.lora_scale, linear.lora_on = cfg.lora_alpha / cfg.lora_rank, True
+        linear.lora_hook = linear.register_forward_hook(lora_forward)
+    if resume_from:
+        load_adapters(model, os.path.join(resume_from, ADAPTERS))
+    if os.environ.get("RANK", "0") == "0":
+        trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print(f"LoRA rank {cfg.lora_rank} alpha {cfg.lora_alpha:g} on {len(layers)} linear layers: {trained / 1e6:.2f}M "
+              f"trained parameters of {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M")  # fmt: skip
+
+
+def lora_forward(linear, args, out):
+    """The hook after an adapted layer: out = W x + b becomes W x + b + (alpha / r) B A x, unless adapters are off.
+    The adapters compute in the input's dtype: bf16 under autocast or from a bf16 base, else fp32."""
+    if not linear.lora_on:
+        return out
+    x = args[0]  # (.., in)
+    down = torch.nn.functional.linear(x, linear.lora_A.to(x.dtype))  # (.., r)
+    return out + linear.lora_scale * torch.nn.functional.linear(down, linear.lora_B.to(x.dtype))  # (.., out)
+
+
+def lora_layers(model) -> list:
+    """The adapted layers of a model (none for a model without LoRA)."""
+    return [m for m in model.modules() if hasattr(m, "lora_A")]
+
+
+@contextlib.contextmanager
+def adapters_off(model):
+    """Within it the model computes as its base model, pi_ref; a model without adapters is unchanged."""
+    layers = lora_layers(model)
+    for m in layers:
+        m.lora_on = False
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.lora_on = True
+
+
+@torch.no_grad()
+def merge_lora(model) -> None:
+    """W <- W + (alpha / r) B A in every adapted layer (in fp32, then the base dtype), and the adapters and
+    their hooks go: a plain model that from_pretrained loads and any inference server serves."""
+    for linear in lora_layers(model):
+        linear.weight.copy_(linear.weight.float() + linear.lora_scale * (linear.lora_B @ linear.lora_A))  # (out, in)
+        linear.lora_hook.remove()
+        del linear.lora_A, linear.lora_B, linear.lora_hook, linear.lora_scale, linear.lora_on
+
+
+def save_adapters(model, path: str) -> None:
+    """path/adapters.safetensors: A and B of every layer under the layer's name, with r and alpha."""
+    from safetensors.torch import save_file  # a dependency of transformers
+
+    os.makedirs(path, exist_ok=True)
+    layer = lora_layers(model)[0]
+    r = layer.lora_A.shape[0]
+    tensors = {name: p.detach().contiguous() for name, p in model.named_parameters() if ".lora_" in name}
+    save_file(tensors, os.path.join(path, ADAPTERS), {"lora_rank": str(r), "lora_alpha": str(layer.lora_scale * r)})
+
+
+def load_adapters(model, path: str) -> None:
+    from safetensors.torch import load_file
+
+    saved, names = load_file(path), {name for name, _ in model.named_parameters() if ".lora_" in name}
+    if set(saved) != names:
+        fail(f"{path} holds adapters for other layers than this model's: resume with the run's --model")
+    with torch.no_grad():
+        for name, t in saved.items():
+            model.get_parameter(name).copy_(t)
+
+
+def check_lora(cfg: Config) -> None:
+    if cfg.lora_rank < 0:
+        fail(f"--lora_rank {cfg.lora_rank}: use a positive rank such as 16, or 0 to fine-tune every weight")
+    if cfg.lora_rank and cfg.lora_alpha <= 0:
+        fail(f"--lora_alpha {cfg.lora_alpha}: the adapters' scale alpha / r must be positive; 32 is common")
+    if cfg.lora_rank and cfg.eval_only:
+        fail("--eval_only evaluates --model as it is, without adapters: drop --lora_rank (a LoRA run's final/ "
+             "is already merged)")  # fmt: skip
+
+
+def check_lora_resume(saved: dict, now: dict, given: set[str], resume_from: str) -> None:
+    """A checkpoint's adapters fit only the rank and scale they were trained with (rank 0: full fine-tuning)."""
+    for name in ("lora_rank", "lora_alpha"):
+        was = saved.get(name, 0 if name == "lora_rank" else now[name])  # older checkpoints: full fine-tuning
+        if name in given and was != now[name] and (name == "lora_rank" or saved.get("lora_rank")):
+            fail(f"--resume with --{name} {now[name]}: {resume_from} was trained with --{name} {was} "
+                 f"(--lora_rank 0: full fine-tuning); drop --{name}, or pass another --output_dir")  # fmt: skip
+
+
 # ----------------------------------------------------------------------------- Data: loading and checks
 def load_data(cfg: Config) -> tuple[list[dict], list[dict]]:
     """The train rows (none with --eval_only) and the first --eval_size test rows. A single data
@@ -1143,6 +1267,7 @@ def check_config(cfg: Config) -> None:
     if cfg.report_to != "none" and importlib.util.find_spec(cfg.report_to) is None:  # an optional package
         fail(f"--report_to {cfg.report_to}: the {cfg.report_to} package is not installed; pip install "
              f"{cfg.report_to}, or drop --report_to")  # fmt: skip
+    check_lora(cfg)
 
 
 def load_model(name: str, cfg: Config, device):
@@ -1172,7 +1297,10 @@ def setup_training(model, cfg: Config, resume_from: str | None, world: int, devi
     policy as trained (DDP-wrapped when there are several ranks: it averages their gradients), AdamW
     and its warmup schedule."""
     ref_model = None
-    if cfg.beta != 0:  # the frozen reference pi_ref is the initial policy, also after a resume
+    if cfg.lora_rank:  # the base frozen, the adapters trained; pi_ref is the policy with its adapters off
+        add_lora(model, cfg, resume_from, bf16)
+        ref_model = model if cfg.beta != 0 else None
+    elif cfg.beta != 0:  # the frozen reference pi_ref is the initial policy, also after a resume
         initial = load_model(cfg.model, cfg, device)[0] if resume_from else model
         ref_model = bf16_copy(initial) if bf16 else copy.deepcopy(initial).requires_grad_(False).eval()
     if cfg.gradient_checkpointing:
@@ -1223,6 +1351,7 @@ def read_checkpoint(cfg: Config, given: set[str] | None) -> tuple[Config, dict |
     if refused:
         fail(f"--resume with changed {', '.join(f'--{k}' for k in refused)}: the checkpoint's data order and "
              f"batches depend on them; use the original values or another --output_dir")  # fmt: skip
+    check_lora_resume(saved, now, given, resume_from)
     changed = [k for k in now if k in given and k in saved and saved[k] != now[k]]
     cfg = Config(**{**now, **{k: v for k, v in saved.items() if k not in given}})
     if state["step"] > cfg.steps:  # a larger --steps extends a run; a smaller one has nothing to do
@@ -1282,7 +1411,10 @@ def save_atomically(path: str, model, tok, trainer_state: dict | None = None) ->
     A crash at any moment leaves either the old or the new folder complete (see latest_checkpoint)."""
     tmp, old = path + ".tmp", path + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    if lora_layers(model):  # LoRA: the adapters alone; the base model is --model, unchanged
+        save_adapters(model, tmp)
+    else:
+        model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     if trainer_state is not None:
         torch.save(trainer_state, os.path.join(tmp, "trainer_state.pt"))

@@ -2355,3 +2355,212 @@ def test_bench_job_trains_grpo_and_trl_on_the_same_work(tiny_qwen, tiny_data, tm
     assert os.path.isfile(os.path.join(tmp_path, "grpo-out", "final", "config.json"))  # grpo.py trained and saved
     if "trl" in trainers:
         assert summary["trl"]["trainer"].startswith("TRL ") and summary["trl_over_grpo_step_time"] > 0
+
+
+# ----------------------------------------------------------------------------- LoRA
+def lora_model(path: str, rank: int = 4, bf16: bool = False):
+    """The model at path with rank-`rank` adapters (B = 0, as at the start), and its tokenizer."""
+    model, tok = load(path)
+    grpo.add_lora(model, grpo.Config(lora_rank=rank), None, bf16)
+    return model, tok
+
+
+def some_logprobs(model, tok, G: int = 2, L: int = 6):
+    """token_logprobs (B, L) of fixed completions of two prompts (no sampling: the same inputs for every model)."""
+    ids, mask = prompts_of(tok, ["1+2?", "13+4?"])
+    completion = torch.randint(5, 90, (ids.shape[0] * G, L), generator=torch.Generator().manual_seed(0))
+    index = torch.arange(ids.shape[0] * G) // G
+    return grpo.token_logprobs(model, ids, mask, completion, index, 1.0)
+
+
+def test_lora_adapters_off_is_the_base_model_exactly(tiny_qwen):
+    """At the start (B = 0) the policy is the base model, bit for bit; with trained (nonzero) adapters it is
+    not, and with its adapters off (pi_ref, frozen_logprobs) it is the base model again, bit for bit."""
+    base, tok = load(tiny_qwen)
+    model, _ = lora_model(tiny_qwen)
+    expected = some_logprobs(base, tok)
+    assert len(grpo.lora_layers(model)) == 2 * 7  # q, k, v, o, gate, up, down in each of 2 blocks; no LM head
+    assert all(not p.requires_grad for n, p in model.named_parameters() if ".lora_" not in n)
+    assert torch.equal(some_logprobs(model, tok), expected)  # policy == reference at the start
+    with torch.no_grad():
+        for layer in grpo.lora_layers(model):
+            layer.lora_B.normal_(0, 0.5)
+    assert (some_logprobs(model, tok) - expected).abs().max() > 1e-3  # the adapters do change the policy
+    with grpo.adapters_off(model):
+        assert torch.equal(some_logprobs(model, tok), expected)
+    ids, mask = prompts_of(tok, ["1+2?", "13+4?"])
+    completion = torch.randint(5, 90, (4, 6), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(grpo.frozen_logprobs(model, ids, mask, completion, 4, 1.0), expected)  # pi_ref: adapters off
+    assert (some_logprobs(model, tok) - expected).abs().max() > 1e-3  # and on again after
+
+
+def test_lora_bf16_base_and_the_policy_samples(tiny_qwen, tiny_data, tmp_path):
+    """--precision bf16 with LoRA (the GPU path, on CPU): frozen weights bf16, adapters and their AdamW state
+    fp32, rotary buffers fp32, no sampler copy and no reference copy: both are the policy."""
+    cfg = tiny_config(tiny_qwen, tiny_data, tmp_path, lora_rank=4, precision="bf16", eval_size=0)
+    model, tok = load(tiny_qwen)
+    policy, ref, optimizer, _ = grpo.setup_training(model, cfg, None, 1, torch.device("cpu"), True)
+    assert ref is model and policy is model
+    for name, p in model.named_parameters():
+        assert p.dtype == (torch.float32 if ".lora_" in name else torch.bfloat16), name
+    assert all(b.dtype == torch.float32 for n, b in model.named_buffers() if "inv_freq" in n)
+    rows = [{"question": "1+2?", "gold": "3"}, {"question": "3+4?", "gold": "7"}]
+    sums, applied, _, _ = grpo.grpo_step(policy, model, ref, tok, optimizer, rows, cfg)
+    assert applied == [True] and math.isfinite(sums["loss"][0])
+    assert all(t.dtype == torch.float32 for state in optimizer.state.values() for t in state.values() if t.ndim)
+    assert {id(p) for p in optimizer.state} == {id(p) for n, p in model.named_parameters() if ".lora_" in n}
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_lora_step_changes_only_the_adapters(tiny_model, tiny_data, tmp_path, monkeypatch, checkpointing):
+    """One GRPO step with LoRA: only A and B get gradients, and B moves away from 0; every base weight
+    is untouched; the KL of the first step is exactly 0 (policy == reference); gradient checkpointing too."""
+    monkeypatch.setattr(grpo, "REWARD_FUNCS", grpo.REWARD_FUNCS + [(shorter_is_better, 1.0)])  # weights move
+    cfg = tiny_config(tiny_model, tiny_data, tmp_path, lora_rank=4, gradient_checkpointing=checkpointing)
+    model, tok = load(tiny_model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    policy, ref, optimizer, _ = grpo.setup_training(model, cfg, None, 1, torch.device("cpu"), False)
+    adapters = {n: p.detach().clone() for n, p in model.named_parameters() if ".lora_" in n}
+    grads = {}
+    step = optimizer.step
+
+    def record_then_step():  # the gradients as the optimizer sees them
+        grads.update({n: p.grad for n, p in model.named_parameters()})
+        step()
+
+    monkeypatch.setattr(optimizer, "step", record_then_step)
+    rows = [{"question": "1+2?", "gold": "3"}, {"question": "3+4?", "gold": "7"}]
+    sums, applied, _, rewards = grpo.grpo_step(policy, model, ref, tok, optimizer, rows, cfg)
+    assert applied == [True] and rewards.std() > 0 and sums["kl"][0] == 0.0
+    assert model.is_activation_checkpointing == checkpointing
+    for name, p in model.named_parameters():
+        if ".lora_" in name:  # with B = 0, A's gradient B^T (..) is 0 at the first step: only B moves
+            assert grads[name] is not None and (grads[name].abs().sum() > 0) == (".lora_B" in name), name
+        else:
+            assert grads[name] is None and torch.equal(p, before[name]), name
+    assert all(not torch.equal(p, adapters[n]) for n, p in model.named_parameters() if ".lora_B" in n)
+
+
+def test_lora_main_saves_adapters_and_a_merged_final_model(tiny_model, tiny_data, tmp_path, monkeypatch):
+    """main with LoRA: checkpoint/ holds the adapters and trainer state (no base weights), adapters/ the
+    adapters alone, and final/ a plain model that from_pretrained loads, whose log-probs equal the trained
+    policy's to 1e-5 (merging W + s B A rounds differently from W x + s B (A x), in fp32); --eval_only on it."""
+    monkeypatch.setattr(grpo, "REWARD_FUNCS", grpo.REWARD_FUNCS + [(shorter_is_better, 1.0)])
+    cfg = tiny_config(tiny_model, tiny_data, tmp_path, lora_rank=4, lora_alpha=8.0, save_every=2, eval_size=0)
+    policy_logp = {}
+
+    def on_step(step, model, metrics, sums):
+        if step == cfg.steps:
+            with torch.no_grad():
+                policy_logp["last"] = some_logprobs(model.eval(), load(tiny_model)[1])
+
+    grpo.main(cfg, on_step=on_step)
+    out = tmp_path / "out"
+    assert sorted(os.listdir(out / "checkpoint")) == sorted(["adapters.safetensors", "trainer_state.pt"] +
+                                                             [f for f in os.listdir(out / "adapters") if f != "adapters.safetensors"])  # fmt: skip
+    assert not glob.glob(str(out / "checkpoint" / "model*.safetensors"))
+    size = os.path.getsize(out / "adapters" / "adapters.safetensors")
+    assert size < 0.25 * os.path.getsize(out / "final" / "model.safetensors")
+    final, tok = load(str(out / "final"))
+    assert not [n for n, _ in final.named_parameters() if "lora" in n]
+    assert not torch.equal(
+        final.model.layers[0].self_attn.q_proj.weight, load(tiny_model)[0].model.layers[0].self_attn.q_proj.weight
+    )
+    torch.testing.assert_close(some_logprobs(final, tok), policy_logp["last"], rtol=0, atol=1e-5)
+    evaluated = tiny_config(str(out / "final"), tiny_data, tmp_path / "e", eval_only=True)
+    grpo.main(evaluated)
+    assert read_evaluation(evaluated.output_dir)["problems"] == 3
+
+
+def test_lora_resume_is_bit_exact(tiny_model, tiny_data, tmp_path, monkeypatch):
+    """A LoRA run interrupted mid-step and resumed from its adapters + AdamW state ends bit-identical to an
+    uninterrupted one: the merged final weights and every logged metric."""
+    monkeypatch.setattr(grpo, "REWARD_FUNCS", grpo.REWARD_FUNCS + [(shorter_is_better, 1.0)])
+    common = dict(steps=4, save_every=2, eval_size=0, mu=2, lr=3e-3, warmup_steps=3, lora_rank=4)
+    full = tiny_config(tiny_model, tiny_data, tmp_path / "a", **common)
+    grpo.main(full)
+
+    def crash(step, *args):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    part = tiny_config(tiny_model, tiny_data, tmp_path / "b", **common)
+    with pytest.raises(KeyboardInterrupt):
+        grpo.main(part, on_step=crash)
+    grpo.main(dataclasses_replace(part, resume=True))
+    a, b = params_of(os.path.join(full.output_dir, "final")), params_of(os.path.join(part.output_dir, "final"))
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not all(torch.equal(x, y) for x, y in zip(a, params_of(tiny_model)))  # and training changed the model
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in ("step_time", "tokens_per_s")} for r in rs]  # noqa: E731
+    assert strip(read_metrics(full)) == strip(read_metrics(part))
+
+
+def test_lora_bad_input(tiny_model, tiny_data, tmp_path):
+    """One line and a non-zero exit: a negative rank, a non-positive alpha, --eval_only with adapters, a model
+    with no linear layers, and --resume with another rank (or a full fine-tuning run with a rank)."""
+    assert_one_line_error(run_cli("--model", tiny_model, "--lora_rank", "-1", "--device", "cpu"), "--lora_rank -1")
+    for kw, words in [(dict(lora_rank=4, lora_alpha=0.0), "--lora_alpha 0.0"),
+                      (dict(lora_rank=4, eval_only=True), "--eval_only")]:  # fmt: skip
+        with pytest.raises(SystemExit, match=words):
+            grpo.main(tiny_config(tiny_model, tiny_data, tmp_path, **kw))
+    from transformers import GPT2Config, GPT2LMHeadModel  # attention and MLP are Conv1D layers, not nn.Linear
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
+    with pytest.raises(SystemExit, match="no torch.nn.Linear layers") as e:
+        grpo.add_lora(gpt2, grpo.Config(lora_rank=4), None, False)
+    assert "\n" not in str(e.value)
+    cfg = tiny_config(tiny_model, tiny_data, tmp_path, lora_rank=4, save_every=1, eval_size=0, steps=1)
+    grpo.main(cfg)
+    with pytest.raises(SystemExit, match="--resume with --lora_rank 8: .* trained with --lora_rank 4"):
+        grpo.main(dataclasses_replace(cfg, resume=True, steps=2, lora_rank=8))
+    with pytest.raises(SystemExit, match="--resume with --lora_rank 0: .* trained with --lora_rank 4"):  # given: 0
+        grpo.read_checkpoint(dataclasses_replace(cfg, resume=True, steps=2, lora_rank=0), {"resume", "lora_rank"})
+    with pytest.raises(SystemExit, match="--lora_alpha 16.0: .* trained with --lora_alpha 32.0"):
+        grpo.main(dataclasses_replace(cfg, resume=True, steps=2, lora_alpha=16.0))
+    grpo.main(dataclasses_replace(cfg, resume=True, steps=2))  # the same rank resumes
+    plain = tiny_config(tiny_model, tiny_data, tmp_path / "full", save_every=1, eval_size=0, steps=1)
+    grpo.main(plain)
+    with pytest.raises(SystemExit, match="--resume with --lora_rank 4: .* trained with --lora_rank 0"):
+        grpo.main(dataclasses_replace(plain, resume=True, steps=2, lora_rank=4))
+
+
+def test_lora_distributed_two_processes(tiny_model, tiny_data, tmp_path):
+    """torchrun, 2 ranks, LoRA: DDP averages the adapters' gradients only; the weights are the same on both ranks
+    after every step, and rank 0 saves the adapters and the merged model."""
+    script = tmp_path / "ddp_run.py"
+    script.write_text(DDP_SCRIPT.format(here=HERE))
+    cfg = dataclasses_asdict(tiny_config(tiny_model, tiny_data, tmp_path, steps=2, prompts_per_step=4, eval_size=2,
+                                         save_every=2, lora_rank=4, lr=1e-2))  # fmt: skip
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+           json.dumps(cfg)]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-8000:]
+    assert_process_group_gone(tmp_path / "out")
+    ranks = [json.load(open(tmp_path / "out" / f"rank{r}.json")) for r in range(2)]
+    assert [r["step"] for r in ranks[0]] == [1, 2] and all(r["same"] for rank in ranks for r in rank)
+    assert os.path.exists(tmp_path / "out" / "checkpoint" / "adapters.safetensors")
+    final = params_of(str(tmp_path / "out" / "final"))
+    assert not all(torch.equal(a, b) for a, b in zip(final, params_of(tiny_model)))
+
+
+def test_bench_memory_with_lora_is_below_full_fine_tuning(tiny_qwen):
+    """bench.py --memory --lora_rank on the tiny Qwen2: no sampler or reference copy, gradients and AdamW state
+    only for the adapters, and a lower peak than full fine-tuning of the same shape and batch."""
+    args = [os.path.join(HERE, "bench.py"), "--memory", "--model", tiny_qwen, "--prompts", "2", "--group_size", "2"]
+    args += ["--prompt_len", "16", "--new_tokens", "4", "--micro_batch_size", "2"]
+    procs = {rank: subprocess.Popen([sys.executable, *args, "--lora_rank", str(rank)], stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True) for rank in (0, 2)}  # fmt: skip
+    runs = {}
+    for rank, proc in procs.items():
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-2000:]
+        runs[rank] = json.loads(out.strip().splitlines()[-1])
+    full, lora = runs[0]["breakdown_bytes"], runs[2]["breakdown_bytes"]
+    model, _ = lora_model(tiny_qwen, rank=2)
+    adapters = sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)
+    base = sum(p.numel() for n, p in model.named_parameters() if ".lora_" not in n)
+    assert lora["weights"] == 2 * base + 4 * adapters  # bf16 frozen base, fp32 adapters
+    assert lora["sampler"] == 0 and lora["reference"] == 0 and full["sampler"] > 0 and full["reference"] > 0
+    assert lora["gradients"] == 4 * adapters and lora["optimizer_state"] == 8 * adapters  # fp32 exp_avg, exp_avg_sq
+    assert runs[2]["peak_bytes"] < runs[0]["peak_bytes"]
