@@ -225,7 +225,7 @@ class StepTracker(MemTracker):
     - it answers the reads to Python that a fake tensor cannot (.item(), int(), bool()): with
       ignore_eos every completion runs to L tokens, so an integer read (a length) is L, a finite
       check is True and a metric is 1.0. They decide nothing else here;
-    - frozen models (sampler, reference) get no gradient hooks: MemTracker would fail on them;
+    - frozen parameters (sampler, reference, a LoRA base) get no gradient hooks: MemTracker would fail on them;
     - every model call counts as a first call: MemTracker refuses a second call of a model, and a
       rollout calls the sampler once per token."""
 
@@ -252,8 +252,38 @@ class StepTracker(MemTracker):
         super()._pre_fw_hook(module, inputs)
 
     def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
-        trainable = any(p.requires_grad for p in module.parameters())
-        return super()._track_module_params_and_buffers(module, install_grad_hooks and trainable)
+        # frozen parameters (a LoRA layer's base weight beside its adapters) count as hooked already
+        frozen = [p for p in module.parameters() if not p.requires_grad and p not in self._param_to_grad_hook_handles]
+        self._param_to_grad_hook_handles.update(dict.fromkeys(frozen, ()))
+        try:
+            trainable = any(p.requires_grad for p in module.parameters())
+            return super()._track_module_params_and_buffers(module, install_grad_hooks and trainable)
+        finally:
+            for p in frozen:
+                del self._param_to_grad_hook_handles[p]
+
+
+# Qwen2.5 shapes from the models' public config.json files (random weights are enough to predict memory):
+# bench.py --memory --model qwen2.5-7b-shape needs no download.
+QWEN25_SHAPES = {
+    "qwen2.5-0.5b-shape": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                               intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True),
+    "qwen2.5-1.5b-shape": dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+                               intermediate_size=8960, vocab_size=151936, tie_word_embeddings=True),
+    "qwen2.5-3b-shape": dict(hidden_size=2048, num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2,
+                             intermediate_size=11008, vocab_size=151936, tie_word_embeddings=True),
+    "qwen2.5-7b-shape": dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                             intermediate_size=18944, vocab_size=152064, tie_word_embeddings=False),
+}  # fmt: skip
+
+
+def model_config(name: str):
+    """A model folder's or hub id's config, or one of QWEN25_SHAPES."""
+    if name in QWEN25_SHAPES:
+        from transformers import Qwen2Config
+
+        return Qwen2Config(**QWEN25_SHAPES[name], rope_theta=1e6, max_position_embeddings=32768)
+    return AutoConfig.from_pretrained(name)
 
 
 def param_bytes(model) -> int:
@@ -270,13 +300,14 @@ def predict_memory(args) -> dict:
     as from the job's second step on: a first AdamW step on zero gradients makes it during setup.
     The first decode_steps decode steps run; each later one only adds one token per row to the KV
     cache (no other tensor outlives a step), which is added to the decode peak."""
-    config = AutoConfig.from_pretrained(args.model)
+    config = model_config(args.model)
     bf16 = args.precision != "fp32"  # auto is bf16 on CUDA, the machine predicted here
     N, G, P, L = args.prompts, args.group_size, args.prompt_len, args.new_tokens
     B = N * G
     mb = B if args.micro_batch_size < 0 else min(args.micro_batch_size, B)
     cfg = grpo.Config(prompts_per_step=N, group_size=G, max_new_tokens=L, micro_batch_size=mb, beta=args.beta,
-                      precision="bf16" if bf16 else "fp32", gradient_checkpointing=args.gradient_checkpointing)  # fmt: skip
+                      precision="bf16" if bf16 else "fp32", gradient_checkpointing=args.gradient_checkpointing,
+                      lora_rank=args.lora_rank)  # fmt: skip
     device = torch.device("cpu")
     k = L if args.decode_steps < 0 else min(max(args.decode_steps, 1), L)
     caches, at_stop, steps = weakref.WeakSet(), {}, 0
@@ -309,15 +340,17 @@ def predict_memory(args) -> dict:
         mock.patch.object(grpo, "DynamicCache", new_cache),
         mock.patch.object(grpo, "sample", sample),
     ):
-        # setup, as grpo.main: fp32 policy, bf16 sampler, reference and AdamW (setup_training)
+        # setup, as grpo.main: fp32 policy, bf16 sampler, reference and AdamW (setup_training); with LoRA the
+        # policy (a bf16 base with fp32 adapters) is its own sampler and, adapters off, its own reference
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        sampler = grpo.bf16_copy(model) if bf16 else model
+        sampler = grpo.bf16_copy(model) if bf16 and not cfg.lora_rank else model
         policy, ref, optimizer, _ = grpo.setup_training(model, cfg, None, 1, device, bf16)
         for group in optimizer.param_groups:
             group["foreach"] = True
         tracker.track_external(model, sampler, ref)  # made under the tracker: labelled activations so far
         for p in model.parameters():
-            p.grad = torch.zeros_like(p)
+            if p.requires_grad:
+                p.grad = torch.zeros_like(p)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         # the step: rollout -> reference log-probs -> update (grpo_step)
@@ -347,7 +380,7 @@ def predict_memory(args) -> dict:
         sizes = {
             "weights": param_bytes(model),
             "sampler": param_bytes(sampler) if sampler is not model else 0,
-            "reference": param_bytes(ref),
+            "reference": param_bytes(ref) if ref is not model else 0,
             "optimizer_state": sum(t.nbytes for state in optimizer.state.values() for t in state.values()),
         }
         n_params = sum(p.numel() for p in model.parameters())
@@ -396,6 +429,7 @@ def report_memory(args, result: dict) -> None:
         f"({result['params'] / 1e6:.1f}M params) | P={args.prompts} G={args.group_size} (B={B}) prompt "
         f"{args.prompt_len} new {L} | micro-batch {result['micro_batch_size']} | beta {args.beta} | "
         f"{'bf16' if result['bf16'] else 'fp32'} | gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}"
+        f" | {f'LoRA rank {args.lora_rank}' if args.lora_rank else 'full fine-tuning'}"
     )
     print(
         "grpo.py's own code on fake tensors (no storage) of device cpu, CPU bf16 autocast standing in for CUDA's\n"
@@ -409,7 +443,8 @@ def report_memory(args, result: dict) -> None:
                 note += f"   (ran {k} of {L} steps; the other {L - k} add {(L - k) * result['kv_bytes_per_token'] / GiB:.2f} GiB of KV cache, counted)"
             print(f"{name:<16}{peaks[name]['Total'] / GiB:>10.2f}{note}")
     labels = {
-        "weights": "weights (fp32 policy)", "sampler": "sampler copy (bf16)", "reference": "reference copy",
+        "weights": "weights (bf16 base + fp32 LoRA)" if args.lora_rank else "weights (fp32 policy)",
+        "sampler": "sampler copy (bf16)", "reference": "reference copy",
         "buffers": "buffers (rotary)", "gradients": "gradients (fp32)", "optimizer_state": "AdamW state (fp32)",
         "optimizer_temporaries": "AdamW step temporaries", "kv_cache": "KV cache", "activations": "activations",
         "backward_temporaries": "backward temporaries", "other": "other",
@@ -666,6 +701,7 @@ def main() -> None:
         "--bandwidth_gbs", type=float, default=0.0, help="GPU memory bandwidth for the decode roofline (GB/s)"
     )
     p.add_argument("--memory", action="store_true", help="predict the peak GPU memory of one step, on CPU")
+    p.add_argument("--lora_rank", type=int, default=0, help="--memory: as grpo.py's (0 = full fine-tuning)")
     p.add_argument(
         "--decode_steps", type=int, default=16, help="--memory: decode steps run; the rest are counted; -1 = all"
     )

@@ -2562,5 +2562,6 @@ def test_bench_memory_with_lora_is_below_full_fine_tuning(tiny_qwen):
     base = sum(p.numel() for n, p in model.named_parameters() if ".lora_" not in n)
     assert lora["weights"] == 2 * base + 4 * adapters  # bf16 frozen base, fp32 adapters
     assert lora["sampler"] == 0 and lora["reference"] == 0 and full["sampler"] > 0 and full["reference"] > 0
-    assert lora["gradients"] == 4 * adapters and lora["optimizer_state"] == 8 * adapters  # fp32 exp_avg, exp_avg_sq
+    assert lora["gradients"] == 4 * adapters  # fp32, and only the adapters
+    assert 8 * adapters <= lora["optimizer_state"] <= 8 * adapters + 4 * 28  # exp_avg, exp_avg_sq; a step per tensor
     assert runs[2]["peak_bytes"] < runs[0]["peak_bytes"]
