@@ -2528,7 +2528,9 @@ def test_lora_distributed_two_processes(tiny_model, tiny_data, tmp_path):
     """torchrun, 2 ranks, LoRA: DDP averages the adapters' gradients only; the weights are the same on both ranks
     after every step, and rank 0 saves the adapters and the merged model."""
     script = tmp_path / "ddp_run.py"
-    script.write_text(DDP_SCRIPT.format(here=HERE))
+    shorter = "def shorter_is_better(completion, answer, **kwargs):\n    return 1.0 / (1 + len(completion))\n"
+    shorter += "grpo.REWARD_FUNCS = grpo.REWARD_FUNCS + [(shorter_is_better, 1.0)]  # weights move\n"
+    script.write_text(DDP_SCRIPT.format(here=HERE).replace("grpo.main(cfg,", shorter + "grpo.main(cfg,"))
     cfg = dataclasses_asdict(tiny_config(tiny_model, tiny_data, tmp_path, steps=2, prompts_per_step=4, eval_size=2,
                                          save_every=2, lora_rank=4, lr=1e-2))  # fmt: skip
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
