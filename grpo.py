@@ -12,6 +12,7 @@ Run it:
         --steps 10 --prompts_per_step 2 --group_size 4 --max_new_tokens 64   # tiny CPU run
     python grpo.py --eval_only --model out/final --output_dir eval-trained   # GSM8K accuracy of any model
     python grpo.py --tools calculator                # the model may call a calculator mid-answer
+    python grpo.py --lora_rank 16 --lr 2e-5          # LoRA: train adapters only (bigger models on one card)
     python -m pytest -q test_grpo.py                 # tests: offline, CPU, about 4 minutes
 
 The objective (maximized), for a question q with sampled answers o_1..o_G and old policy pi_old:
