@@ -91,6 +91,15 @@ def build(args, device):
     return model, ref, config, bf16
 
 
+def padded_prompts(N: int, P: int, vocab: int, gen) -> tuple[torch.Tensor, torch.Tensor]:
+    """N random prompts left-padded to P tokens, as grpo.py batches them: the longest fills P, the others are
+    shorter by up to a quarter, so that the masked-attention paths run as they do in training."""
+    lengths = [P - (i * (P // 4)) // max(1, N - 1) for i in range(N)]  # P down to 3/4 P
+    ids = torch.randint(1, vocab, (N, P), generator=gen)
+    mask = (torch.arange(P)[None, :] >= P - torch.tensor(lengths)[:, None]).long()  # (N, P): 0 = left padding
+    return ids * mask, mask
+
+
 def run_path(args) -> dict:
     """Time every phase of one step, args.repeats times after a warmup; medians of each phase."""
     device = torch.device(args.device)
@@ -102,8 +111,6 @@ def run_path(args) -> dict:
     P, G, L, N = args.prompt_len, args.group_size, args.new_tokens, args.prompts
     B = N * G
     gen = torch.Generator().manual_seed(1)
-    prompt_ids = torch.randint(0, config.vocab_size, (N, P), generator=gen).to(device)
-    prompt_mask = torch.ones_like(prompt_ids)
     advantages = torch.randn(B, generator=gen).to(device)
     cfg = grpo.Config(beta=args.beta, max_new_tokens=L, temperature=1.0, precision=args.precision)
     mb = B if args.micro_batch_size < 0 else args.micro_batch_size
@@ -118,11 +125,15 @@ def run_path(args) -> dict:
         times[name].append(time.perf_counter() - t0)
         return out
 
-    def plain_logprobs(m, seq, completion):  # the full fp32 (B, L, V) log-softmax of the whole batch
-        logits = m(input_ids=seq, attention_mask=torch.ones_like(seq)).logits[:, P - 1 : -1].float()
+    def plain_logprobs(m, seq, completion, prompt_mask):  # the full fp32 (B, L, V) log-softmax of the whole batch
+        mask = torch.cat([prompt_mask.repeat_interleave(G, 0), torch.ones_like(completion)], 1)
+        logits = m(input_ids=seq, attention_mask=mask).logits[:, -L - 1 : -1].float()
         return logits.log_softmax(-1).gather(-1, completion.unsqueeze(-1)).squeeze(-1)  # (B, L)
 
-    def one_step() -> None:
+    def one_step(k: int) -> None:
+        # step k's prompts: left-padded, and one token narrower than the last step's, as each training step's batch
+        # has a shape of its own, so that whatever a new shape costs (kernel choices, allocations) is timed too
+        prompt_ids, prompt_mask = (t.to(device) for t in padded_prompts(N, P - k, config.vocab_size, gen))
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         t_step = time.perf_counter()
@@ -153,7 +164,7 @@ def run_path(args) -> dict:
                         input_ids=ids, attention_mask=mask, max_new_tokens=L, min_new_tokens=L, **kw
                     ),
                 )  # min_new_tokens: no EOS
-                completion, lengths = seq[:, P:], torch.full((B,), L, device=device)
+                completion, lengths = seq[:, -L:], torch.full((B,), L, device=device)
         times["decode"].append(times["rollout"][-1] - times["prefill"][-1])
         assert completion.shape == (B, L), completion.shape
         model.train()
@@ -161,7 +172,7 @@ def run_path(args) -> dict:
             if args.path == "fast":
                 frozen = lambda m: grpo.frozen_logprobs(m, prompt_ids, prompt_mask, completion, mb, 1.0, bf16)  # noqa: E731
             else:
-                frozen = lambda m: plain_logprobs(m, seq, completion)  # noqa: E731
+                frozen = lambda m: plain_logprobs(m, seq, completion, prompt_mask)  # noqa: E731
             ref_logp = clock("ref_logp", lambda: frozen(ref)) if ref is not None else None
         opt.zero_grad(set_to_none=True)
         if args.path == "fast":
@@ -175,7 +186,7 @@ def run_path(args) -> dict:
 
             def plain_update():
                 with ac:
-                    logp = plain_logprobs(model, seq, completion)
+                    logp = plain_logprobs(model, seq, completion, prompt_mask)
                     loss, _ = grpo.grpo_loss(  # mu = 1: pi_old is the current policy
                         logp, logp.detach(), ref_logp, advantages, torch.ones_like(logp), beta=args.beta
                     )
@@ -192,11 +203,11 @@ def run_path(args) -> dict:
         )
         times["step"].append(time.perf_counter() - t_step)
 
-    one_step()  # warmup: allocations, optimizer state, compilation
+    one_step(0)  # warmup: optimizer state, the first kernels
     for k in times:
         times[k].clear()
-    for _ in range(args.repeats):
-        one_step()
+    for k in range(args.repeats):
+        one_step(k + 1)
     median = {k: sorted(v)[len(v) // 2] for k, v in times.items() if v}
     peak = peak_gib(device)
     n_params = sum(p.numel() for p in model.parameters())
@@ -266,7 +277,7 @@ def predict_memory(args) -> dict:
 
     The fake tensors live on the CPU under CPU bf16 autocast: fake CUDA tensors do not work in a
     CPU-only torch (autocast('cuda') turns itself off without CUDA, and attention with a mask
-    aborts). AdamW is switched to foreach, its default on CUDA. Its state exists before the step,
+    aborts). AdamW is switched to fused, as setup_training makes it on CUDA. Its state exists before the step,
     as from the job's second step on: a first AdamW step on zero gradients makes it during setup.
     The first decode_steps decode steps run; each later one only adds one token per row to the KV
     cache (no other tensor outlives a step), which is added to the decode peak."""
@@ -313,8 +324,8 @@ def predict_memory(args) -> dict:
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         sampler = grpo.bf16_copy(model) if bf16 else model
         policy, ref, optimizer, _ = grpo.setup_training(model, cfg, None, 1, device, bf16)
-        for group in optimizer.param_groups:
-            group["foreach"] = True
+        for group in optimizer.param_groups:  # the job's optimizer: setup_training makes it fused on CUDA
+            group.update(fused=True, foreach=False)
         tracker.track_external(model, sampler, ref)  # made under the tracker: labelled activations so far
         for p in model.parameters():
             p.grad = torch.zeros_like(p)
@@ -516,6 +527,7 @@ def run_trl_job(args) -> None:
         gradient_accumulation_steps=B // mb, num_generations=args.group_size, max_completion_length=args.new_tokens,
         generation_kwargs={"min_new_tokens": args.new_tokens}, temperature=1.0, top_p=1.0, top_k=0,
         beta=args.beta, loss_type="grpo", epsilon=0.2, scale_rewards="group", num_iterations=1,
+        use_bias_correction_kl=False,  # TRL's default multiplies the k3 KL by pi_theta/pi_old; grpo.py's is the paper's
         learning_rate=grpo.Config().lr, lr_scheduler_type="constant", adam_beta2=0.99, max_grad_norm=1.0,
         bf16=grpo.use_bf16(grpo.Config(precision=args.precision), device), use_cpu=device.type == "cpu",
         gradient_checkpointing=args.gradient_checkpointing, model_init_kwargs={"dtype": torch.float32},
