@@ -35,6 +35,7 @@ memory of each step, and grpo.py's measured peak against --memory's prediction f
 import argparse
 import contextlib
 import json
+import math
 import os
 import platform
 import resource
@@ -217,6 +218,83 @@ def run_path(args) -> dict:
         "decode_tokens_per_s": B * (L - 1) / median["decode"],
         "params": n_params,
     }
+
+
+# ----------------------------------------------------------------------------- --sdpa_check and --decode_profile
+def sdpa_check(args) -> dict:
+    """The cuDNN attention bug that grpo.py avoids (pytorch/pytorch#196678), reduced to one attention call: bf16,
+    704 keys (64 mod 128), an explicit causal mask, and every score near -120, so that each row's logsumexp
+    lies below -88.7. Counts the non-finite values of grad_q with the attention backends as torch chooses them,
+    then with grpo.setup_cuda's choice (on CUDA). Fails only if grpo.py's choice gives one."""
+    device = torch.device(args.device)
+    L, D = 704, 64
+
+    def non_finite_grad_q() -> int:
+        gen = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(1, 1, L, D, generator=gen).to(device, torch.bfloat16) for _ in range(3))
+        q, k = q * 0.1, k * 0.1
+        q[..., 0], k[..., 0] = 1.0, -120 * math.sqrt(D)  # q . k / sqrt(D) = -120 for every pair
+        for t in (q, k, v):
+            t.requires_grad_()
+        causal = torch.ones(L, L, dtype=torch.bool, device=device).tril()[None, None]
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=causal)
+        out.backward(torch.randn(out.shape, generator=gen).to(device, out.dtype))
+        return int((~torch.isfinite(q.grad)).sum())
+
+    torch_default = non_finite_grad_q()
+    if device.type == "cuda":
+        grpo.setup_cuda(device)
+    result = {"machine": machine_name(device), "keys": L, "non_finite_grad_q_torch_default": torch_default,
+              "non_finite_grad_q_grpo": non_finite_grad_q()}  # fmt: skip
+    print(f"SDPA backward, bf16, {L} keys, explicit mask: non-finite grad_q {torch_default} with torch's default "
+          f"backends, {result['non_finite_grad_q_grpo']} with grpo.py's (cuDNN attention off on CUDA)")  # fmt: skip
+    return result
+
+
+def decode_profile(args) -> dict:
+    """20 decode steps of grpo.rollout on the sampler grpo.py uses, timed, then under the profiler: milliseconds
+    per decode step, and the share of the wall time the GPU had no kernel running (host-bound: the CPU did not
+    queue work fast enough). Decode steps are the difference of a 21-token and a 1-token rollout."""
+    from torch.profiler import ProfilerActivity, profile
+
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        grpo.setup_cuda(device)
+    config = AutoConfig.from_pretrained(args.model)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).to(device)
+    sampler = grpo.bf16_copy(model) if grpo.use_bf16(grpo.Config(precision=args.precision), device) else model
+    gen = torch.Generator().manual_seed(1)
+    ids, mask = (t.to(device) for t in padded_prompts(args.prompts, args.prompt_len, config.vocab_size, gen))
+    steps, eos = 20, [config.vocab_size - 1]
+
+    def rollout(tokens: int):
+        return grpo.rollout(sampler, ids, mask, args.group_size, tokens, 1.0, eos, 0, ignore_eos=True)
+
+    def wall(tokens: int) -> float:
+        sync(device)
+        t0 = time.perf_counter()
+        rollout(tokens)
+        sync(device)
+        return time.perf_counter() - t0
+
+    def gpu_seconds(tokens: int) -> float:  # kernel time on the GPU, from the profiler
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            rollout(tokens)
+            sync(device)
+        return sum(e.self_device_time_total for e in prof.key_averages()) / 1e6
+
+    rollout(steps + 1)  # warm up: the first kernels, allocations
+    decode_wall = min(wall(steps + 1) for _ in range(3)) - min(wall(1) for _ in range(3))
+    decode_gpu = gpu_seconds(steps + 1) - gpu_seconds(1) if device.type == "cuda" else float("nan")
+    result = {"machine": machine_name(device), "rows": args.prompts * args.group_size, "prompt_len": args.prompt_len,
+              "decode_ms_per_step": decode_wall / steps * 1e3, "gpu_busy_ms_per_step": decode_gpu / steps * 1e3,
+              "host_bound_share": 1 - decode_gpu / decode_wall if device.type == "cuda" else None}  # fmt: skip
+    print(f"decode, {steps} steps of {result['rows']} rows: {result['decode_ms_per_step']:.2f} ms per step"
+          + (f", GPU busy {result['gpu_busy_ms_per_step']:.2f} ms: host-bound share {result['host_bound_share']:.1%}"
+             if device.type == "cuda" else " (no GPU: the host-bound share needs one)"))  # fmt: skip
+    return result
 
 
 # ----------------------------------------------------------------------------- --memory
@@ -492,8 +570,22 @@ def run_grpo_job(args) -> None:
                       precision=args.precision, gradient_checkpointing=args.gradient_checkpointing, eval_size=0,
                       save_every=0, sample_every=0, device=args.device)  # fmt: skip
     print(json.dumps({"trainer": "grpo.py"}), flush=True)
+
+    def on_step(step, model, metrics, sums):
+        print_mark(device, metrics["completion_len"])
+        check_job_step(step, metrics)
+
     with mock.patch.object(grpo, "eos_ids", lambda model, tok: [-1]):  # no token ends a completion
-        grpo.main(cfg, on_step=lambda step, model, metrics, sums: print_mark(device, metrics["completion_len"]))
+        grpo.main(cfg, on_step=on_step)
+
+
+def check_job_step(step: int, metrics: dict) -> None:
+    """A measurement of a broken run is no measurement: stop at once, loudly, on a skipped update or a
+    non-finite metric (on a GPU, the cuDNN attention NaN would show here)."""
+    bad = sorted(k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v))
+    if metrics.get("skipped_updates") or bad:
+        sys.exit(f"error: grpo.py's step {step}: {metrics.get('skipped_updates', 0):.0f} updates skipped as "
+                 f"non-finite; non-finite metrics: {', '.join(bad) or 'none'}")  # fmt: skip
 
 
 def run_trl_job(args) -> None:
@@ -678,6 +770,8 @@ def main() -> None:
         "--bandwidth_gbs", type=float, default=0.0, help="GPU memory bandwidth for the decode roofline (GB/s)"
     )
     p.add_argument("--memory", action="store_true", help="predict the peak GPU memory of one step, on CPU")
+    p.add_argument("--sdpa_check", action="store_true", help="the cuDNN attention NaN, torch's backends vs grpo.py's")
+    p.add_argument("--decode_profile", action="store_true", help="decode ms per step and the host-bound share")
     p.add_argument(
         "--decode_steps", type=int, default=16, help="--memory: decode steps run; the rest are counted; -1 = all"
     )
@@ -700,6 +794,15 @@ def main() -> None:
             setattr(args, name, value)
     if args.memory:
         report_memory(args, predict_memory(args))
+        return
+    if args.sdpa_check:
+        result = sdpa_check(args)
+        print(json.dumps(result))
+        if result["non_finite_grad_q_grpo"]:
+            sys.exit("error: grpo.py's attention setting gives a non-finite grad_q")
+        return
+    if args.decode_profile:
+        print(json.dumps(decode_profile(args)))
         return
     if args.path in ("job_grpo", "job_trl"):
         run_grpo_job(args) if args.path == "job_grpo" else run_trl_job(args)

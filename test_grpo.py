@@ -2532,3 +2532,22 @@ def test_a_gpu_sized_job_on_a_cpu_says_so_before_loading(tiny_model, tiny_data, 
             grpo.Config(prompts_per_step=2, group_size=4, max_new_tokens=64), os.environ["GRPO_TEST_MODEL"]
         )
         assert capsys.readouterr().err.count("sized for a GPU") == 1
+
+
+def test_bench_gpu_checks_run_on_cpu(tiny_qwen):
+    """.ci/gpu's new parts, on CPU: the attention NaN check (torch's backends, then grpo.py's setting; it fails
+    only on grpo.py's), the decode profile, and the job's stop on a skipped update or a non-finite metric."""
+    bench = importlib.import_module("bench")
+    run = [sys.executable, os.path.join(HERE, "bench.py"), "--model", tiny_qwen, "--device", "cpu"]
+    result = subprocess.run([*run, "--sdpa_check"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    check = json.loads(result.stdout.strip().splitlines()[-1])
+    assert check["keys"] % 128 == 64 and check["non_finite_grad_q_grpo"] == 0
+    args = ["--decode_profile", "--prompts", "2", "--group_size", "2", "--prompt_len", "12"]
+    result = subprocess.run([*run, *args], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1])["decode_ms_per_step"] > 0
+    bench.check_job_step(1, {"skipped_updates": 0.0, "loss": 0.5})
+    for metrics in ({"skipped_updates": 1.0, "loss": 0.5}, {"skipped_updates": 0.0, "loss": float("nan")}):
+        with pytest.raises(SystemExit, match="step 3"):
+            bench.check_job_step(3, metrics)
