@@ -35,6 +35,7 @@ memory of each step, and grpo.py's measured peak against --memory's prediction f
 import argparse
 import contextlib
 import json
+import math
 import os
 import platform
 import resource
@@ -91,6 +92,15 @@ def build(args, device):
     return model, ref, config, bf16
 
 
+def padded_prompts(N: int, P: int, vocab: int, gen) -> tuple[torch.Tensor, torch.Tensor]:
+    """N random prompts left-padded to P tokens, as grpo.py batches them: the longest fills P, the others are
+    shorter by up to a quarter, so that the masked-attention paths run as they do in training."""
+    lengths = [P - (i * (P // 4)) // max(1, N - 1) for i in range(N)]  # P down to 3/4 P
+    ids = torch.randint(1, vocab, (N, P), generator=gen)
+    mask = (torch.arange(P)[None, :] >= P - torch.tensor(lengths)[:, None]).long()  # (N, P): 0 = left padding
+    return ids * mask, mask
+
+
 def run_path(args) -> dict:
     """Time every phase of one step, args.repeats times after a warmup; medians of each phase."""
     device = torch.device(args.device)
@@ -102,8 +112,6 @@ def run_path(args) -> dict:
     P, G, L, N = args.prompt_len, args.group_size, args.new_tokens, args.prompts
     B = N * G
     gen = torch.Generator().manual_seed(1)
-    prompt_ids = torch.randint(0, config.vocab_size, (N, P), generator=gen).to(device)
-    prompt_mask = torch.ones_like(prompt_ids)
     advantages = torch.randn(B, generator=gen).to(device)
     cfg = grpo.Config(beta=args.beta, max_new_tokens=L, temperature=1.0, precision=args.precision)
     mb = B if args.micro_batch_size < 0 else args.micro_batch_size
@@ -118,11 +126,15 @@ def run_path(args) -> dict:
         times[name].append(time.perf_counter() - t0)
         return out
 
-    def plain_logprobs(m, seq, completion):  # the full fp32 (B, L, V) log-softmax of the whole batch
-        logits = m(input_ids=seq, attention_mask=torch.ones_like(seq)).logits[:, P - 1 : -1].float()
+    def plain_logprobs(m, seq, completion, prompt_mask):  # the full fp32 (B, L, V) log-softmax of the whole batch
+        mask = torch.cat([prompt_mask.repeat_interleave(G, 0), torch.ones_like(completion)], 1)
+        logits = m(input_ids=seq, attention_mask=mask).logits[:, -L - 1 : -1].float()
         return logits.log_softmax(-1).gather(-1, completion.unsqueeze(-1)).squeeze(-1)  # (B, L)
 
-    def one_step() -> None:
+    def one_step(k: int) -> None:
+        # step k's prompts: left-padded, and one token narrower than the last step's, as each training step's batch
+        # has a shape of its own, so that whatever a new shape costs (kernel choices, allocations) is timed too
+        prompt_ids, prompt_mask = (t.to(device) for t in padded_prompts(N, P - k, config.vocab_size, gen))
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         t_step = time.perf_counter()
@@ -153,7 +165,7 @@ def run_path(args) -> dict:
                         input_ids=ids, attention_mask=mask, max_new_tokens=L, min_new_tokens=L, **kw
                     ),
                 )  # min_new_tokens: no EOS
-                completion, lengths = seq[:, P:], torch.full((B,), L, device=device)
+                completion, lengths = seq[:, -L:], torch.full((B,), L, device=device)
         times["decode"].append(times["rollout"][-1] - times["prefill"][-1])
         assert completion.shape == (B, L), completion.shape
         model.train()
@@ -161,7 +173,7 @@ def run_path(args) -> dict:
             if args.path == "fast":
                 frozen = lambda m: grpo.frozen_logprobs(m, prompt_ids, prompt_mask, completion, mb, 1.0, bf16)  # noqa: E731
             else:
-                frozen = lambda m: plain_logprobs(m, seq, completion)  # noqa: E731
+                frozen = lambda m: plain_logprobs(m, seq, completion, prompt_mask)  # noqa: E731
             ref_logp = clock("ref_logp", lambda: frozen(ref)) if ref is not None else None
         opt.zero_grad(set_to_none=True)
         if args.path == "fast":
@@ -175,7 +187,7 @@ def run_path(args) -> dict:
 
             def plain_update():
                 with ac:
-                    logp = plain_logprobs(model, seq, completion)
+                    logp = plain_logprobs(model, seq, completion, prompt_mask)
                     loss, _ = grpo.grpo_loss(  # mu = 1: pi_old is the current policy
                         logp, logp.detach(), ref_logp, advantages, torch.ones_like(logp), beta=args.beta
                     )
@@ -192,11 +204,11 @@ def run_path(args) -> dict:
         )
         times["step"].append(time.perf_counter() - t_step)
 
-    one_step()  # warmup: allocations, optimizer state, compilation
+    one_step(0)  # warmup: optimizer state, the first kernels
     for k in times:
         times[k].clear()
-    for _ in range(args.repeats):
-        one_step()
+    for k in range(args.repeats):
+        one_step(k + 1)
     median = {k: sorted(v)[len(v) // 2] for k, v in times.items() if v}
     peak = peak_gib(device)
     n_params = sum(p.numel() for p in model.parameters())
@@ -206,6 +218,83 @@ def run_path(args) -> dict:
         "decode_tokens_per_s": B * (L - 1) / median["decode"],
         "params": n_params,
     }
+
+
+# ----------------------------------------------------------------------------- --sdpa_check and --decode_profile
+def sdpa_check(args) -> dict:
+    """The cuDNN attention bug that grpo.py avoids (pytorch/pytorch#196678), reduced to one attention call: bf16,
+    704 keys (64 mod 128), an explicit causal mask, and every score near -120, so that each row's logsumexp
+    lies below -88.7. Counts the non-finite values of grad_q with the attention backends as torch chooses them,
+    then with grpo.setup_cuda's choice (on CUDA). Fails only if grpo.py's choice gives one."""
+    device = torch.device(args.device)
+    L, D = 704, 64
+
+    def non_finite_grad_q() -> int:
+        gen = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(1, 1, L, D, generator=gen).to(device, torch.bfloat16) for _ in range(3))
+        q, k = q * 0.1, k * 0.1
+        q[..., 0], k[..., 0] = 1.0, -120 * math.sqrt(D)  # q . k / sqrt(D) = -120 for every pair
+        for t in (q, k, v):
+            t.requires_grad_()
+        causal = torch.ones(L, L, dtype=torch.bool, device=device).tril()[None, None]
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=causal)
+        out.backward(torch.randn(out.shape, generator=gen).to(device, out.dtype))
+        return int((~torch.isfinite(q.grad)).sum())
+
+    torch_default = non_finite_grad_q()
+    if device.type == "cuda":
+        grpo.setup_cuda(device)
+    result = {"machine": machine_name(device), "keys": L, "non_finite_grad_q_torch_default": torch_default,
+              "non_finite_grad_q_grpo": non_finite_grad_q()}  # fmt: skip
+    print(f"SDPA backward, bf16, {L} keys, explicit mask: non-finite grad_q {torch_default} with torch's default "
+          f"backends, {result['non_finite_grad_q_grpo']} with grpo.py's (cuDNN attention off on CUDA)")  # fmt: skip
+    return result
+
+
+def decode_profile(args) -> dict:
+    """20 decode steps of grpo.rollout on the sampler grpo.py uses, timed, then under the profiler: milliseconds
+    per decode step, and the share of the wall time the GPU had no kernel running (host-bound: the CPU did not
+    queue work fast enough). Decode steps are the difference of a 21-token and a 1-token rollout."""
+    from torch.profiler import ProfilerActivity, profile
+
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        grpo.setup_cuda(device)
+    config = AutoConfig.from_pretrained(args.model)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).to(device)
+    sampler = grpo.bf16_copy(model) if grpo.use_bf16(grpo.Config(precision=args.precision), device) else model
+    gen = torch.Generator().manual_seed(1)
+    ids, mask = (t.to(device) for t in padded_prompts(args.prompts, args.prompt_len, config.vocab_size, gen))
+    steps, eos = 20, [config.vocab_size - 1]
+
+    def rollout(tokens: int):
+        return grpo.rollout(sampler, ids, mask, args.group_size, tokens, 1.0, eos, 0, ignore_eos=True)
+
+    def wall(tokens: int) -> float:
+        sync(device)
+        t0 = time.perf_counter()
+        rollout(tokens)
+        sync(device)
+        return time.perf_counter() - t0
+
+    def gpu_seconds(tokens: int) -> float:  # kernel time on the GPU, from the profiler
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            rollout(tokens)
+            sync(device)
+        return sum(e.self_device_time_total for e in prof.key_averages()) / 1e6
+
+    rollout(steps + 1)  # warm up: the first kernels, allocations
+    decode_wall = min(wall(steps + 1) for _ in range(3)) - min(wall(1) for _ in range(3))
+    decode_gpu = gpu_seconds(steps + 1) - gpu_seconds(1) if device.type == "cuda" else float("nan")
+    result = {"machine": machine_name(device), "rows": args.prompts * args.group_size, "prompt_len": args.prompt_len,
+              "decode_ms_per_step": decode_wall / steps * 1e3, "gpu_busy_ms_per_step": decode_gpu / steps * 1e3,
+              "host_bound_share": 1 - decode_gpu / decode_wall if device.type == "cuda" else None}  # fmt: skip
+    print(f"decode, {steps} steps of {result['rows']} rows: {result['decode_ms_per_step']:.2f} ms per step"
+          + (f", GPU busy {result['gpu_busy_ms_per_step']:.2f} ms: host-bound share {result['host_bound_share']:.1%}"
+             if device.type == "cuda" else " (no GPU: the host-bound share needs one)"))  # fmt: skip
+    return result
 
 
 # ----------------------------------------------------------------------------- --memory
@@ -296,7 +385,7 @@ def predict_memory(args) -> dict:
 
     The fake tensors live on the CPU under CPU bf16 autocast: fake CUDA tensors do not work in a
     CPU-only torch (autocast('cuda') turns itself off without CUDA, and attention with a mask
-    aborts). AdamW is switched to foreach, its default on CUDA. Its state exists before the step,
+    aborts). AdamW is switched to fused, as setup_training makes it on CUDA. Its state exists before the step,
     as from the job's second step on: a first AdamW step on zero gradients makes it during setup.
     The first decode_steps decode steps run; each later one only adds one token per row to the KV
     cache (no other tensor outlives a step), which is added to the decode peak."""
@@ -345,8 +434,8 @@ def predict_memory(args) -> dict:
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         sampler = grpo.bf16_copy(model) if bf16 and not cfg.lora_rank else model
         policy, ref, optimizer, _ = grpo.setup_training(model, cfg, None, 1, device, bf16)
-        for group in optimizer.param_groups:
-            group["foreach"] = True
+        for group in optimizer.param_groups:  # the job's optimizer: setup_training makes it fused on CUDA
+            group.update(fused=True, foreach=False)
         tracker.track_external(model, sampler, ref)  # made under the tracker: labelled activations so far
         for p in model.parameters():
             if p.requires_grad:
@@ -516,8 +605,22 @@ def run_grpo_job(args) -> None:
                       precision=args.precision, gradient_checkpointing=args.gradient_checkpointing, eval_size=0,
                       save_every=0, sample_every=0, device=args.device)  # fmt: skip
     print(json.dumps({"trainer": "grpo.py"}), flush=True)
+
+    def on_step(step, model, metrics, sums):
+        print_mark(device, metrics["completion_len"])
+        check_job_step(step, metrics)
+
     with mock.patch.object(grpo, "eos_ids", lambda model, tok: [-1]):  # no token ends a completion
-        grpo.main(cfg, on_step=lambda step, model, metrics, sums: print_mark(device, metrics["completion_len"]))
+        grpo.main(cfg, on_step=on_step)
+
+
+def check_job_step(step: int, metrics: dict) -> None:
+    """A measurement of a broken run is no measurement: stop at once, loudly, on a skipped update or a
+    non-finite metric (on a GPU, the cuDNN attention NaN would show here)."""
+    bad = sorted(k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v))
+    if metrics.get("skipped_updates") or bad:
+        sys.exit(f"error: grpo.py's step {step}: {metrics.get('skipped_updates', 0):.0f} updates skipped as "
+                 f"non-finite; non-finite metrics: {', '.join(bad) or 'none'}")  # fmt: skip
 
 
 def run_trl_job(args) -> None:
@@ -551,6 +654,7 @@ def run_trl_job(args) -> None:
         gradient_accumulation_steps=B // mb, num_generations=args.group_size, max_completion_length=args.new_tokens,
         generation_kwargs={"min_new_tokens": args.new_tokens}, temperature=1.0, top_p=1.0, top_k=0,
         beta=args.beta, loss_type="grpo", epsilon=0.2, scale_rewards="group", num_iterations=1,
+        use_bias_correction_kl=False,  # TRL's default multiplies the k3 KL by pi_theta/pi_old; grpo.py's is the paper's
         learning_rate=grpo.Config().lr, lr_scheduler_type="constant", adam_beta2=0.99, max_grad_norm=1.0,
         bf16=grpo.use_bf16(grpo.Config(precision=args.precision), device), use_cpu=device.type == "cpu",
         gradient_checkpointing=args.gradient_checkpointing, model_init_kwargs={"dtype": torch.float32},
@@ -702,6 +806,8 @@ def main() -> None:
     )
     p.add_argument("--memory", action="store_true", help="predict the peak GPU memory of one step, on CPU")
     p.add_argument("--lora_rank", type=int, default=0, help="--memory: as grpo.py's (0 = full fine-tuning)")
+    p.add_argument("--sdpa_check", action="store_true", help="the cuDNN attention NaN, torch's backends vs grpo.py's")
+    p.add_argument("--decode_profile", action="store_true", help="decode ms per step and the host-bound share")
     p.add_argument(
         "--decode_steps", type=int, default=16, help="--memory: decode steps run; the rest are counted; -1 = all"
     )
@@ -724,6 +830,15 @@ def main() -> None:
             setattr(args, name, value)
     if args.memory:
         report_memory(args, predict_memory(args))
+        return
+    if args.sdpa_check:
+        result = sdpa_check(args)
+        print(json.dumps(result))
+        if result["non_finite_grad_q_grpo"]:
+            sys.exit("error: grpo.py's attention setting gives a non-finite grad_q")
+        return
+    if args.decode_profile:
+        print(json.dumps(decode_profile(args)))
         return
     if args.path in ("job_grpo", "job_trl"):
         run_grpo_job(args) if args.path == "job_grpo" else run_trl_job(args)

@@ -73,7 +73,7 @@ import torch
 import torch.distributed as dist
 import torch.utils.checkpoint
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 
 # ----------------------------------------------------------------------------- Config
@@ -412,12 +412,14 @@ def accumulate_gradients(policy, prompt_ids, prompt_mask, completion_ids, length
     if world > 1 and cfg.loss_type == "dapo":
         dist.all_reduce(total_tokens)  # dapo normalizes by the tokens of the whole global batch
     slices = micro_batches(B, micro_batch_size, B // prompt_ids.shape[0], prompt_ids.device)
-    out = {"loss": [0.0, 1.0], "kl": [0.0, 0.0], "clip_frac": [0.0, 0.0], "logp_mismatch": [0.0, 0.0]}
+    # What the loop needs from the host, read in one go: each micro-batch's longest completion, to trim it to.
+    # Inside the loop nothing waits for the GPU, so the CPU queues the next micro-batch while the GPU works.
+    trims = torch.stack([lengths[s].max() for s, _, _ in slices]).tolist()
+    sums = torch.zeros(5, dtype=torch.float64, device=prompt_ids.device)  # loss, kl, clip_frac, |log rho|, tokens
     bf16 = use_bf16(cfg, prompt_ids.device)
     eps_high = None if cfg.clip_eps_high < 0 else cfg.clip_eps_high
-    for j, (s, p, index) in enumerate(slices):
-        Lm = int(lengths[s].max())  # trim this micro-batch to its longest completion
-        m = mask[s, :Lm]  # (mb, Lm)
+    for j, ((s, p, index), Lm) in enumerate(zip(slices, trims)):
+        m = mask[s, :Lm]  # (mb, Lm): the micro-batch trimmed to its longest completion
         last = j == len(slices) - 1
         with (
             policy.no_sync() if world > 1 and not last else contextlib.nullcontext(),
@@ -432,14 +434,11 @@ def accumulate_gradients(policy, prompt_ids, prompt_mask, completion_ids, length
                                     cfg.max_new_tokens, eps_high)  # fmt: skip
             share = mask[s].sum() * world / total_tokens if cfg.loss_type == "dapo" else (s.stop - s.start) / B
             (loss * share).backward()
-        tokens = mask[s].sum().item()
-        out["loss"][0] += float(loss.item() * share)
-        for k in ("kl", "clip_frac"):
-            out[k][0] += stats[k].item() * tokens
-            out[k][1] += tokens
-        out["logp_mismatch"][0] += ((old - logp.detach()).abs() * m).sum().item()  # summed |log rho|
-        out["logp_mismatch"][1] += tokens
-    return out
+        tokens = m.sum()  # the metric sums stay on the device: one read after the loop, not one per micro-batch
+        mismatch = ((old - logp.detach()).abs() * m).sum()  # summed |log rho|
+        sums += torch.stack([loss.detach() * share, stats["kl"] * tokens, stats["clip_frac"] * tokens, mismatch, tokens])  # fmt: skip
+    loss, kl, clip, mismatch, n = sums.tolist()
+    return {"loss": [loss, 1.0], "kl": [kl, n], "clip_frac": [clip, n], "logp_mismatch": [mismatch, n]}
 
 
 def clip_and_step(model, optimizer, loss: float, max_grad_norm: float, world: int) -> tuple[bool, float]:
@@ -510,8 +509,8 @@ def rollout(model, prompt_ids, prompt_mask, group_size, max_new_tokens, temperat
     # --- prefill: each prompt once; its KV cache is then repeated for its G rows
     position = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)  # (n, P): left padding shifts positions
     cache = DynamicCache(config=model.config)
-    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position, cache=cache, use_cache=True,
-                logits_to_keep=1)  # fmt: skip
+    out = model(input_ids=prompt_ids, attention_mask=attention_mask_4d(causal_keep(prompt_mask, P), model),
+                position_ids=position, cache=cache, use_cache=True, logits_to_keep=1)  # fmt: skip
     check_cache_filled(cache, P)
     logits = out.logits[:, -1].float()[row_prompt]  # (B, V)
     cache.batch_select_indices(row_prompt)  # (n, ...) -> (B, ...)
@@ -572,12 +571,23 @@ def sample(logits: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torc
 
 
 def attention_mask_4d(keep: torch.Tensor, model) -> torch.Tensor:
-    """keep (R, K) bool, True where a query may attend -> the 4-D mask (R, 1, 1, K) that the attention
-    kernels take as is. Passing a 2-D mask instead makes transformers rebuild the 4-D one at every
-    step and ask the GPU whether there is any padding (a host sync per token)."""
+    """keep (R, K) for one query or (R, Q, K), bool, True where a query may attend -> the 4-D mask (R, 1, Q, K)
+    that transformers passes to the attention kernels as is. Given a 2-D mask instead, it builds the 4-D one
+    itself and asks the GPU whether there is any padding: a host sync per forward (per token when decoding)."""
+    keep = keep[:, None] if keep.dim() == 2 else keep  # (R, Q, K)
     if model.config._attn_implementation == "eager":  # eager attention adds the mask to the scores
-        return torch.zeros(keep.shape, dtype=model.dtype, device=keep.device).masked_fill(~keep, -1e9)[:, None, None]
-    return keep[:, None, None]  # sdpa and flex: True = attend
+        return torch.zeros(keep.shape, dtype=model.dtype, device=keep.device).masked_fill(~keep, -1e9)[:, None]
+    return keep[:, None]  # sdpa and flex: True = attend
+
+
+def causal_keep(key_mask: torch.Tensor, Q: int) -> torch.Tensor:
+    """key_mask (R, K), 1 for a real token and 0 for padding -> keep (R, Q, K) for the last Q of the K positions:
+    each sees the real tokens up to itself, and always itself, so that a padding position sees something (a
+    row with nothing to attend to is a softmax of -inf, NaN in some kernels)."""
+    K = key_mask.shape[1]
+    query = torch.arange(K - Q, K, device=key_mask.device)[:, None]  # (Q, 1): the queries' positions
+    key = torch.arange(K, device=key_mask.device)[None, :]  # (1, K)
+    return (key_mask.bool()[:, None, :] & (key <= query)) | (key == query)
 
 
 def eos_ids(model, tok) -> list[int]:
@@ -614,23 +624,24 @@ def token_logprobs(model, prompt_ids, prompt_mask, completion_ids, prompt_index,
     gradients flow through the shared cache. The model returns hidden states, not logits, and
     head_logprobs projects them with the fp32 LM head a chunk at a time: no (B, L, V) tensor exists.
     """
-    B, L = completion_ids.shape
+    (B, L), P = completion_ids.shape, prompt_ids.shape[1]
     inner = getattr(model, "module", model)  # the model inside DDP: only the last forward goes through DDP
     position = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)  # (N, P)
     mask = torch.cat([prompt_mask[prompt_index], prompt_mask.new_ones(B, L)], 1)  # (B, P + L); past-the-end: loss mask
     if inner.is_activation_checkpointing and inner.training:  # checkpointed layers drop the KV cache: no sharing
         ids = torch.cat([prompt_ids[prompt_index], completion_ids], 1)  # (B, P + L)
         position = (mask.long().cumsum(-1) - 1).clamp(min=0)
-        hidden = final_hidden(model, inner, input_ids=ids, attention_mask=mask, position_ids=position, use_cache=False)
+        hidden = final_hidden(model, inner, input_ids=ids, attention_mask=attention_mask_4d(causal_keep(mask, P + L), inner),
+                              position_ids=position, use_cache=False)  # fmt: skip
         return head_logprobs(inner, hidden[:, -L - 1 : -1], completion_ids, temperature, chunk)  # P-1+t predicts t
     cache = DynamicCache(config=inner.config)
-    first = final_hidden(inner, inner, input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position,
-                         cache=cache, use_cache=True)[:, -1:]  # fmt: skip  # (N, 1, H): predicts completion token 0
-    check_cache_filled(cache, prompt_ids.shape[1])
+    first = final_hidden(inner, inner, input_ids=prompt_ids, attention_mask=attention_mask_4d(causal_keep(prompt_mask, P), inner),
+                         position_ids=position, cache=cache, use_cache=True)[:, -1:]  # fmt: skip  # (N, 1, H): predicts token 0
+    check_cache_filled(cache, P)
     cache.batch_select_indices(prompt_index)  # (N, ..) -> (B, ..), differentiable
     completion_position = position[prompt_index, -1:] + 1 + torch.arange(L, device=position.device)  # (B, L)
-    rest = final_hidden(model, inner, input_ids=completion_ids, attention_mask=mask, position_ids=completion_position,
-                        cache=cache, use_cache=True)[:, :-1]  # fmt: skip  # (B, L - 1, H): token t predicts t + 1
+    rest = final_hidden(model, inner, input_ids=completion_ids, attention_mask=attention_mask_4d(causal_keep(mask, L), inner),
+                        position_ids=completion_position, cache=cache, use_cache=True)[:, :-1]  # fmt: skip  # (B, L - 1, H)
     hidden = torch.cat([first[prompt_index], rest], 1)  # (B, L, H): hidden[:, t] predicts completion token t
     return head_logprobs(inner, hidden, completion_ids, temperature, chunk)
 
@@ -696,12 +707,13 @@ def main(cfg: Config, on_step=None, given: set[str] | None = None) -> None:
     os.makedirs(cfg.output_dir, exist_ok=True)
     log = print if rank == 0 else (lambda *a, **k: None)
     bf16 = use_bf16(cfg, device)
-    dtype = "bf16 compute over fp32 weights, bf16 sampler" if bf16 else "fp32"
-    dtype = "bf16 frozen base, fp32 adapters, the policy samples" if bf16 and cfg.lora_rank else dtype
-    log(f"device {device} | dtype {dtype} | ranks {world}")
+    log(f"device {device} | dtype {describe_precision(cfg, device)} | ranks {world}")
 
     resume_from = check_output_dir(cfg)
-    model, tok = load_model(cfg.model if cfg.lora_rank else resume_from or cfg.model, cfg, device)  # LoRA: + adapters
+    weights = cfg.model if cfg.lora_rank else resume_from or cfg.model  # a LoRA checkpoint holds only the adapters
+    if device.type == "cpu" and rank == 0:
+        warn_if_slow_on_cpu(cfg, weights)
+    model, tok = load_model(weights, cfg, device)
     sampler = bf16_copy(model) if bf16 and not cfg.lora_rank else model  # rollouts read bf16 weights, keep a bf16 cache
     tracker = start_tracker(cfg, rank)  # --report_to: rank 0's run of wandb or trackio, None otherwise
     if cfg.eval_only:
@@ -1174,10 +1186,16 @@ def evaluate(sampler, tok, rows: list[dict], cfg: Config, step: int, device, ran
     seed_everything(cfg.seed, rank, step, "eval")  # training steps seed themselves: evaluating changes nothing
     mine = list(enumerate(rows))[rank::world]
     records = []
-    for i in range(0, len(mine), cfg.eval_batch_size):
+    batches = tqdm(range(0, len(mine), cfg.eval_batch_size), desc=f"eval {step}", unit="batch", leave=False,
+                   disable=rank != 0, dynamic_ncols=True)  # fmt: skip
+    for i in batches:
         index, batch = zip(*mine[i : i + cfg.eval_batch_size])
         questions = [r["question"] for r in batch]
-        _, _, ids, lengths, _, _, by_env, texts = generate(sampler, tok, questions, 1, 0.0, cfg, device)  # greedy
+        try:
+            _, _, ids, lengths, _, _, by_env, texts = generate(sampler, tok, questions, 1, 0.0, cfg, device)  # greedy
+        except torch.OutOfMemoryError:
+            fail(f"out of GPU memory evaluating at step {step}: lower --eval_batch_size (now {cfg.eval_batch_size}) "
+                 f"or --max_new_tokens; the checkpoint in {cfg.output_dir} is intact")  # fmt: skip
         calls, errors = tool_use(tok, ids, lengths, by_env)
         for idx, r, text, c, e in zip(index, batch, texts, calls, errors):
             gold = r["gold"]
@@ -1187,7 +1205,11 @@ def evaluate(sampler, tok, rows: list[dict], cfg: Config, step: int, device, ran
                             "tool_calls": c, "tool_errors": e})  # fmt: skip
         if cfg.eval_samples > 0:  # k samples per problem at the training temperature
             k = cfg.eval_samples
-            texts = generate(sampler, tok, questions, k, cfg.temperature, cfg, device)[-1]
+            try:
+                texts = generate(sampler, tok, questions, k, cfg.temperature, cfg, device)[-1]
+            except torch.OutOfMemoryError:
+                fail(f"out of GPU memory sampling {k} answers per problem at step {step}: lower --eval_batch_size "
+                     f"(now {cfg.eval_batch_size}) or --eval_samples; the checkpoint in {cfg.output_dir} is intact")  # fmt: skip
             for j, r in enumerate(records[-len(batch) :]):
                 samples = texts[j * k : (j + 1) * k]
                 votes = Counter(v for v in (stated_number(extract_answer(s) or "") for s in samples) if v is not None)
@@ -1293,6 +1315,34 @@ def load_model(name: str, cfg: Config, device):
     return model, tok
 
 
+# Seconds per step on a CPU, per parameter and per completion token: 22.09 s for SmolLM2-135M (134.5M parameters)
+# at 2 x 8 completions of 64 tokens on 2 cores (bench.py --job, fp32; docs/performance.md), and 44 s for 4 x 8 of 64
+# (the README's learning run): 1.6e-10 both times. A rule of thumb for the order of magnitude, not a prediction.
+CPU_SECONDS_PER_PARAM_TOKEN = 1.6e-10
+
+
+def warn_if_slow_on_cpu(cfg: Config, model_path: str) -> None:
+    """On a CPU, a job sized for a GPU (the default: 0.5B parameters, 16 x 8 completions of up to 400 tokens)
+    would run for an hour before its first line of progress. Say so at once, before loading the weights, and
+    name the tiny CPU run. The model's size comes from its config alone (a model on the meta device: no
+    memory, no weights read). What the user asked for is not changed."""
+    try:
+        config = AutoConfig.from_pretrained(os.path.expanduser(model_path), trust_remote_code=cfg.trust_remote_code)
+        with torch.device("meta"):
+            params = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+    except Exception:  # no config to be had: load_model says why, in its own words
+        return
+    tokens = cfg.prompts_per_step * cfg.group_size * cfg.max_new_tokens  # completion tokens per step, at most
+    minutes = CPU_SECONDS_PER_PARAM_TOKEN * params * tokens / 60
+    if minutes >= 5:
+        print(f"warning: this job is sized for a GPU: on a CPU each step takes about {minutes:.0f} min ({params / 1e6:.0f}M "
+              f"parameters, {cfg.prompts_per_step} x {cfg.group_size} completions of up to {cfg.max_new_tokens} tokens; "
+              f"about {CPU_SECONDS_PER_PARAM_TOKEN:.1e} s per parameter per token, measured on 2 cores), {cfg.steps} "
+              f"steps. A first run on a CPU: python grpo.py --model HuggingFaceTB/SmolLM2-135M-Instruct --device cpu "
+              f"--steps 10 --prompts_per_step 2 --group_size 4 --max_new_tokens 64 --eval_size 8 --output_dir out-cpu",
+              file=sys.stderr, flush=True)  # fmt: skip
+
+
 def setup_training(model, cfg: Config, resume_from: str | None, world: int, device, bf16: bool):
     """The frozen reference model (None when beta is 0; bf16 weights under --precision bf16), the
     policy as trained (DDP-wrapped when there are several ranks: it averages their gradients), AdamW
@@ -1309,14 +1359,51 @@ def setup_training(model, cfg: Config, resume_from: str | None, world: int, devi
     model.config.use_cache = False
     ddp = torch.nn.parallel.DistributedDataParallel
     policy = ddp(model, gradient_as_bucket_view=True) if world > 1 else model  # averages gradients; no 2nd copy
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay,
+                                  fused=device.type == "cuda")  # fused: one kernel, no parameter-sized temporaries  # fmt: skip
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
     return policy, ref_model, optimizer, scheduler
 
 
 def use_bf16(cfg, device) -> bool:
-    """--precision: auto is bf16 on CUDA and fp32 elsewhere (bf16 matmuls are slow on most CPUs)."""
-    return cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    """--precision: auto is bf16 on CUDA cards of compute capability 8.0 and above (A100, RTX 30xx and later)
+    and fp32 elsewhere. bf16 matmuls are slow on most CPUs; and below 8.0 flash and memory-efficient attention
+    refuse bf16 (torch's sdp_utils.cpp), so attention would fall back to the math kernel and its full
+    (B, heads, L, L) scores: slow, and far above bench.py --memory's prediction."""
+    if cfg.precision != "auto":
+        return cfg.precision == "bf16"
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def describe_precision(cfg, device) -> str:
+    """The device line's account of --precision: what it chose, and on CUDA why. Warns in one line when
+    bf16 was asked for on a card below compute capability 8.0 (it runs, slowly)."""
+    bf16 = use_bf16(cfg, device)
+    what = "bf16 compute over fp32 weights, bf16 sampler" if bf16 else "fp32"
+    what = "bf16 frozen base, fp32 adapters, the policy samples" if bf16 and cfg.lora_rank else what
+    if device.type != "cuda":
+        return what + (" (auto: bf16 only on CUDA)" if cfg.precision == "auto" else "")
+    major, minor = torch.cuda.get_device_capability(device)
+    if cfg.precision == "bf16" and major < 8:
+        print(f"warning: --precision bf16 on a card of compute capability {major}.{minor}: below 8.0 attention runs "
+              f"bf16 on its slow math kernel; --precision fp32 is faster here", file=sys.stderr)  # fmt: skip
+    if cfg.precision == "auto":
+        what += f" (auto: compute capability {major}.{minor}; bf16 from 8.0, where fast attention takes it)"
+    return what
+
+
+def setup_cuda(device: torch.device) -> None:
+    """Every CUDA-only setting, in one place (a CPU test calls it with a CUDA device and the CUDA calls mocked).
+    - The allocator grows its segments instead of carving fixed blocks, which the KV cache, growing a token at a
+      time, fragments. Read once, at the first CUDA allocation; a user's own setting (either name) wins.
+    - The current device is `device`: allocations and syncs that name no device go to it, not to GPU 0.
+    - No cuDNN attention. Since torch 2.11 it is SDPA's first choice on sm90+, and its backward returns NaN
+      grad_q for an explicit mask with a key length of 64 mod 128 (pytorch/pytorch#196678; Qwen2.5 hits it,
+      huggingface/trl#7181). Flash and memory-efficient attention serve instead."""
+    if "PYTORCH_CUDA_ALLOC_CONF" not in os.environ:  # the older name, which torch still reads (with a warning)
+        os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
+    torch.cuda.set_device(device)
+    torch.backends.cuda.enable_cudnn_sdp(False)
 
 
 def autocast(device, bf16: bool):
@@ -1468,16 +1555,19 @@ def setup_distributed(cfg: Config) -> tuple[int, int, torch.device]:
         fail(f"unknown --device {cfg.device!r}: use cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         fail(f"--device {cfg.device}: CUDA is not available here; use --device cpu or install a CUDA build of torch")
-    if device.type == "cuda" and world > 1:
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank if world > 1 else device.index or 0)
+        setup_cuda(device)
     if world > 1 and not dist.is_initialized():
         # transformers imports torch.distributed.nn when it loads its first model, and that module's functions take
         # the default process group as a default argument: imported after init, they would keep the group alive past
         # destroy_process_group, its threads running into interpreter exit (an abort there). So import it first.
         import transformers.modeling_utils  # noqa: F401
 
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":  # device_id: NCCL binds this rank's communicator to its GPU at once
+            dist.init_process_group("nccl", device_id=device)
+        else:
+            dist.init_process_group("gloo")
     return (dist.get_rank() if world > 1 else 0), world, device
 
 

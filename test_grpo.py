@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 import warnings
+from unittest import mock
 
 import pytest
 import torch
@@ -2355,6 +2356,201 @@ def test_bench_job_trains_grpo_and_trl_on_the_same_work(tiny_qwen, tiny_data, tm
     assert os.path.isfile(os.path.join(tmp_path, "grpo-out", "final", "config.json"))  # grpo.py trained and saved
     if "trl" in trainers:
         assert summary["trl"]["trainer"].startswith("TRL ") and summary["trl_over_grpo_step_time"] > 0
+
+
+# ----------------------------------------------------------------------------- the first GPU run, decided on CPU
+def fake_cuda(monkeypatch, capability=(9, 0)) -> list:
+    """The CUDA calls grpo.py makes, mocked: a CPU test then runs the CUDA decisions. Returns the calls seen."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("set_device", torch.device(device))))
+    monkeypatch.setattr(torch.backends.cuda, "enable_cudnn_sdp", lambda on: calls.append(("cudnn_sdp", on)))
+    for name in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"):
+        monkeypatch.delenv(name, raising=False)
+    return calls
+
+
+def test_setup_cuda_makes_every_cuda_setting(monkeypatch):
+    """One function holds the CUDA-only settings: expandable segments (unless the user set the allocator), the
+    current device, and cuDNN attention off (its backward's NaN grad_q, pytorch/pytorch#196678)."""
+    calls = fake_cuda(monkeypatch)
+    grpo.setup_cuda(torch.device("cuda", 1))
+    assert calls == [("set_device", torch.device("cuda", 1)), ("cudnn_sdp", False)]
+    assert os.environ["PYTORCH_ALLOC_CONF"] == "expandable_segments:True"
+    for name in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"):  # a user's own setting, under either name, wins
+        fake_cuda(monkeypatch)
+        monkeypatch.setenv(name, "max_split_size_mb:256")
+        grpo.setup_cuda(torch.device("cuda", 0))
+        assert os.environ[name] == "max_split_size_mb:256" and "expandable" not in os.environ.get(
+            "PYTORCH_ALLOC_CONF", ""
+        )
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_the_cuda_device_is_set_in_every_process_and_nccl_is_given_it(monkeypatch, world):
+    """--device cuda:1 in one process makes cuda:1 the current device (not only under torchrun), and under
+    torchrun each rank's GPU goes to init_process_group as device_id."""
+    calls = fake_cuda(monkeypatch)
+    inits = []
+    monkeypatch.setattr(grpo.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(grpo.dist, "init_process_group", lambda backend, **kw: inits.append((backend, kw)))
+    monkeypatch.setattr(grpo.dist, "get_rank", lambda: 1)
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    monkeypatch.setenv("LOCAL_RANK", str(world - 1))
+    rank, size, device = grpo.setup_distributed(grpo.Config(device="cuda:1" if world == 1 else "cuda"))
+    assert device == torch.device("cuda", 1) and size == world
+    assert ("set_device", torch.device("cuda", 1)) in calls and ("cudnn_sdp", False) in calls
+    assert inits == ([] if world == 1 else [("nccl", {"device_id": torch.device("cuda", 1)})])
+
+
+@pytest.mark.parametrize("capability, auto_bf16", [((7, 0), False), ((7, 5), False), ((8, 0), True), ((9, 0), True)])
+def test_auto_precision_is_bf16_only_where_attention_takes_it(monkeypatch, capsys, capability, auto_bf16):
+    """auto: bf16 from compute capability 8.0 (flash and memory-efficient attention refuse bf16 below it), and the
+    device line says which and why; an explicit bf16 below 8.0 runs, with a one-line warning."""
+    fake_cuda(monkeypatch, capability)
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert grpo.use_bf16(grpo.Config(precision="auto"), cuda) is auto_bf16
+    assert grpo.use_bf16(grpo.Config(precision="auto"), cpu) is False
+    assert grpo.use_bf16(grpo.Config(precision="bf16"), cuda) and not grpo.use_bf16(grpo.Config(precision="fp32"), cuda)
+    line = grpo.describe_precision(grpo.Config(precision="auto"), cuda)
+    assert (
+        line.startswith("bf16" if auto_bf16 else "fp32")
+        and f"compute capability {capability[0]}.{capability[1]}" in line
+    )
+    assert capsys.readouterr().err == ""
+    grpo.describe_precision(grpo.Config(precision="bf16"), cuda)
+    err = capsys.readouterr().err
+    assert (err.count("\n") == 1 and "--precision fp32" in err) if not auto_bf16 else err == ""
+
+
+def test_adamw_is_fused_on_cuda(tiny_model):
+    """Fused AdamW on CUDA (one kernel, no parameter-sized temporaries: bench.py --memory models it); the
+    default elsewhere, so the CPU path and its bit-exact resumes are unchanged."""
+    model, _ = load(tiny_model)
+    for device, fused in ((torch.device("cuda"), True), (torch.device("cpu"), False)):
+        _, _, optimizer, _ = grpo.setup_training(model, grpo.Config(beta=0), None, 1, device, False)
+        assert bool(optimizer.defaults["fused"]) is fused
+
+
+def count_host_reads(fn) -> int:
+    """count_host_syncs, and every .tolist() (on a GPU a copy to the host; on a CPU it dispatches nothing)."""
+    reads = []
+    real = torch.Tensor.tolist
+
+    def tolist(self):
+        reads.append(1)
+        return real(self)
+
+    with mock.patch.object(torch.Tensor, "tolist", tolist):
+        return count_host_syncs(fn) + len(reads)
+
+
+def test_reference_and_update_passes_read_the_host_once_not_per_micro_batch(tiny_qwen):
+    """On a GPU each host read stops the CPU from queueing the next micro-batch. The reference pass reads
+    nothing and the update pass reads twice (every micro-batch's length before the loop, the metric sums
+    after it), however many micro-batches: 8 micro-batches of 1 cost what 1 of 8 costs. Before, about 9 a
+    micro-batch (a length, five .item() calls, transformers' padding checks on a 2-D mask)."""
+    model, tok = load(tiny_qwen)
+    ids, mask, out, lengths, by_env, sample_logp = sampled_batch(model, tok, model, G=4, L=12)
+    adv = torch.randn(8, generator=torch.Generator().manual_seed(0))
+    model.train()
+
+    def passes(mb: int) -> tuple[int, int]:
+        cfg = grpo.Config(micro_batch_size=mb, beta=0.04, max_new_tokens=12)
+        ref_logp = grpo.frozen_logprobs(model, ids, mask, out, mb, 1.0)
+        update = (model, ids, mask, out, lengths, by_env, adv, sample_logp, ref_logp, cfg, mb)
+        return (
+            count_host_reads(lambda: grpo.frozen_logprobs(model, ids, mask, out, mb, 1.0)),
+            count_host_reads(lambda: grpo.accumulate_gradients(*update)),
+        )
+
+    reads = {mb: passes(mb) for mb in (1, 8)}
+    assert reads[1] == reads[8] == (0, 2), reads
+    assert sum(reads[1]) / 8 < 1  # per micro-batch
+
+
+def test_padding_rows_see_themselves_and_real_rows_match_a_2d_mask(tiny_qwen):
+    """The 4-D masks grpo.py builds (transformers takes them as is, with no host check) give the real tokens the
+    same log-probs as transformers' own mask from the 2-D one, and every query has something to attend to."""
+    model, tok = load(tiny_qwen)
+    ids, mask = prompts_of(tok, ["1+1?", "what is 12 + 30?"])
+    keep = grpo.causal_keep(mask, ids.shape[1])
+    assert keep.any(-1).all()  # no row of nothing: left padding sees itself
+    with torch.no_grad():
+        ours = model(input_ids=ids, attention_mask=grpo.attention_mask_4d(keep, model)).logits
+        theirs = model(input_ids=ids, attention_mask=mask).logits
+    real = mask.bool()
+    assert torch.allclose(ours[real], theirs[real], atol=1e-5)
+
+
+def test_out_of_memory_in_evaluation_names_the_eval_batch_size(tiny_model, tiny_data, tmp_path, monkeypatch, capsys):
+    """An OOM while evaluating stops with one line that names --eval_batch_size, after the step's checkpoint
+    was written, so --resume goes on from there. Evaluation shows its progress on stderr."""
+    cfg = tiny_config(tiny_model, tiny_data, tmp_path, steps=2, save_every=1, eval_every=2, eval_batch_size=2)
+    real = grpo.generate
+
+    def generate(sampler, tok, questions, group_size, temperature, cfg_, device):
+        if temperature == 0 and generate.training_steps >= 2:  # the evaluation after step 2
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        generate.training_steps += temperature > 0
+        return real(sampler, tok, questions, group_size, temperature, cfg_, device)
+
+    generate.training_steps = 0
+    monkeypatch.setattr(grpo, "generate", generate)
+    with pytest.raises(SystemExit) as e:
+        grpo.main(cfg)
+    message = str(e.value)
+    assert "\n" not in message and "evaluating at step 2" in message and "--eval_batch_size (now 2)" in message
+    assert "eval 0" in capsys.readouterr().err  # the evaluation's progress bar
+    monkeypatch.setattr(grpo, "generate", real)
+    grpo.main(dataclasses_replace(cfg, resume=True, steps=2))  # the step-1 checkpoint is intact: step 2 again
+    assert [r["step"] for r in read_metrics(cfg) if "reward" in r] == [1, 2]
+
+
+def test_a_gpu_sized_job_on_a_cpu_says_so_before_loading(tiny_model, tiny_data, tmp_path, monkeypatch, capsys):
+    """On a CPU, a job that would take minutes per step says so in one line, with the estimate and the tiny CPU
+    run, before the weights are loaded; the run itself is what the user asked for. A small job says nothing."""
+    cfg = tiny_config(tiny_model, tiny_data, tmp_path)
+    grpo.warn_if_slow_on_cpu(cfg, tiny_model)
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(grpo, "CPU_SECONDS_PER_PARAM_TOKEN", 1.0)  # the tiny model as slow as a big one
+
+    def load_model(*args):
+        raise RuntimeError("loaded")
+
+    monkeypatch.setattr(grpo, "load_model", load_model)
+    with pytest.raises(RuntimeError, match="loaded"):
+        grpo.main(cfg)
+    err = capsys.readouterr().err
+    warning = [line for line in err.splitlines() if line.startswith("warning: this job is sized for a GPU")]
+    assert len(warning) == 1 and f"{cfg.steps} steps" in warning[0] and "--device cpu --steps 10" in warning[0]
+    if os.environ.get("GRPO_TEST_MODEL"):  # the real numbers: the default job warns, the README's tiny run does not
+        monkeypatch.setattr(grpo, "CPU_SECONDS_PER_PARAM_TOKEN", 1.6e-10)
+        grpo.warn_if_slow_on_cpu(grpo.Config(), os.environ["GRPO_TEST_MODEL"])
+        grpo.warn_if_slow_on_cpu(
+            grpo.Config(prompts_per_step=2, group_size=4, max_new_tokens=64), os.environ["GRPO_TEST_MODEL"]
+        )
+        assert capsys.readouterr().err.count("sized for a GPU") == 1
+
+
+def test_bench_gpu_checks_run_on_cpu(tiny_qwen):
+    """.ci/gpu's new parts, on CPU: the attention NaN check (torch's backends, then grpo.py's setting; it fails
+    only on grpo.py's), the decode profile, and the job's stop on a skipped update or a non-finite metric."""
+    bench = importlib.import_module("bench")
+    run = [sys.executable, os.path.join(HERE, "bench.py"), "--model", tiny_qwen, "--device", "cpu"]
+    result = subprocess.run([*run, "--sdpa_check"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    check = json.loads(result.stdout.strip().splitlines()[-1])
+    assert check["keys"] % 128 == 64 and check["non_finite_grad_q_grpo"] == 0
+    args = ["--decode_profile", "--prompts", "2", "--group_size", "2", "--prompt_len", "12"]
+    result = subprocess.run([*run, *args], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1])["decode_ms_per_step"] > 0
+    bench.check_job_step(1, {"skipped_updates": 0.0, "loss": 0.5})
+    for metrics in ({"skipped_updates": 1.0, "loss": 0.5}, {"skipped_updates": 0.0, "loss": float("nan")}):
+        with pytest.raises(SystemExit, match="step 3"):
+            bench.check_job_step(3, metrics)
 
 
 # ----------------------------------------------------------------------------- LoRA
