@@ -386,7 +386,7 @@ def sample_plainly(model, prompt_ids, prompt_mask, group_size: int, max_new_toke
     P, logps = ids.shape[1], []
     for _ in range(max_new_tokens):
         position = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding shifts each row's positions
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=position).logits[:, -1].float()  # (B, V)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=False).logits[:, -1].float()
         logp = torch.log_softmax(logits / (temperature or 1.0), -1)  # (B, V)
         token = torch.multinomial(logp.exp(), 1) if temperature > 0 else logits.argmax(-1, keepdim=True)  # (B, 1)
         logps.append(logp.gather(-1, token))
@@ -405,7 +405,7 @@ def sequence_logprobs(model, prompt_ids, prompt_mask, completion_ids, temperatur
     mask = torch.cat([prompt_mask.repeat_interleave(G, 0), torch.ones_like(completion_ids)], 1)  # (B, P + L)
     position = (mask.cumsum(-1) - 1).clamp(min=0)
     L = completion_ids.shape[1]
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=position).logits[:, -L - 1 : -1]  # (B, L, V)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=False).logits[:, -L - 1 : -1]
     logp = torch.log_softmax(logits.float() / temperature, -1)  # position P-1+t predicts completion token t
     return logp.gather(-1, completion_ids[..., None])[..., 0]  # (B, L)
 
