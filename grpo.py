@@ -247,9 +247,8 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps=0.2, beta=0.0
 
 
 def grpo_step(policy, sampler, ref_model, tok, optimizer, rows: list[dict], cfg: Config, world: int = 1):
-    """One GRPO step on this rank's questions `rows`: rollout -> reward -> advantage -> reference log-probs
-    -> update. Returns this rank's metric sums {name: [total, count]} (main averages them over ranks), whether
-    each of the mu updates was applied (False: skipped as non-finite), the B completions and their rewards."""
+    """One GRPO step on this rank's `rows`: rollout -> reward -> advantage -> reference log-probs -> update. Returns
+    this rank's metric sums {name: [total, count]}, whether each of the mu updates was applied, texts, rewards."""
     model = getattr(policy, "module", policy)  # the model inside DDP
     device, G = next(model.parameters()).device, cfg.group_size
     B = len(rows) * G  # completions on this rank
@@ -310,13 +309,11 @@ def micro_batches(B: int, size: int, group_size: int, device) -> list[tuple[slic
 
 def accumulate_gradients(policy, prompt_ids, prompt_mask, completion_ids, lengths, by_env, advantages, old_logp,
                          ref_logp, cfg: Config, micro_batch_size: int, world: int = 1) -> dict[str, list[float]]:  # fmt: skip
-    """Backward of the loss over the whole batch (B rows), micro_batch_size rows at a time: prompts (N, P) once
-    each, completion b after prompt b // G; old_logp (B, L) is log pi_old (the rollout's sample_logp); tokens
-    the environment wrote (by_env) condition the log-probs but are in no sum or count. Each micro-batch's
-    loss is weighted by its share of the batch's normalizer (5), so the accumulated gradient is the full
-    batch's exactly (under DDP, which averages over ranks, dapo's share is of the global token count times
-    the world size). Returns {"loss": [value, 1], "kl"/"clip_frac"/"logp_mismatch": [token sum, tokens]};
-    logp_mismatch sums |old_logp - logp|, nonzero where the sampler and the policy compute differently."""
+    """Backward of the loss over the batch (B rows), micro_batch_size rows at a time. old_logp (B, L): log pi_old
+    (the rollout's sample_logp); tokens the environment wrote (by_env) condition the log-probs, in no sum. Each
+    micro-batch's loss is weighted by its share of the batch's normalizer (5): the accumulated gradient is the
+    full batch's exactly (DDP averages over ranks, so dapo's share is of the global tokens times the world).
+    Returns {"loss": [value, 1], "kl"/"clip_frac"/"logp_mismatch" (|old_logp - logp|): [token sum, tokens]}."""
     B = completion_ids.shape[0]
     mask = completion_mask(lengths, completion_ids.shape[1], by_env)  # (B, L): the model's own tokens
     total_tokens = mask.sum()
@@ -412,9 +409,8 @@ def sequence_logprobs(model, prompt_ids, prompt_mask, completion_ids, temperatur
 
 # ----------------------------------------------------------------------------- Training loop
 def main(cfg: Config, on_step=None, given: set[str] | None = None) -> None:
-    """Train (or with --eval_only, evaluate). on_step(step, model, metrics, sums), for tests, runs on every rank
-    after every step. given: the flags set on the command line, which alone change a resumed run's saved
-    configuration (None: the fields that differ from Config's defaults)."""
+    """Train (or evaluate). on_step(step, model, metrics, sums), for tests, runs on every rank after every step.
+    given: the flags on the command line, which alone change a resumed run's config (None: all non-defaults)."""
     cfg, state = read_checkpoint(cfg, given)  # --resume: the checkpoint's configuration and trainer state
     check_config(cfg)  # before any loading: a bad value or a missing optional package costs one line
     train_rows, test_rows = load_data(cfg)  # the user's data first: wrong columns or answers stop here
