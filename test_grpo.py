@@ -2666,3 +2666,25 @@ def test_adamw_betas_come_from_the_config(tiny_model):
     cfg = grpo.Config(beta=0, adam_beta1=0.8, adam_beta2=0.95)
     _, _, optimizer, _ = grpo.setup_training(model, cfg, None, 1, torch.device("cpu"), False)
     assert optimizer.defaults["betas"] == (0.8, 0.95)
+
+
+def test_a_first_reading_ends_by_line_500():
+    """The file is a textbook: the END OF THE ALGORITHM line by line 500 (the README names it), with the
+    objective, the step, the plain forms and main above it, the fast paths below, and no function longer
+    than 80 lines."""
+    with open(grpo.__file__) as f:
+        source = f.read()
+    lines = source.splitlines()
+    end = next(i + 1 for i, line in enumerate(lines) if line.startswith("# ===") and "END OF THE ALGORITHM" in line)
+    assert end <= 500, end
+    where = {node.name: node.lineno for node in ast.parse(source).body if hasattr(node, "name")}
+    above = ["Config", "grpo_loss", "grpo_step", "accumulate_gradients", "Rollout", "sample_plainly"]
+    above += ["sequence_logprobs", "main", "setup_training"]
+    assert all(where[name] < end for name in above), {name: where[name] for name in above}
+    assert all(where[name] > end for name in ("rollout", "token_logprobs", "sample", "bf16_copy", "head_logprobs"))
+    longest = max(
+        (n.end_lineno - n.lineno + 1, n.name) for n in ast.walk(ast.parse(source)) if isinstance(n, ast.FunctionDef)
+    )
+    assert longest[0] <= 80, longest
+    with open(os.path.join(HERE, "README.md")) as f:
+        assert f"END OF THE ALGORITHM line, line {end}**" in f.read()
