@@ -7,6 +7,7 @@ when GRPO_TEST_MODEL (a model folder) and GRPO_TEST_DATA (a dataset path) are se
 
 import ast
 import builtins
+import dataclasses
 import gc
 import glob
 import importlib.util
@@ -2512,7 +2513,7 @@ def test_a_gpu_sized_job_on_a_cpu_says_so_before_loading(tiny_model, tiny_data, 
     """On a CPU, a job that would take minutes per step says so in one line, with the estimate and the tiny CPU
     run, before the weights are loaded; the run itself is what the user asked for. A small job says nothing."""
     cfg = tiny_config(tiny_model, tiny_data, tmp_path)
-    grpo.warn_if_slow_on_cpu(cfg, tiny_model)
+    grpo.warn_if_slow_on_cpu(cfg, tiny_model, torch.device("cpu"))
     assert capsys.readouterr().err == ""
     monkeypatch.setattr(grpo, "CPU_SECONDS_PER_PARAM_TOKEN", 1.0)  # the tiny model as slow as a big one
 
@@ -2527,10 +2528,10 @@ def test_a_gpu_sized_job_on_a_cpu_says_so_before_loading(tiny_model, tiny_data, 
     assert len(warning) == 1 and f"{cfg.steps} steps" in warning[0] and "--device cpu --steps 10" in warning[0]
     if os.environ.get("GRPO_TEST_MODEL"):  # the real numbers: the default job warns, the README's tiny run does not
         monkeypatch.setattr(grpo, "CPU_SECONDS_PER_PARAM_TOKEN", 1.6e-10)
-        grpo.warn_if_slow_on_cpu(grpo.Config(), os.environ["GRPO_TEST_MODEL"])
-        grpo.warn_if_slow_on_cpu(
-            grpo.Config(prompts_per_step=2, group_size=4, max_new_tokens=64), os.environ["GRPO_TEST_MODEL"]
-        )
+        grpo.warn_if_slow_on_cpu(grpo.Config(), os.environ["GRPO_TEST_MODEL"], torch.device("cpu"))
+        tiny_run = grpo.Config(prompts_per_step=2, group_size=4, max_new_tokens=64)
+        grpo.warn_if_slow_on_cpu(tiny_run, os.environ["GRPO_TEST_MODEL"], torch.device("cpu"))
+        grpo.warn_if_slow_on_cpu(grpo.Config(), os.environ["GRPO_TEST_MODEL"], torch.device("cuda"))  # not a CPU
         assert capsys.readouterr().err.count("sized for a GPU") == 1
 
 
@@ -2551,3 +2552,139 @@ def test_bench_gpu_checks_run_on_cpu(tiny_qwen):
     for metrics in ({"skipped_updates": 1.0, "loss": 0.5}, {"skipped_updates": 0.0, "loss": float("nan")}):
         with pytest.raises(SystemExit, match="step 3"):
             bench.check_job_step(3, metrics)
+
+
+# ----------------------------------------------------------------------------- the plain forms above the END line
+def test_fast_logprobs_equal_the_plain_ones_with_gradients(tiny_qwen):
+    """token_logprobs (each prompt once, its cache shared, an fp32 head a chunk at a time) computes what
+    sequence_logprobs (the whole sequences, logits -> log_softmax -> gather) does: values and gradients, with
+    left padding, under bf16 autocast too (the CUDA path; bf16 rounding bounds the difference there)."""
+    model, tok = load(tiny_qwen)
+    model.train()
+    ids, mask = prompts_of(tok, ["1+1?", "what is 12 + 30?"])
+    completion = torch.randint(3, 90, (6, 7), generator=torch.Generator().manual_seed(0))
+    weights = torch.linspace(-1, 1, completion.numel()).view(completion.shape)
+    for bf16, atol in ((False, 1e-5), (True, 3e-2)):
+        results = []
+        for fn in (grpo.sequence_logprobs, grpo.token_logprobs):
+            args = (model, ids, mask, completion) + ((torch.arange(6) // 3,) if fn is grpo.token_logprobs else ())
+            with grpo.autocast(torch.device("cpu"), bf16):
+                logp = fn(*args, 0.7)
+            (grad,) = torch.autograd.grad((logp * weights).sum(), model.model.layers[0].self_attn.q_proj.weight)
+            results.append((logp.detach(), grad))
+        (plain, plain_grad), (fast, fast_grad) = results
+        assert plain.dtype == fast.dtype == torch.float32 and plain.shape == fast.shape == (6, 7)
+        assert torch.allclose(plain, fast, atol=atol), (bf16, (plain - fast).abs().max())
+        assert torch.allclose(plain_grad, fast_grad, atol=atol * 10, rtol=0.05), bf16
+
+
+def test_fast_rollout_equals_the_plain_one(tiny_qwen):
+    """rollout (a shared prefill, a KV cache, 4-D masks, exponential-race sampling) against sample_plainly (the
+    whole sequence through the model every token): greedy, the same tokens, lengths and log-probs; sampling,
+    both sample_logp are the log-probs of what they drew (sequence_logprobs, the plain log-probs)."""
+    model, tok = load(tiny_qwen)
+    ids, mask = prompts_of(tok, ["1+1?", "what is 12 + 30?"])
+    eos = grpo.eos_ids(model, tok)
+    fast = grpo.rollout(model, ids, mask, 2, 12, 0.0, eos, tok.pad_token_id)
+    plain = grpo.sample_plainly(model, ids, mask, 2, 12, 0.0, eos)
+    assert torch.equal(fast[1], plain[1])  # lengths
+    m = grpo.completion_mask(fast[1], fast[0].shape[1]).bool()
+    assert torch.equal(fast[0][m], plain[0][:, : fast[0].shape[1]][m])
+    assert torch.allclose(fast[3][m], plain[2][:, : fast[0].shape[1]][m], atol=1e-5)
+    torch.manual_seed(0)
+    for sampled in (grpo.rollout(model, ids, mask, 3, 10, 0.8, eos, tok.pad_token_id), None):
+        if sampled is None:
+            completion, lengths, sample_logp = grpo.sample_plainly(model, ids, mask, 3, 10, 0.8, eos)
+        else:
+            completion, lengths, sample_logp = sampled[0], sampled[1], sampled[3]
+        with torch.no_grad():
+            logp = grpo.sequence_logprobs(model, ids, mask, completion, 0.8)
+        m = grpo.completion_mask(lengths, completion.shape[1]).bool()
+        assert m.sum() > 6 and torch.allclose(sample_logp[m], logp[m], atol=1e-4)
+
+
+def test_exponential_race_draws_from_the_softmax():
+    """sample's argmax(p / q), q ~ Exponential(1), is an exact draw from p = softmax(logits / T): the
+    frequencies of 200,000 draws match p within 4 standard errors, at two temperatures; T = 0 is argmax."""
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0, 0.5])
+    torch.manual_seed(0)
+    for T in (1.0, 0.5):
+        token, logp = grpo.sample(logits.expand(200_000, -1), T)
+        p = torch.softmax(logits / T, -1)
+        freq = torch.bincount(token, minlength=5).float() / 200_000
+        assert ((freq - p).abs() <= 4 * (p * (1 - p) / 200_000).sqrt() + 1e-9).all(), (T, freq, p)
+        assert torch.allclose(logp, p.log()[token])
+    assert grpo.sample(logits[None], 0.0)[0].item() == 0
+
+
+def test_generate_returns_a_rollout_with_named_shapes(tiny_model):
+    model, tok = load(tiny_model)
+    cfg = grpo.Config(max_new_tokens=6)
+    ro = grpo.generate(model, tok, ["1+1?", "2+2?", "3+3?"], 2, 1.0, cfg, torch.device("cpu"))
+    assert isinstance(ro, grpo.Rollout)
+    N, P = ro.prompt_ids.shape
+    B, L = ro.completion_ids.shape
+    assert (N, B) == (3, 6) and ro.prompt_mask.shape == (N, P) and L <= 6
+    assert ro.lengths.shape == ro.ended.shape == (B,) and ro.sample_logp.shape == ro.by_env.shape == (B, L)
+    assert len(ro.texts) == B and not ro.by_env.any()
+
+
+def test_rewards_receive_the_token_count_and_the_question(tiny_model, tiny_data, tmp_path, monkeypatch):
+    """A reward function gets, as keywords, the completion's own token count and --max_new_tokens (a length
+    penalty needs nothing else) and the question; a reward written with only **kwargs keeps working."""
+    seen = []
+
+    def length_penalty(completion: str, answer: str, tokens: int, max_tokens: int, question: str, **kwargs) -> float:
+        seen.append((tokens, max_tokens, question))
+        return -tokens / max_tokens
+
+    monkeypatch.setattr(grpo, "REWARD_FUNCS", grpo.REWARD_FUNCS + [(length_penalty, 1.0)])
+    steps = []
+    cfg = tiny_config(tiny_model, tiny_data, tmp_path, steps=1)
+    grpo.main(cfg, on_step=lambda step, model, metrics, sums: steps.append(sums))
+    B = cfg.prompts_per_step * cfg.group_size
+    assert len(seen) == B and all(m == cfg.max_new_tokens and 1 <= t <= m and q for t, m, q in seen)
+    assert sum(t for t, _, _ in seen) == steps[0]["completion_len"][0]  # the tokens the model wrote, summed
+    assert math.isclose(steps[0]["reward/length_penalty"][0], -sum(t for t, _, _ in seen) / cfg.max_new_tokens)
+
+
+def test_a_config_field_without_a_help_comment_gets_its_name_as_help(monkeypatch, capsys):
+    @dataclasses.dataclass
+    class Extended(grpo.Config):
+        new_knob: int = 3
+
+    monkeypatch.setattr(grpo, "Config", Extended)
+    cfg, given = grpo.parse_config(["--new_knob", "5", "--steps", "2"])
+    assert cfg.new_knob == 5 and cfg.steps == 2 and given == {"new_knob", "steps"}
+    with pytest.raises(SystemExit):
+        grpo.parse_config(["--help"])
+    assert "new_knob (default: 3)" in capsys.readouterr().out
+
+
+def test_adamw_betas_come_from_the_config(tiny_model):
+    model, _ = load(tiny_model)
+    cfg = grpo.Config(beta=0, adam_beta1=0.8, adam_beta2=0.95)
+    _, _, optimizer, _ = grpo.setup_training(model, cfg, None, 1, torch.device("cpu"), False)
+    assert optimizer.defaults["betas"] == (0.8, 0.95)
+
+
+def test_a_first_reading_ends_by_line_500():
+    """The file is a textbook: the END OF THE ALGORITHM line by line 500 (the README names it), with the
+    objective, the step, the plain forms and main above it, the fast paths below, and no function longer
+    than 80 lines."""
+    with open(grpo.__file__) as f:
+        source = f.read()
+    lines = source.splitlines()
+    end = next(i + 1 for i, line in enumerate(lines) if line.startswith("# ===") and "END OF THE ALGORITHM" in line)
+    assert end <= 500, end
+    where = {node.name: node.lineno for node in ast.parse(source).body if hasattr(node, "name")}
+    above = ["Config", "grpo_loss", "grpo_step", "accumulate_gradients", "Rollout", "sample_plainly"]
+    above += ["sequence_logprobs", "main", "setup_training"]
+    assert all(where[name] < end for name in above), {name: where[name] for name in above}
+    assert all(where[name] > end for name in ("rollout", "token_logprobs", "sample", "bf16_copy", "head_logprobs"))
+    longest = max(
+        (n.end_lineno - n.lineno + 1, n.name) for n in ast.walk(ast.parse(source)) if isinstance(n, ast.FunctionDef)
+    )
+    assert longest[0] <= 80, longest
+    with open(os.path.join(HERE, "README.md")) as f:
+        assert f"END OF THE ALGORITHM line, line {end}**" in f.read()
