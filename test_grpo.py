@@ -2580,8 +2580,9 @@ def test_integration_real_model(tmp_path, monkeypatch):
     assert [r["step"] for r in train] == [1, 2]
     assert all(0 < r["completion_len"] <= 24 for r in train)
     load(os.path.join(cfg.output_dir, "final"))
-    print("MEASURED", [(r["logp_mismatch"], r["kl"], r["grad_norm"], r["frac_zero_std"]) for r in train])
-    # fp32: the sampler is the policy, so |log rho| is float noise between the two ways of running the model
+    # fp32: the sampler is the policy, so |log rho| is float noise between the rollout's cached decode and the
+    # training forward (measured 1.7e-5 on SmolLM2-135M); a position, mask or cache that the two paths set up
+    # differently on this architecture shows as whole nats. The kl at step 2 measured 1.8e-5.
     assert all(r["logp_mismatch"] < 1e-4 and r["grad_norm"] > 0 and r["frac_zero_std"] < 1 for r in train)
     assert train[0]["kl"] < 1e-6 < train[1]["kl"]
     assert not all(torch.equal(a, b) for a, b in zip(params_of(cfg.model), params_of(cfg.output_dir + "/final")))
