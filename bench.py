@@ -128,7 +128,7 @@ def run_path(args) -> dict:
 
     def plain_logprobs(m, seq, completion, prompt_mask):  # the full fp32 (B, L, V) log-softmax of the whole batch
         mask = torch.cat([prompt_mask.repeat_interleave(G, 0), torch.ones_like(completion)], 1)
-        logits = m(input_ids=seq, attention_mask=mask).logits[:, -L - 1 : -1].float()
+        logits = m(input_ids=seq, attention_mask=mask, use_cache=False).logits[:, -L - 1 : -1].float()
         return logits.log_softmax(-1).gather(-1, completion.unsqueeze(-1)).squeeze(-1)  # (B, L)
 
     def one_step(k: int) -> None:

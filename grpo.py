@@ -1,50 +1,39 @@
 """grpo.py: Group Relative Policy Optimization (DeepSeekMath, arXiv 2402.03300) in one file.
 
-Teaches a small chat model grade-school math (GSM8K) with reinforcement learning: for each
-question sample a group of G answers, score them with the reward functions below, turn the
-scores into group-relative advantages, and push the policy towards the better answers with a
-clipped objective and a KL penalty to the frozen starting model.
+Teaches a small chat model grade-school math (GSM8K) with reinforcement learning: for each question sample a
+group of G answers, score them with the reward functions below, turn the scores into group-relative advantages,
+and push the policy towards the better answers with a clipped objective and a KL penalty to the starting model.
 
-Run it:
-    python grpo.py                                   # Qwen2.5-0.5B-Instruct on GSM8K, one GPU
-    torchrun --nproc_per_node 8 grpo.py              # the same job data-parallel on 8 GPUs
-    python grpo.py --model PATH --dataset ../shared/data/gsm8k --device cpu \\
-        --steps 10 --prompts_per_step 2 --group_size 4 --max_new_tokens 64   # tiny CPU run
-    python grpo.py --eval_only --model out/final --output_dir eval-trained   # GSM8K accuracy of any model
-    python grpo.py --tools calculator                # the model may call a calculator mid-answer
-    python grpo.py --lora_rank 16 --lr 2e-5          # LoRA: train adapters only (bigger models on one card)
-    python -m pytest -q test_grpo.py                 # tests: offline, CPU, about 4 minutes
+Run it:  python grpo.py (one GPU) | torchrun --nproc_per_node 8 grpo.py (8 GPUs) | python grpo.py --help
+    tiny CPU run: python grpo.py --model HuggingFaceTB/SmolLM2-135M-Instruct --device cpu --steps 10 \\
+                  --prompts_per_step 2 --group_size 4 --max_new_tokens 64 --eval_size 8 --output_dir out-cpu
+    tests:        python -m pytest -q test_grpo.py   (offline, CPU, about 5 minutes on 2 cores)
 
 The objective (maximized), for a question q with sampled answers o_1..o_G and old policy pi_old:
-    J(theta) = 1/G sum_i 1/|o_i| sum_t [ min(rho_it A_i, clip(rho_it, 1-eps, 1+eps_high) A_i)
-                                          - beta KL_it ]
+    J(theta) = 1/G sum_i 1/|o_i| sum_t [ min(rho_it A_i, clip(rho_it, 1-eps, 1+eps_high) A_i) - beta KL_it ]
     rho_it = pi_theta(o_it | q, o_i<t) / pi_old(o_it | q, o_i<t),   A_i = (r_i - mean(r)) / std(r)
     KL_it  = pi_ref / pi_theta - log(pi_ref / pi_theta) - 1           (the k3 estimator, >= 0)
 grpo_loss() below implements it; each term is tagged there with its number, (1) to (5).
 
 Where this departs from the paper (each is a deliberate, common choice):
  1. Outcome rewards only (no process supervision), computed by plain Python functions.
- 2. Sampling is pure temperature sampling (no top-k/top-p), so the log-probs used in the
-    ratio are exactly those of the distribution the answers were drawn from.
- 3. pi_old is the policy that sampled: its log-probs of the sampled tokens come from the rollout,
-    so no extra pass computes them. With mu = 1 (the default) and fp32, rho = 1 in value (its
-    gradient is still the policy gradient). Under --precision bf16 (the default on CUDA) a bf16 copy
-    of the policy samples, while the trained log-probs come from bf16 autocast over the fp32 weights
-    with an fp32 LM head: rho = pi_theta / pi_sampler is then the importance ratio that PPO's clip was
-    made for, and the clip bounds the update where the two differ (logged as logp_mismatch).
- 4. --loss_type dapo / dr_grpo change only the normalization in (5) (DAPO, arXiv 2503.14476;
-    Dr. GRPO, arXiv 2503.20783); --no-scale_rewards drops the std in A (Dr. GRPO).
- 5. The reference model stays the initial model for the whole run (the paper's iterative
-    variant also refreshes it and retrains the reward model; there is no reward model here).
- 6. Completions cut off at --max_new_tokens are kept and trained on like the others; their
-    share is logged as truncated_frac.
- 7. With --tools, tokens written by the environment (tool results) are context, not actions: they
-    condition later tokens but are left out of every sum and count in J (see completion_mask).
- 8. The k3 KL sits inside the loss, as in the paper: over tokens sampled from pi_theta its expected
-    gradient is that of KL(pi_ref || pi_theta), not KL(pi_theta || pi_ref) (README, the objective).
+ 2. Pure temperature sampling (no top-k/top-p): the ratio's log-probs are those the answers were drawn from.
+ 3. pi_old is the policy that sampled, its log-probs from the rollout: no extra pass. With mu = 1 and fp32,
+    rho = 1 in value (its gradient is the policy gradient). Under bf16 (the default on CUDA) a bf16 copy
+    samples while training computes in bf16 autocast with an fp32 LM head: rho = pi_theta / pi_sampler is
+    then an importance ratio, which the clip bounds (logged as logp_mismatch).
+ 4. --loss_type dapo / dr_grpo change only the normalization in (5) (DAPO, arXiv 2503.14476; Dr. GRPO,
+    arXiv 2503.20783); --no-scale_rewards drops the std in A (Dr. GRPO).
+ 5. pi_ref stays the initial model (the paper's iterative variant refreshes it; there is no reward model).
+ 6. Completions cut off at --max_new_tokens are trained on like the others (logged as truncated_frac).
+ 7. With --tools, tokens the environment wrote (tool results) are context, not actions: they condition
+    later tokens but are in no sum or count of J (completion_mask).
+ 8. The k3 KL sits inside the loss, as in the paper: over samples from pi_theta its expected gradient is
+    that of KL(pi_ref || pi_theta), not KL(pi_theta || pi_ref) (README, the objective).
 
-A first reading can stop after main(): everything the algorithm does is above it. Below it is the
-machinery (tools, data, evaluation, setup, checkpoints, torchrun, logging, the command line).
+A first reading stops at the END OF THE ALGORITHM line: all of GRPO, each step in its plainest form. Below it,
+the fast paths training runs (each tested equal to its plain form above), then the machinery: answer parsing,
+tools, data, evaluation, setup, checkpoints, torchrun, logging, the command line.
 """
 
 import argparse
@@ -67,7 +56,6 @@ import shutil
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -77,7 +65,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Dynami
 
 
 # ----------------------------------------------------------------------------- Config
-@dataclass
+@dataclasses.dataclass
 class Config:
     model: str = "Qwen/Qwen2.5-0.5B-Instruct"  # hub id or local model folder
     dataset: str = "openai/gsm8k"  # hub id, or a local .jsonl/.json/.parquet file or folder of train/test files
@@ -89,6 +77,8 @@ class Config:
     max_new_tokens: int = 400  # longest completion; longer ones are cut off and counted
     temperature: float = 1.0  # sampling temperature, also used in the log-probs of the loss
     lr: float = 2e-6  # AdamW learning rate
+    adam_beta1: float = 0.9  # AdamW beta1: decay of the gradient's running mean
+    adam_beta2: float = 0.99  # AdamW beta2: decay of the squared gradient's running mean
     warmup_steps: int = 10  # linear learning-rate warmup, then constant
     weight_decay: float = 0.0  # AdamW weight decay
     max_grad_norm: float = 1.0  # gradient clipping
@@ -128,49 +118,11 @@ your step by step reasoning
 the final number only
 </answer>"""
 
-# One worked example, shown to the model as an earlier turn of the chat. Small chat models copy a
-# demonstrated format far more readily than a described one (measured on SmolLM2-135M-Instruct:
-# 40 of 64 samples used the tags with this exchange, 1 of 64 with the same example inside the
-# system prompt), and it is where the format reward first gets a signal. Set to () to drop it.
+
+# A worked example, shown as an earlier turn of the chat: small models copy a shown format far more readily
+# than a described one (SmolLM2-135M-Instruct: 40 of 64 samples used the tags, 1 of 64 with the example inside
+# the system prompt). Set to () to drop it.
 EXAMPLE = ("What is 2 + 3 * 4?", "<reasoning>\n3 * 4 = 12, and 2 + 12 = 14.\n</reasoning>\n<answer>\n14\n</answer>")
-
-# One number as people write it: a sign (-, + or the unicode minus; not after a letter or digit, so
-# 5-18 is two numbers), digits with optional thousands commas (1,234 but not 12,34), a decimal part.
-# The leading lookahead skips positions where no number can start (fast on long text).
-NUMBER = re.compile(r"(?=[-+\u2212\d.])(?:(?<![\w.])[-+\u2212])?(?:(?:\d{1,3}(?:,\d{3}(?!\d))+|\d+)(?:\.\d+)?|\.\d+)")
-
-
-def number_value(token: str) -> float | None:
-    """The value of one NUMBER token; None if it is too large to be finite (400 nines)."""
-    value = float(token.replace(",", "").replace("\u2212", "-"))
-    return value if math.isfinite(value) else None
-
-
-def stated_number(text: str) -> float | None:
-    """The one number `text` states, however it is wrapped (\\boxed{18}, **18**, $18$, 18%, 18 apples,
-    x = 18, +18, −18 with the unicode minus); None when it states no number or several ('18 or 19',
-    '2 + 16 = 18'). The rule for every answer check: rewards, lenient accuracy and the maj@k vote.
-
-    >>> stated_number("\\boxed{1,234}"), stated_number("**−18** apples"), stated_number("18 or 19")
-    (1234.0, -18.0, None)
-    """
-    found = NUMBER.findall(text)  # one linear scan; the wrapping around the number is ignored
-    return number_value(found[0]) if len(found) == 1 else None
-
-
-def same_number(a: float | None, b: float | None) -> bool:
-    return a is not None and b is not None and math.isclose(a, b, abs_tol=1e-6)
-
-
-def extract_answer(completion: str) -> str | None:
-    """The content of the last complete <answer>...</answer> block, stripped; None if there is none.
-
-    >>> extract_answer("<answer>1</answer> <answer> 42 </answer>")
-    '42'
-    """
-    end = completion.rfind("</answer>")
-    start = completion.rfind("<answer>", 0, end) if end >= 0 else -1
-    return completion[start + len("<answer>") : end].strip() if start >= 0 else None
 
 
 def correctness_reward(completion: str, answer: str, **kwargs) -> float:
@@ -219,22 +171,21 @@ def int_answer_reward(completion: str, answer: str, **kwargs) -> float:
 
 
 def tag_count_reward(completion: str, answer: str, **kwargs) -> float:
-    """1/4 for each of the four tags used exactly once, less 1/4 for any text after </answer>. In whole
-    quarters: advantages divide by the group's spread, so a difference of a hair (a character more or
-    less) would become as strong a signal as right against wrong.
+    """1/4 for each of the four tags used exactly once, less 1/4 for text after </answer>. Whole quarters: advantages
+    divide by the group's spread, so a hair's difference would weigh as much as right against wrong.
 
     >>> tag_count_reward("<reasoning>\\n</reasoning>\\n<answer>\\n</answer>\\n", "1")
     1.0
     """
     score = sum(0.25 for tag in ("<reasoning>", "</reasoning>", "<answer>", "</answer>") if completion.count(tag) == 1)
-    end = completion.rfind("</answer>")
+    end = completion.rfind("</answer>")  # text after it costs a quarter
     trailing = end >= 0 and completion[end + len("</answer>") :].strip() != ""
     return max(0.0, score - 0.25 * trailing)
 
 
-# (function, weight): the reward of a completion is the weighted sum. Each function is logged
-# under its own name (reward/<name>, unweighted), so an added function shows up by itself.
-# The small partial-credit terms give a learning signal before the strict format is learned.
+# (function, weight): a completion's reward is the weighted sum (score, below). Each function is called as
+# fn(completion, gold answer, question=..., tokens=..., max_tokens=...) (tokens: the completion's own token
+# count) and logged as reward/<name>, unweighted. The partial-credit terms give a signal before the format.
 REWARD_FUNCS = [
     (correctness_reward, 2.0),
     (format_reward, 0.5),
@@ -298,79 +249,46 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps=0.2, beta=0.0
 
 
 def grpo_step(policy, sampler, ref_model, tok, optimizer, rows: list[dict], cfg: Config, world: int = 1):
-    """One GRPO step on this rank's questions `rows`: rollout -> reward -> advantage -> reference
-    log-probs -> update. The rollout runs on `sampler`: the policy itself, or its bf16 copy.
-    Returns this rank's metric sums {name: [total, count]} (main averages them over ranks), whether
-    each of the mu updates was applied (False: skipped as non-finite), and the B = len(rows) * G
-    completions with their rewards (B,)."""
+    """One GRPO step on this rank's `rows`: rollout -> reward -> advantage -> reference log-probs -> update. Returns
+    this rank's metric sums {name: [total, count]}, whether each of the mu updates was applied, texts, rewards."""
     model = getattr(policy, "module", policy)  # the model inside DDP
     device, G = next(model.parameters()).device, cfg.group_size
     B = len(rows) * G  # completions on this rank
     mb = B if cfg.micro_batch_size < 0 else min(cfg.micro_batch_size, B)
 
-    # --- 1. rollout: G samples per question from the current policy (pi_old)
-    prompt_ids, prompt_mask, completion_ids, lengths, ended, sample_logp, by_env, texts = generate(
-        sampler, tok, [r["question"] for r in rows], G, cfg.temperature, cfg, device
-    )  # (n, P), (n, P), (B, L), (B,), (B,), (B, L), (B, L), B strings; by_env: tool results
+    # --- 1. rollout: G samples per question from the current policy, pi_old, with their log-probs under it
+    ro = generate(sampler, tok, [r["question"] for r in rows], G, cfg.temperature, cfg, device)
 
     # --- 2. reward: the weighted sum of REWARD_FUNCS for each completion
     group_rows = [r for r in rows for _ in range(G)]
-    rewards, per_fn = score(texts, group_rows, REWARD_FUNCS + (TOOL_REWARD_FUNCS if cfg.tools else []))  # (B,)
+    own = completion_mask(ro.lengths, ro.completion_ids.shape[1], ro.by_env).sum(1)  # (B,) tokens the model wrote
+    funcs = REWARD_FUNCS + (TOOL_REWARD_FUNCS if cfg.tools else [])
+    rewards, per_fn = score(ro.texts, group_rows, funcs, own.tolist(), cfg.max_new_tokens)  # (B,)
 
     # --- 3. advantage: each completion judged against the others of its group
     advantages = group_advantages(rewards, G, cfg.scale_rewards).to(device)  # (B,)
 
-    # --- 4. reference log-probs, one micro-batch at a time; pi_old is the sampler, whose log-probs
-    # of the sampled tokens the rollout already returned (sample_logp)
+    # --- 4. reference log-probs (pi_old's came with the rollout: sample_logp)
     model.train()
-    args = (prompt_ids, prompt_mask, completion_ids, mb, cfg.temperature, use_bf16(cfg, device))
-    ref_logp = frozen_logprobs(ref_model, *args) if ref_model is not None else None
+    batch = (ro.prompt_ids, ro.prompt_mask, ro.completion_ids, mb, cfg.temperature, use_bf16(cfg, device))
+    ref_logp = frozen_logprobs(ref_model, *batch) if ref_model is not None else None  # (B, L), micro-batched
 
     # --- 5. update: mu optimizer steps on this batch, each with rho = pi_theta / pi_old
-    sums = {"loss": [0.0, 0.0], "kl": [0.0, 0.0], "clip_frac": [0.0, 0.0], "grad_norm": [0.0, 0.0]}
-    applied = []
+    sums, applied = {}, []
     for i in range(cfg.mu):
         optimizer.zero_grad(set_to_none=True)
-        stats = accumulate_gradients(policy, prompt_ids, prompt_mask, completion_ids, lengths, by_env, advantages,
-                                     sample_logp, ref_logp, cfg, mb, world)  # fmt: skip
+        stats = accumulate_gradients(policy, ro.prompt_ids, ro.prompt_mask, ro.completion_ids, ro.lengths, ro.by_env,
+                                     advantages, ro.sample_logp, ref_logp, cfg, mb, world)  # fmt: skip
         if i > 0:  # after an update the policy has moved: only the first pass measures the sampler's mismatch
             del stats["logp_mismatch"]
         ok, grad_norm = clip_and_step(model, optimizer, stats["loss"][0], cfg.max_grad_norm, world)
         if ok:
             refresh_sampler(sampler, model)  # the next rollout samples from the updated policy
         applied.append(ok)
-        for k, v in {**stats, "grad_norm": [grad_norm, 1]}.items():
-            sums[k] = [sums.get(k, [0.0, 0.0])[0] + v[0], sums.get(k, [0.0, 0.0])[1] + v[1]]
-
-    # --- what to watch: this rank's sums (main averages them over ranks)
-    n = float(B)
-    sums["reward"] = [rewards.sum().item(), n]
-    sums["accuracy"] = [sum(correctness_reward(t, r["gold"]) for t, r in zip(texts, group_rows)), n]
-    sums["completion_len"] = [completion_mask(lengths, completion_ids.shape[1], by_env).sum().item(), n]  # sampled
-    sums["truncated_frac"] = [(~ended).sum().item(), n]
-    sums["frac_zero_std"] = [(rewards.view(-1, G).std(1) == 0).sum().item(), float(len(rows))]  # groups without signal
-    sums.update({f"reward/{k}": [sum(v), n] for k, v in per_fn.items()})
-    if cfg.tools:
-        calls, errors = tool_use(tok, completion_ids, lengths, by_env)
-        sums["tool_calls"], sums["tool_errors"] = [sum(calls), n], [sum(errors), sum(calls)]  # errors: share of calls
-    return sums, applied, texts, rewards
-
-
-def score(completions: list[str], rows: list[dict], funcs=None) -> tuple[torch.Tensor, dict[str, list[float]]]:
-    """Total rewards (B,) and each function's unweighted values; rows[i] is completion i's row.
-    funcs: (function, weight) pairs, REWARD_FUNCS by default."""
-    funcs = REWARD_FUNCS if funcs is None else funcs
-    per_fn = {fn.__name__: [] for fn, _ in funcs}
-    total = []
-    for c, row in zip(completions, rows):
-        extra = {k: v for k, v in row.items() if k not in ("answer", "gold")}  # e.g. question
-        r = 0.0
-        for fn, weight in funcs:
-            value = float(fn(c, row["gold"], **extra))
-            per_fn[fn.__name__].append(value)
-            r += weight * value
-        total.append(r)
-    return torch.tensor(total, dtype=torch.float32), per_fn
+        for k, (total, count) in {**stats, "grad_norm": (grad_norm, 1)}.items():
+            sums[k] = [sums.get(k, [0.0, 0.0])[0] + total, sums.get(k, [0.0, 0.0])[1] + count]
+    sums.update(rollout_metrics(ro, rewards, per_fn, group_rows, tok, cfg))  # what to watch (Logging, below)
+    return sums, applied, ro.texts, rewards
 
 
 def completion_mask(lengths: torch.Tensor, L: int, by_env: torch.Tensor | None = None) -> torch.Tensor:
@@ -380,40 +298,31 @@ def completion_mask(lengths: torch.Tensor, L: int, by_env: torch.Tensor | None =
     return (mask & ~by_env[:, :L]).float() if by_env is not None else mask.float()
 
 
-@torch.no_grad()
-def frozen_logprobs(model, prompt_ids, prompt_mask, completion_ids, micro_batch_size: int, temperature: float,
-                    bf16: bool = False):  # fmt: skip
-    """token_logprobs (B, L) of a model that is not being trained (pi_ref; with LoRA, the policy with its
-    adapters off)."""
-    B, G = completion_ids.shape[0], completion_ids.shape[0] // prompt_ids.shape[0]
-    with autocast(prompt_ids.device, bf16), adapters_off(model):
-        parts = [token_logprobs(model, prompt_ids[p], prompt_mask[p], completion_ids[s], index, temperature)
-                 for s, p, index in micro_batches(B, micro_batch_size, G, prompt_ids.device)]  # fmt: skip
-    return torch.cat(parts)
+def micro_batches(B: int, size: int, group_size: int, device) -> list[tuple[slice, slice, torch.Tensor]]:
+    """Rows [i, i + size) of the batch, the prompt rows they use, and each row's index into those."""
+    out = []
+    for i in range(0, B, size):
+        rows = slice(i, min(i + size, B))
+        prompts = slice(rows.start // group_size, (rows.stop - 1) // group_size + 1)
+        index = torch.arange(rows.start, rows.stop, device=device) // group_size - prompts.start
+        out.append((rows, prompts, index))
+    return out
 
 
 def accumulate_gradients(policy, prompt_ids, prompt_mask, completion_ids, lengths, by_env, advantages, old_logp,
                          ref_logp, cfg: Config, micro_batch_size: int, world: int = 1) -> dict[str, list[float]]:  # fmt: skip
-    """Backward of the loss over the whole batch (B rows), micro_batch_size rows at a time.
-    prompt_ids/prompt_mask (N, P) hold each prompt once; completion b belongs to prompt b // G.
-    by_env (B, L): tokens the environment wrote (tools), or None; they condition the log-probs but
-    are not in the mask, so no loss, KL, clip fraction or token count comes from them.
-    old_logp (B, L): log pi_old, the sampler's log-probs of the tokens it sampled.
-
-    Each micro-batch's loss is weighted by its share of the full batch's normalizer (5), so the
-    accumulated gradient equals the full-batch gradient exactly. Under DDP gradients are averaged
-    over ranks, so dapo's token share is taken of the global token count times the world size.
-    Returns {"loss": [value, 1], "kl"/"clip_frac"/"logp_mismatch": [token-weighted sum, tokens]} for the
-    metrics; logp_mismatch sums |old_logp - logp|, where the sampler and the policy compute differently.
-    """
+    """Backward of the loss over the batch (B rows), micro_batch_size rows at a time. old_logp (B, L): log pi_old
+    (the rollout's sample_logp); tokens the environment wrote (by_env) condition the log-probs, in no sum. Each
+    micro-batch's loss is weighted by its share of the batch's normalizer (5): the accumulated gradient is the
+    full batch's exactly (DDP averages over ranks, so dapo's share is of the global tokens times the world).
+    Returns {"loss": [value, 1], "kl"/"clip_frac"/"logp_mismatch" (|old_logp - logp|): [token sum, tokens]}."""
     B = completion_ids.shape[0]
     mask = completion_mask(lengths, completion_ids.shape[1], by_env)  # (B, L): the model's own tokens
     total_tokens = mask.sum()
     if world > 1 and cfg.loss_type == "dapo":
         dist.all_reduce(total_tokens)  # dapo normalizes by the tokens of the whole global batch
     slices = micro_batches(B, micro_batch_size, B // prompt_ids.shape[0], prompt_ids.device)
-    # What the loop needs from the host, read in one go: each micro-batch's longest completion, to trim it to.
-    # Inside the loop nothing waits for the GPU, so the CPU queues the next micro-batch while the GPU works.
+    # read from the host before the loop, in one go (nothing inside it waits for the GPU): each micro-batch's length
     trims = torch.stack([lengths[s].max() for s, _, _ in slices]).tolist()
     sums = torch.zeros(5, dtype=torch.float64, device=prompt_ids.device)  # loss, kl, clip_frac, |log rho|, tokens
     bf16 = use_bf16(cfg, prompt_ids.device)
@@ -426,8 +335,7 @@ def accumulate_gradients(policy, prompt_ids, prompt_mask, completion_ids, length
             autocast(prompt_ids.device, bf16),
         ):
             logp = token_logprobs(policy, prompt_ids[p], prompt_mask[p], completion_ids[s, :Lm], index, cfg.temperature)
-            # a token the model did not sample (the environment's, or past the end) has no pi_old: rho = 1 there, so
-            # exp() of a log-prob that was never sampled cannot overflow into the masked sum as inf * 0 = NaN
+            # rho = 1 where the model sampled nothing (tools, past the end): no exp(huge) * 0 = NaN in the masked sum
             old = torch.where(m.bool(), old_logp[s, :Lm], logp.detach())
             ref = None if ref_logp is None else ref_logp[s, :Lm]
             loss, stats = grpo_loss(logp, old, ref, advantages[s], m, cfg.clip_eps, cfg.beta, cfg.loss_type,
@@ -441,52 +349,169 @@ def accumulate_gradients(policy, prompt_ids, prompt_mask, completion_ids, length
     return {"loss": [loss, 1.0], "kl": [kl, n], "clip_frac": [clip, n], "logp_mismatch": [mismatch, n]}
 
 
-def clip_and_step(model, optimizer, loss: float, max_grad_norm: float, world: int) -> tuple[bool, float]:
-    """Clip the accumulated gradient and take the optimizer step, unless the loss or the gradient is
-    not finite on some rank: that update would corrupt the weights, so every rank skips it alike.
-    Returns (whether the update was applied, the gradient norm before clipping)."""
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-    finite = torch.tensor(float(math.isfinite(loss) and bool(torch.isfinite(grad_norm))), device=grad_norm.device)
-    if world > 1:
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # every rank takes the same decision
-    if finite.item() == 1.0:
-        optimizer.step()
-    else:
-        optimizer.zero_grad(set_to_none=True)
-    return finite.item() == 1.0, grad_norm.item()
+# ----------------------------------------------------------------------------- Sampling and log-probs, plainly
+# A rollout: B = N * G completions, G for each of N prompts (completion b answers prompt b // G).
+@dataclasses.dataclass
+class Rollout:
+    prompt_ids: torch.Tensor  # (N, P) each prompt once, left-padded
+    prompt_mask: torch.Tensor  # (N, P) 1 for a prompt token, 0 for padding
+    completion_ids: torch.Tensor  # (B, L) the sampled tokens; past a completion's length, padding (masked by length)
+    lengths: torch.Tensor  # (B,) tokens in each completion, the EOS that ended it included
+    ended: torch.Tensor  # (B,) False for a completion cut off at --max_new_tokens
+    sample_logp: torch.Tensor  # (B, L) log pi_old of each sampled token: the sampler's own, at the temperature
+    by_env: torch.Tensor  # (B, L) True for tokens the environment wrote (tool results); all False without tools
+    texts: list[str]  # the B completions as text (special tokens dropped)
 
 
-# ----------------------------------------------------------------------------- Sampling and log-probs
-def generate(sampler, tok, questions: list[str], group_size: int, temperature: float, cfg: Config, device):
-    """Prompt ids/mask (N, P), completion ids (B, L), lengths (B,), ended (B,), sample_logp (B, L),
-    by_env (B, L) and texts for the questions. sampler: the policy itself (fp32), or its bf16 copy
-    (--precision bf16). With --tools the calculator answers calls inside the rollout."""
-    prompts = [build_prompt(tok, q, tools=bool(cfg.tools)) for q in questions]
-    prompt_ids, prompt_mask = tokenize_prompts(tok, prompts, device)
+def generate(sampler, tok, questions: list[str], group_size: int, temperature: float, cfg: Config, device) -> Rollout:
+    """G samples for each question from `sampler` (the policy, or its bf16 copy), each token's log-prob under it:
+    what sample_plainly computes, done fast by rollout (Fast paths: each prompt prefilled once for its G samples,
+    a KV cache, no host sync per token). With --tools the calculator answers calls inside the rollout."""
+    prompt_ids, prompt_mask = tokenize_prompts(tok, [build_prompt(tok, q, bool(cfg.tools)) for q in questions], device)
     env = calculator_env(tok, cfg.max_tool_calls) if cfg.tools else None
     sampler.eval()  # no dropout, and no activation checkpointing (it would drop the KV cache)
-    out = rollout(sampler, prompt_ids, prompt_mask, group_size, cfg.max_new_tokens, temperature,
-                  eos_ids(sampler, tok), tok.pad_token_id, env=env)  # fmt: skip
-    texts = [tok.decode(ids[:n], skip_special_tokens=True) for ids, n in zip(out[0].tolist(), out[1].tolist())]
-    return prompt_ids, prompt_mask, *out, texts  # each text: the first lengths[b] tokens, special tokens (EOS) dropped
+    ids, lengths, ended, sample_logp, by_env = rollout(sampler, prompt_ids, prompt_mask, group_size, cfg.max_new_tokens,
+                                                       temperature, eos_ids(sampler, tok), tok.pad_token_id, env=env)  # fmt: skip
+    texts = [tok.decode(row[:n], skip_special_tokens=True) for row, n in zip(ids.tolist(), lengths.tolist())]
+    return Rollout(prompt_ids, prompt_mask, ids, lengths, ended, sample_logp, by_env, texts)
 
 
-def build_prompt(tok, question: str, tools: bool = False) -> str:
-    """The chat prompt for one question (the model's own chat template when it has one). With tools,
-    the system prompt says how to call the calculator and the worked example calls it."""
-    system, shot = (SYSTEM_PROMPT + TOOL_PROMPT, TOOL_EXAMPLE) if tools else (SYSTEM_PROMPT, EXAMPLE)
-    shots = [{"role": "user", "content": shot[0]}, {"role": "assistant", "content": shot[1]}] if shot else []
-    messages = [{"role": "system", "content": system}, *shots, {"role": "user", "content": question}]
-    if tok.chat_template is None:  # a base model: plain text
-        example = f"Question: {shot[0]}\nAnswer:\n{shot[1]}\n\n" if shot else ""
-        return f"{system}\n\n{example}Question: {question}\nAnswer:\n"
-    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+@torch.no_grad()
+def sample_plainly(model, prompt_ids, prompt_mask, group_size: int, max_new_tokens: int, temperature: float, eos):
+    """The rollout in its plainest form (the tests hold rollout to it): each prompt G times, then a token at a
+    time: the whole sequence so far through the model, softmax(logits / T), one draw and its log-prob. Returns
+    completion ids (B, L), lengths (B,) up to each row's first EOS (itself included), sample_logp (B, L)."""
+    ids, mask = prompt_ids.repeat_interleave(group_size, 0), prompt_mask.repeat_interleave(group_size, 0)  # (B, P)
+    P, logps = ids.shape[1], []
+    for _ in range(max_new_tokens):
+        position = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding shifts each row's positions
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=False).logits[:, -1].float()
+        logp = torch.log_softmax(logits / (temperature or 1.0), -1)  # (B, V)
+        token = torch.multinomial(logp.exp(), 1) if temperature > 0 else logits.argmax(-1, keepdim=True)  # (B, 1)
+        logps.append(logp.gather(-1, token))
+        ids, mask = torch.cat([ids, token], 1), torch.cat([mask, torch.ones_like(token)], 1)
+    is_eos = torch.isin(ids[:, P:], torch.tensor(eos, device=ids.device))  # (B, L)
+    lengths = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, max_new_tokens)  # (B,)
+    return ids[:, P:], lengths, torch.cat(logps, 1)
 
 
-def tokenize_prompts(tok, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded prompt ids and attention mask (N, P): generation continues from the right edge."""
-    batch = tok(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
-    return batch["input_ids"].to(device), batch["attention_mask"].to(device)
+def sequence_logprobs(model, prompt_ids, prompt_mask, completion_ids, temperature: float) -> torch.Tensor:
+    """log pi(o_t | q, o_<t) for every completion token, plainly: each completion after its prompt, one forward
+    of the whole sequences, logits -> log_softmax -> gather. (B, L), fp32. token_logprobs (Fast paths) computes
+    the same, and is what training runs: each prompt once, and never the (B, L, V) tensor this one holds."""
+    G = completion_ids.shape[0] // prompt_ids.shape[0]
+    ids = torch.cat([prompt_ids.repeat_interleave(G, 0), completion_ids], 1)  # (B, P + L)
+    mask = torch.cat([prompt_mask.repeat_interleave(G, 0), torch.ones_like(completion_ids)], 1)  # (B, P + L)
+    position = (mask.cumsum(-1) - 1).clamp(min=0)
+    L = completion_ids.shape[1]
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=False).logits[:, -L - 1 : -1]
+    logp = torch.log_softmax(logits.float() / temperature, -1)  # position P-1+t predicts completion token t
+    return logp.gather(-1, completion_ids[..., None])[..., 0]  # (B, L)
+
+
+# ----------------------------------------------------------------------------- Training loop
+def main(cfg: Config, on_step=None, given: set[str] | None = None) -> None:
+    """Train (or evaluate). on_step(step, model, metrics, sums), for tests, runs on every rank after every step.
+    given: the flags on the command line, which alone change a resumed run's config (None: all non-defaults)."""
+    cfg, state = read_checkpoint(cfg, given)  # --resume: the checkpoint's configuration and trainer state
+    check_config(cfg)  # before any loading: a bad value or a missing optional package costs one line
+    train_rows, test_rows = load_data(cfg)  # the user's data first: wrong columns or answers stop here
+    rank, world, device = setup_distributed(cfg)
+    if cfg.prompts_per_step % world:
+        fail(
+            f"--prompts_per_step {cfg.prompts_per_step} does not divide over {world} processes: use a multiple of {world}"
+        )
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    log = print if rank == 0 else (lambda *a, **k: None)
+    bf16 = use_bf16(cfg, device)
+    log(f"device {device} | dtype {describe_precision(cfg, device)} | ranks {world}")
+
+    resume_from = check_output_dir(cfg)
+    warn_if_slow_on_cpu(cfg, resume_from or cfg.model, device, rank)  # a GPU-sized job on a CPU: one line, at once
+    model, tok = load_model(resume_from or cfg.model, cfg, device)
+    sampler = bf16_copy(model) if bf16 and not cfg.lora_rank else model  # bf16 weights and cache; LoRA: the policy
+    tracker = start_tracker(cfg, rank)  # --report_to: rank 0's run of wandb or trackio, None otherwise
+    if cfg.eval_only:
+        return evaluate_only(sampler, tok, test_rows, cfg, device, rank, world, tracker, log)
+
+    policy, ref_model, optimizer, scheduler = setup_training(model, cfg, resume_from, world, device, bf16)
+    start_step, skipped = resume_state(state, optimizer, scheduler, cfg, rank)
+    if resume_from:
+        log(f"resumed from {resume_from} at step {start_step} of {cfg.steps}")
+    elif test_rows:
+        metrics = evaluate(sampler, tok, test_rows, cfg, 0, device, rank, world)
+        log("eval step 0 | " + " | ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+        if rank == 0:
+            write_metrics(cfg, {"step": 0, **metrics}, tracker)
+
+    n_local, bad_in_a_row = cfg.prompts_per_step // world, 0  # prompts per rank
+    bar = tqdm(range(start_step + 1, cfg.steps + 1), initial=start_step, total=cfg.steps, disable=rank != 0,
+               desc="grpo", dynamic_ncols=True)  # fmt: skip
+    for step in bar:
+        t0 = time.time()
+        seed_everything(cfg.seed, rank, step)  # a resumed run needs no saved random state; ranks sample apart
+        first = (step - 1) * cfg.prompts_per_step + rank * n_local  # this rank's share of the step's prompts
+        rows = [train_rows[i] for i in prompt_indices(len(train_rows), first, n_local, cfg.seed)]
+        lr = optimizer.param_groups[0]["lr"]  # the rate this step's updates use (logged before the schedule moves)
+        try:
+            sums, applied, texts, rewards = grpo_step(policy, sampler, ref_model, tok, optimizer, rows, cfg, world)
+        except torch.OutOfMemoryError:
+            fail(f"out of GPU memory at step {step}: lower --micro_batch_size (now {cfg.micro_batch_size}), add "
+                 f"--gradient_checkpointing or lower --max_new_tokens; the checkpoint in {cfg.output_dir} is intact")  # fmt: skip
+        if any(applied):  # the schedule counts applied updates: warmup starts at the first real one
+            scheduler.step()
+        skipped += applied.count(False)
+        bad_in_a_row = check_skipped(applied, bad_in_a_row, skipped, step, cfg, log)
+        sums["skipped_updates"] = [float(skipped), 1.0]
+        metrics = reduce_metrics(sums, world, device)  # count-weighted means over all ranks
+        step_time = time.time() - t0
+        tokens_per_s = metrics["completion_len"] * len(texts) * world / step_time  # completion tokens, all ranks
+        metrics.update(step=step, lr=lr, step_time=step_time, tokens_per_s=tokens_per_s)
+        if test_rows and (step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0)):
+            metrics.update(evaluate(sampler, tok, test_rows, cfg, step, device, rank, world))
+        if rank == 0:
+            log_step(bar, metrics, cfg, bf16, rows[0]["question"], texts, rewards, tracker)
+        if on_step is not None:
+            on_step(step, model, metrics, sums)
+        if cfg.save_every and (step % cfg.save_every == 0 or step == cfg.steps):  # the last step too: runs get extended
+            save_checkpoint(cfg, model, tok, optimizer, scheduler, step, skipped, rank)
+    bar.close()
+    finish_run(cfg, model, tok, rank, world, tracker, log)  # final/ (from_pretrained loads it), the plot
+
+
+def setup_training(model, cfg: Config, resume_from: str | None, world: int, device, bf16: bool):
+    """pi_ref, the frozen initial policy (None when beta is 0; bf16 weights under bf16), the policy as trained
+    (under torchrun wrapped in DDP, which averages the ranks' gradients), AdamW and its warmup schedule."""
+    ref_model = None
+    if cfg.lora_rank:  # LoRA (below): the base frozen, adapters trained, pi_ref = the policy with its adapters off
+        ref_model = add_lora(model, cfg, resume_from, bf16)
+    elif cfg.beta != 0:  # the frozen reference pi_ref is the initial policy, also after a resume
+        initial = load_model(cfg.model, cfg, device)[0] if resume_from else model
+        ref_model = bf16_copy(initial) if bf16 else copy.deepcopy(initial).requires_grad_(False).eval()
+    if cfg.gradient_checkpointing:
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    policy = torch.nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True) if world > 1 else model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                  weight_decay=cfg.weight_decay, fused=device.type == "cuda")  # fmt: skip  # fused: one kernel
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
+    return policy, ref_model, optimizer, scheduler
+
+
+# ============================================================================= END OF THE ALGORITHM
+# Everything above is GRPO. Below: the fast paths that training runs, each tested equal to its plain form
+# above, then the machinery a first reading skips.
+
+
+# ----------------------------------------------------------------------------- Fast paths: what training runs, each tested equal to its plain form above
+@torch.no_grad()
+def frozen_logprobs(model, prompt_ids, prompt_mask, completion_ids, micro_batch_size: int, temperature: float,
+                    bf16: bool = False):  # fmt: skip
+    """token_logprobs (B, L) of a model that is not being trained (pi_ref)."""
+    B, G = completion_ids.shape[0], completion_ids.shape[0] // prompt_ids.shape[0]
+    with autocast(prompt_ids.device, bf16), adapters_off(model):  # with LoRA, pi_ref is the policy, adapters off
+        parts = [token_logprobs(model, prompt_ids[p], prompt_mask[p], completion_ids[s], index, temperature)
+                 for s, p, index in micro_batches(B, micro_batch_size, G, prompt_ids.device)]  # fmt: skip
+    return torch.cat(parts)
 
 
 @torch.no_grad()
@@ -680,120 +705,130 @@ def head_logprobs(inner, hidden: torch.Tensor, ids: torch.Tensor, temperature: f
     return torch.cat(parts).view(ids.shape)
 
 
-def micro_batches(B: int, size: int, group_size: int, device) -> list[tuple[slice, slice, torch.Tensor]]:
-    """Rows [i, i + size) of the batch, the prompt rows they use, and each row's index into those."""
-    out = []
-    for i in range(0, B, size):
-        rows = slice(i, min(i + size, B))
-        prompts = slice(rows.start // group_size, (rows.stop - 1) // group_size + 1)
-        index = torch.arange(rows.start, rows.stop, device=device) // group_size - prompts.start
-        out.append((rows, prompts, index))
-    return out
+# ----------------------------------------------------------------------------- Rewards, machinery: scoring, and the number an answer states
+def score(completions: list[str], rows: list[dict], funcs=None, tokens: list[int] | None = None,
+          max_tokens: int | None = None) -> tuple[torch.Tensor, dict[str, list[float]]]:  # fmt: skip
+    """Total rewards (B,) and each function's unweighted values; rows[i] is completion i's row. A function is
+    called as fn(completion, gold answer, **keywords): the row's other fields (question, ...), and when given,
+    tokens (the completion's own token count) and max_tokens (--max_new_tokens), e.g. for a length penalty.
+    funcs: (function, weight) pairs, REWARD_FUNCS by default."""
+    funcs = REWARD_FUNCS if funcs is None else funcs
+    per_fn = {fn.__name__: [] for fn, _ in funcs}
+    total = []
+    for i, (c, row) in enumerate(zip(completions, rows)):
+        extra = {k: v for k, v in row.items() if k not in ("answer", "gold")}  # e.g. question
+        extra.update({} if tokens is None else {"tokens": tokens[i], "max_tokens": max_tokens})
+        r = 0.0
+        for fn, weight in funcs:
+            value = float(fn(c, row["gold"], **extra))
+            per_fn[fn.__name__].append(value)
+            r += weight * value
+        total.append(r)
+    return torch.tensor(total, dtype=torch.float32), per_fn
 
 
-# ----------------------------------------------------------------------------- Training loop
-def main(cfg: Config, on_step=None, given: set[str] | None = None) -> None:
-    """Train (or with --eval_only, evaluate). on_step(step, model, metrics, sums) is an optional hook
-    called on every rank after every step, sums being this rank's {name: [total, count]} (for tests).
-    given: the flags set on the command line (parse_config's); None means the fields that differ from
-    Config's defaults. On --resume they change the saved configuration, and only they do."""
-    cfg, state = read_checkpoint(cfg, given)  # --resume: the checkpoint's configuration and trainer state
-    check_config(cfg)  # before any loading: a bad value or a missing optional package costs one line
-    train_rows, test_rows = load_data(cfg)  # the user's data first: wrong columns or answers stop here
-    rank, world, device = setup_distributed(cfg)
-    if cfg.prompts_per_step % world:
-        fail(f"--prompts_per_step {cfg.prompts_per_step} does not divide over {world} processes: use a multiple "
-             f"of {world}")  # fmt: skip
-    os.makedirs(cfg.output_dir, exist_ok=True)
-    log = print if rank == 0 else (lambda *a, **k: None)
-    bf16 = use_bf16(cfg, device)
-    log(f"device {device} | dtype {describe_precision(cfg, device)} | ranks {world}")
+# One number as people write it: a sign (-, + or the unicode minus; not after a letter or digit, so
+# 5-18 is two numbers), digits with optional thousands commas (1,234 but not 12,34), a decimal part.
+# The leading lookahead skips positions where no number can start (fast on long text).
+NUMBER = re.compile(r"(?=[-+\u2212\d.])(?:(?<![\w.])[-+\u2212])?(?:(?:\d{1,3}(?:,\d{3}(?!\d))+|\d+)(?:\.\d+)?|\.\d+)")
 
-    resume_from = check_output_dir(cfg)
-    weights = cfg.model if cfg.lora_rank else resume_from or cfg.model  # a LoRA checkpoint holds only the adapters
-    if device.type == "cpu" and rank == 0:
-        warn_if_slow_on_cpu(cfg, weights)
-    model, tok = load_model(weights, cfg, device)
-    sampler = bf16_copy(model) if bf16 and not cfg.lora_rank else model  # rollouts read bf16 weights, keep a bf16 cache
-    tracker = start_tracker(cfg, rank)  # --report_to: rank 0's run of wandb or trackio, None otherwise
-    if cfg.eval_only:
-        return evaluate_only(sampler, tok, test_rows, cfg, device, rank, world, tracker, log)
 
-    policy, ref_model, optimizer, scheduler = setup_training(model, cfg, resume_from, world, device, bf16)
-    start_step, skipped = resume_state(state, optimizer, scheduler, cfg, rank)
-    if resume_from:
-        log(f"resumed from {resume_from} at step {start_step} of {cfg.steps}")
-    elif test_rows:
-        metrics = evaluate(sampler, tok, test_rows, cfg, 0, device, rank, world)
-        log("eval step 0 | " + " | ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
-        if rank == 0:
-            write_metrics(cfg, {"step": 0, **metrics}, tracker)
+def number_value(token: str) -> float | None:
+    """The value of one NUMBER token; None if it is too large to be finite (400 nines)."""
+    value = float(token.replace(",", "").replace("\u2212", "-"))
+    return value if math.isfinite(value) else None
 
-    n_local, bad_in_a_row = cfg.prompts_per_step // world, 0  # prompts per rank
-    bar = tqdm(range(start_step + 1, cfg.steps + 1), initial=start_step, total=cfg.steps, disable=rank != 0,
-               desc="grpo", dynamic_ncols=True)  # fmt: skip
-    for step in bar:
-        t0 = time.time()
-        seed_everything(cfg.seed, rank, step)  # a resumed run needs no saved random state; ranks sample apart
-        first = (step - 1) * cfg.prompts_per_step + rank * n_local  # this rank's share of the step's prompts
-        rows = [train_rows[i] for i in prompt_indices(len(train_rows), first, n_local, cfg.seed)]
-        lr = optimizer.param_groups[0]["lr"]  # the rate this step's updates use (logged before the schedule moves)
-        try:
-            sums, applied, texts, rewards = grpo_step(policy, sampler, ref_model, tok, optimizer, rows, cfg, world)
-        except torch.OutOfMemoryError:
-            fail(f"out of GPU memory at step {step}: lower --micro_batch_size (now {cfg.micro_batch_size}), add "
-                 f"--gradient_checkpointing or lower --max_new_tokens; the checkpoint in {cfg.output_dir} is intact")  # fmt: skip
-        if any(applied):  # the schedule counts applied updates: warmup starts at the first real one
-            scheduler.step()
-        skipped += applied.count(False)
-        bad_in_a_row = check_skipped(applied, bad_in_a_row, skipped, step, cfg, log)
-        sums["skipped_updates"] = [float(skipped), 1.0]
-        metrics = reduce_metrics(sums, world, device)  # count-weighted means over all ranks
-        step_time = time.time() - t0
-        tokens_per_s = metrics["completion_len"] * len(texts) * world / step_time  # completion tokens, all ranks
-        metrics.update(step=step, lr=lr, step_time=step_time, tokens_per_s=tokens_per_s)
-        if test_rows and (step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0)):
-            metrics.update(evaluate(sampler, tok, test_rows, cfg, step, device, rank, world))
-        if rank == 0:
-            log_step(bar, metrics, cfg, bf16, rows[0]["question"], texts, rewards, tracker)
-        if on_step is not None:
-            on_step(step, model, metrics, sums)
-        if cfg.save_every and (step % cfg.save_every == 0 or step == cfg.steps):  # the last step too: runs get extended
-            save_checkpoint(cfg, model, tok, optimizer, scheduler, step, skipped, rank)
-    bar.close()
-    if rank == 0:
-        if cfg.lora_rank:  # the adapters alone (small), then final/ is the merged model: a plain one
-            save_atomically(os.path.join(cfg.output_dir, "adapters"), model, tok)
-            merge_lora(model)
-        save_atomically(os.path.join(cfg.output_dir, "final"), model, tok)
-        plot_metrics(cfg.output_dir)
-        log(f"saved {os.path.join(cfg.output_dir, 'final')} (AutoModelForCausalLM.from_pretrained loads it)")
-    if tracker is not None:
-        tracker.finish()
+
+def stated_number(text: str) -> float | None:
+    """The one number `text` states, however it is wrapped (\\boxed{18}, **18**, $18$, 18%, 18 apples,
+    x = 18, +18, −18 with the unicode minus); None when it states no number or several ('18 or 19',
+    '2 + 16 = 18'). The rule for every answer check: rewards, lenient accuracy and the maj@k vote.
+
+    >>> stated_number("\\boxed{1,234}"), stated_number("**−18** apples"), stated_number("18 or 19")
+    (1234.0, -18.0, None)
+    """
+    found = NUMBER.findall(text)  # one linear scan; the wrapping around the number is ignored
+    return number_value(found[0]) if len(found) == 1 else None
+
+
+def same_number(a: float | None, b: float | None) -> bool:
+    return a is not None and b is not None and math.isclose(a, b, abs_tol=1e-6)
+
+
+def extract_answer(completion: str) -> str | None:
+    """The content of the last complete <answer>...</answer> block, stripped; None if there is none.
+
+    >>> extract_answer("<answer>1</answer> <answer> 42 </answer>")
+    '42'
+    """
+    end = completion.rfind("</answer>")
+    start = completion.rfind("<answer>", 0, end) if end >= 0 else -1
+    return completion[start + len("<answer>") : end].strip() if start >= 0 else None
+
+
+# ----------------------------------------------------------------------------- Guards: a non-finite update is skipped, three in a row stop the run
+def clip_and_step(model, optimizer, loss: float, max_grad_norm: float, world: int) -> tuple[bool, float]:
+    """Clip the accumulated gradient and take the optimizer step, unless the loss or the gradient is
+    not finite on some rank: that update would corrupt the weights, so every rank skips it alike.
+    Returns (whether the update was applied, the gradient norm before clipping)."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    finite = torch.tensor(float(math.isfinite(loss) and bool(torch.isfinite(grad_norm))), device=grad_norm.device)
     if world > 1:
-        end_distributed()
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # every rank takes the same decision
+    if finite.item() == 1.0:
+        optimizer.step()
+    else:
+        optimizer.zero_grad(set_to_none=True)
+    return finite.item() == 1.0, grad_norm.item()
 
 
-# ============================================================================= END OF THE ALGORITHM
-# Everything below is machinery a first reading can skip: tools, data, evaluation, setup, checkpoints,
-# torchrun, logging and the command line.
+def check_skipped(applied: list[bool], bad_in_a_row: int, skipped: int, step: int, cfg: Config, log) -> int:
+    """Say when a step's update was skipped as non-finite; three skipped in a row stop the run (the
+    weights were never touched, and the last checkpoint is intact). Returns the count in a row."""
+    for ok in applied:
+        bad_in_a_row = 0 if ok else bad_in_a_row + 1
+    if not all(applied):
+        log(f"step {step}: non-finite loss or gradient, update skipped ({skipped} so far)")
+    if bad_in_a_row >= 3:
+        fail(f"{bad_in_a_row} non-finite updates in a row at step {step}: lower --lr or check the rewards; "
+             f"the last checkpoint in {cfg.output_dir} is intact (--resume)")  # fmt: skip
+    return bad_in_a_row
 
 
 # ----------------------------------------------------------------------------- Tools (off by default): the calculator, its environment, its reward
 # The model may write <calc>EXPRESSION</calc> mid-answer; the environment appends <result>VALUE</result>.
 TOOL_CALL = ("<calc>", "</calc>")
+
+
 TOOL_RESULT = ("<result>", "</result>")
+
+
 TOOL_PROMPT = "\nYou have a calculator: write <calc>expression</calc> and its result appears as <result>value</result>."
+
+
 TOOL_EXAMPLE = ("What is 2 + 3 * 4?", "<reasoning>\n3 * 4 = <calc>3 * 4</calc><result>12</result>, and 2 + 12 = "
                 "<calc>2 + 12</calc><result>14</result>.\n</reasoning>\n<answer>\n14\n</answer>")  # fmt: skip
 
+
 CALC_MAX_CHARS = 200  # checked before parsing, so parse time and the number of AST nodes are bounded
+
+
 CALC_MAX_DEPTH = 100  # nesting of the tree, bounds the recursion (1+1+...+1 in 200 characters fits)
+
+
 CALC_MAX_ABS = 10**30  # every intermediate value; keeps each operation on small numbers
+
+
 CALC_BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
                ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}  # fmt: skip
+
+
 CALC_UNARY = {ast.UAdd: operator.pos, ast.USub: operator.neg}
+
+
 PLAIN_NUMBER = re.compile(r"\d+(\.\d*)?|\.\d+")  # what a written number may look like: the value it has
+
+
 CALC_SIGNS = str.maketrans({"\N{MULTIPLICATION SIGN}": "*", "\N{DIVISION SIGN}": "/", "\N{MINUS SIGN}": "-"})
 
 
@@ -981,9 +1016,10 @@ def tool_use(tok, completion_ids: torch.Tensor, lengths: torch.Tensor, by_env: t
 ADAPTERS = "adapters.safetensors"
 
 
-def add_lora(model, cfg: Config, resume_from: str | None, bf16: bool) -> None:
+def add_lora(model, cfg: Config, resume_from: str | None, bf16: bool):
     """Freeze the model and give every linear layer of its decoder blocks (model.base_model: not the LM head)
-    rank-r adapters; with resume_from, the checkpoint's. Under bf16 the frozen weights become bf16."""
+    rank-r adapters; with resume_from, the checkpoint's. Under bf16 the frozen weights become bf16. Returns
+    pi_ref: the model itself (frozen_logprobs turns its adapters off), or None when beta is 0."""
     layers = [m for m in model.base_model.modules() if isinstance(m, torch.nn.Linear)]
     if not layers:
         fail(f"--lora_rank: {type(model).__name__} has no torch.nn.Linear layers in its decoder blocks to adapt "
@@ -1006,6 +1042,7 @@ def add_lora(model, cfg: Config, resume_from: str | None, bf16: bool) -> None:
         trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(f"LoRA rank {cfg.lora_rank} alpha {cfg.lora_alpha:g} on {len(layers)} linear layers: {trained / 1e6:.2f}M "
               f"trained parameters of {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M")  # fmt: skip
+    return model if cfg.beta != 0 else None
 
 
 def lora_forward(linear, args, out):
@@ -1087,7 +1124,7 @@ def check_lora_resume(saved: dict, now: dict, given: set[str], resume_from: str)
                  f"(--lora_rank 0: full fine-tuning); drop --{name}, or pass another --output_dir")  # fmt: skip
 
 
-# ----------------------------------------------------------------------------- Data: loading and checks
+# ----------------------------------------------------------------------------- Data: loading and checks, prompts
 def load_data(cfg: Config) -> tuple[list[dict], list[dict]]:
     """The train rows (none with --eval_only) and the first --eval_size test rows. A single data
     file is all training data, so evaluation is off; with --eval_only the file is what is evaluated."""
@@ -1178,6 +1215,24 @@ def prompt_indices(n: int, start: int, count: int, seed: int) -> list[int]:
     return order[offset : offset + count]
 
 
+def build_prompt(tok, question: str, tools: bool = False) -> str:
+    """The chat prompt for one question (the model's own chat template when it has one). With tools,
+    the system prompt says how to call the calculator and the worked example calls it."""
+    system, shot = (SYSTEM_PROMPT + TOOL_PROMPT, TOOL_EXAMPLE) if tools else (SYSTEM_PROMPT, EXAMPLE)
+    shots = [{"role": "user", "content": shot[0]}, {"role": "assistant", "content": shot[1]}] if shot else []
+    messages = [{"role": "system", "content": system}, *shots, {"role": "user", "content": question}]
+    if tok.chat_template is None:  # a base model: plain text
+        example = f"Question: {shot[0]}\nAnswer:\n{shot[1]}\n\n" if shot else ""
+        return f"{system}\n\n{example}Question: {question}\nAnswer:\n"
+    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def tokenize_prompts(tok, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded prompt ids and attention mask (N, P): generation continues from the right edge."""
+    batch = tok(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+    return batch["input_ids"].to(device), batch["attention_mask"].to(device)
+
+
 # ----------------------------------------------------------------------------- Evaluation
 def evaluate(sampler, tok, rows: list[dict], cfg: Config, step: int, device, rank=0, world=1,
              name: str = "") -> dict[str, float]:  # fmt: skip
@@ -1192,12 +1247,12 @@ def evaluate(sampler, tok, rows: list[dict], cfg: Config, step: int, device, ran
         index, batch = zip(*mine[i : i + cfg.eval_batch_size])
         questions = [r["question"] for r in batch]
         try:
-            _, _, ids, lengths, _, _, by_env, texts = generate(sampler, tok, questions, 1, 0.0, cfg, device)  # greedy
+            ro = generate(sampler, tok, questions, 1, 0.0, cfg, device)  # greedy
         except torch.OutOfMemoryError:
             fail(f"out of GPU memory evaluating at step {step}: lower --eval_batch_size (now {cfg.eval_batch_size}) "
                  f"or --max_new_tokens; the checkpoint in {cfg.output_dir} is intact")  # fmt: skip
-        calls, errors = tool_use(tok, ids, lengths, by_env)
-        for idx, r, text, c, e in zip(index, batch, texts, calls, errors):
+        calls, errors = tool_use(tok, ro.completion_ids, ro.lengths, ro.by_env)
+        for idx, r, text, c, e in zip(index, batch, ro.texts, calls, errors):
             gold = r["gold"]
             records.append({"index": idx, "question": r["question"], "gold": gold, "completion": text,
                             "extracted": extract_answer(text), "strict": correctness_reward(text, gold),
@@ -1206,7 +1261,7 @@ def evaluate(sampler, tok, rows: list[dict], cfg: Config, step: int, device, ran
         if cfg.eval_samples > 0:  # k samples per problem at the training temperature
             k = cfg.eval_samples
             try:
-                texts = generate(sampler, tok, questions, k, cfg.temperature, cfg, device)[-1]
+                texts = generate(sampler, tok, questions, k, cfg.temperature, cfg, device).texts
             except torch.OutOfMemoryError:
                 fail(f"out of GPU memory sampling {k} answers per problem at step {step}: lower --eval_batch_size "
                      f"(now {cfg.eval_batch_size}) or --eval_samples; the checkpoint in {cfg.output_dir} is intact")  # fmt: skip
@@ -1263,7 +1318,7 @@ def lenient_correctness(completion: str, answer: str) -> float:
     return max(correctness_reward(completion, answer), float(same_number(last, stated_number(answer))))
 
 
-# ----------------------------------------------------------------------------- Setup: config checks, model, optimizer
+# ----------------------------------------------------------------------------- Setup: config checks, model, precision, CUDA
 def check_config(cfg: Config) -> None:
     if cfg.group_size < 2:
         fail(f"--group_size {cfg.group_size}: GRPO compares completions within a group, use 2 or more")
@@ -1287,15 +1342,17 @@ def check_config(cfg: Config) -> None:
         fail(f"--micro_batch_size {cfg.micro_batch_size}: use a positive number, or -1 for the whole batch")
     if cfg.report_to not in ("none", "wandb", "trackio"):  # the two trackers share init(), log() and finish()
         fail(f"unknown --report_to {cfg.report_to!r}: use none, wandb, trackio")
+    check_lora(cfg)
     if cfg.report_to != "none" and importlib.util.find_spec(cfg.report_to) is None:  # an optional package
         fail(f"--report_to {cfg.report_to}: the {cfg.report_to} package is not installed; pip install "
              f"{cfg.report_to}, or drop --report_to")  # fmt: skip
-    check_lora(cfg)
 
 
 def load_model(name: str, cfg: Config, device):
     """A causal LM in fp32 (the master weights; bf16 comes from autocast) and its tokenizer."""
     path = os.path.expanduser(name)
+    if os.path.isfile(os.path.join(path, ADAPTERS)):  # a LoRA checkpoint: the base from --model, then its adapters
+        path = os.path.expanduser(cfg.model)
     if not os.path.isdir(path) and looks_local(path):
         fail(f"model folder {name} does not exist: pass --model an existing folder or a hub id like "
              f"Qwen/Qwen2.5-0.5B-Instruct")  # fmt: skip
@@ -1321,11 +1378,15 @@ def load_model(name: str, cfg: Config, device):
 CPU_SECONDS_PER_PARAM_TOKEN = 1.6e-10
 
 
-def warn_if_slow_on_cpu(cfg: Config, model_path: str) -> None:
+def warn_if_slow_on_cpu(cfg: Config, model_path: str, device: torch.device, rank: int = 0) -> None:
     """On a CPU, a job sized for a GPU (the default: 0.5B parameters, 16 x 8 completions of up to 400 tokens)
     would run for an hour before its first line of progress. Say so at once, before loading the weights, and
     name the tiny CPU run. The model's size comes from its config alone (a model on the meta device: no
     memory, no weights read). What the user asked for is not changed."""
+    if device.type != "cpu" or rank != 0:
+        return
+    if os.path.isfile(os.path.join(os.path.expanduser(model_path), ADAPTERS)):  # a LoRA checkpoint: --model's size
+        model_path = cfg.model
     try:
         config = AutoConfig.from_pretrained(os.path.expanduser(model_path), trust_remote_code=cfg.trust_remote_code)
         with torch.device("meta"):
@@ -1341,28 +1402,6 @@ def warn_if_slow_on_cpu(cfg: Config, model_path: str) -> None:
               f"steps. A first run on a CPU: python grpo.py --model HuggingFaceTB/SmolLM2-135M-Instruct --device cpu "
               f"--steps 10 --prompts_per_step 2 --group_size 4 --max_new_tokens 64 --eval_size 8 --output_dir out-cpu",
               file=sys.stderr, flush=True)  # fmt: skip
-
-
-def setup_training(model, cfg: Config, resume_from: str | None, world: int, device, bf16: bool):
-    """The frozen reference model (None when beta is 0; bf16 weights under --precision bf16), the
-    policy as trained (DDP-wrapped when there are several ranks: it averages their gradients), AdamW
-    and its warmup schedule."""
-    ref_model = None
-    if cfg.lora_rank:  # the base frozen, the adapters trained; pi_ref is the policy with its adapters off
-        add_lora(model, cfg, resume_from, bf16)
-        ref_model = model if cfg.beta != 0 else None
-    elif cfg.beta != 0:  # the frozen reference pi_ref is the initial policy, also after a resume
-        initial = load_model(cfg.model, cfg, device)[0] if resume_from else model
-        ref_model = bf16_copy(initial) if bf16 else copy.deepcopy(initial).requires_grad_(False).eval()
-    if cfg.gradient_checkpointing:
-        model.activation_checkpointing_enable({"use_reentrant": False})
-    model.config.use_cache = False
-    ddp = torch.nn.parallel.DistributedDataParallel
-    policy = ddp(model, gradient_as_bucket_view=True) if world > 1 else model  # averages gradients; no 2nd copy
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay,
-                                  fused=device.type == "cuda")  # fused: one kernel, no parameter-sized temporaries  # fmt: skip
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
-    return policy, ref_model, optimizer, scheduler
 
 
 def use_bf16(cfg, device) -> bool:
@@ -1413,6 +1452,8 @@ def autocast(device, bf16: bool):
 
 # ----------------------------------------------------------------------------- Checkpoints
 RESUME_MUST_MATCH = ("model", "dataset", "dataset_config", "seed", "prompts_per_step", "group_size")  # the data stream
+
+
 NOT_RESUMED = ("output_dir", "resume", "eval_only", "device", "trust_remote_code")  # this process's, not the run's
 
 
@@ -1525,19 +1566,6 @@ def latest_checkpoint(output_dir: str) -> str | None:
     return None
 
 
-def check_skipped(applied: list[bool], bad_in_a_row: int, skipped: int, step: int, cfg: Config, log) -> int:
-    """Say when a step's update was skipped as non-finite; three skipped in a row stop the run (the
-    weights were never touched, and the last checkpoint is intact). Returns the count in a row."""
-    for ok in applied:
-        bad_in_a_row = 0 if ok else bad_in_a_row + 1
-    if not all(applied):
-        log(f"step {step}: non-finite loss or gradient, update skipped ({skipped} so far)")
-    if bad_in_a_row >= 3:
-        fail(f"{bad_in_a_row} non-finite updates in a row at step {step}: lower --lr or check the rewards; "
-             f"the last checkpoint in {cfg.output_dir} is intact (--resume)")  # fmt: skip
-    return bad_in_a_row
-
-
 def seed_everything(*key) -> None:
     """Seed Python and torch (CPU and every GPU) from a key such as (seed, rank, step)."""
     random.seed("/".join(map(str, key)))  # a str seed is hashed (sha512): each key its own stream
@@ -1616,6 +1644,39 @@ def log_step(bar, m: dict, cfg: Config, bf16: bool, question: str, texts: list[s
     write_metrics(cfg, m, tracker)
 
 
+def rollout_metrics(ro, rewards: torch.Tensor, per_fn: dict, rows: list[dict], tok, cfg: Config) -> dict:
+    """What to watch in a step, as this rank's sums {name: [total, count]} (main averages them over ranks)."""
+    n, G = float(len(ro.texts)), cfg.group_size
+    sums = {
+        "reward": [rewards.sum().item(), n],
+        "accuracy": [sum(correctness_reward(t, r["gold"]) for t, r in zip(ro.texts, rows)), n],
+        "completion_len": [completion_mask(ro.lengths, ro.completion_ids.shape[1], ro.by_env).sum().item(), n],
+        "truncated_frac": [(~ro.ended).sum().item(), n],
+        "frac_zero_std": [(rewards.view(-1, G).std(1) == 0).sum().item(), n / G],  # groups without signal
+    }
+    sums.update({f"reward/{k}": [sum(v), n] for k, v in per_fn.items()})
+    if cfg.tools:
+        calls, errors = tool_use(tok, ro.completion_ids, ro.lengths, ro.by_env)
+        sums["tool_calls"], sums["tool_errors"] = [sum(calls), n], [sum(errors), sum(calls)]  # errors: share of calls
+    return sums
+
+
+def finish_run(cfg: Config, model, tok, rank: int, world: int, tracker, log) -> None:
+    """After the last step: the trained model to output_dir/final (rank 0), the plot, the tracker closed, and
+    the process group taken down."""
+    if rank == 0:
+        if cfg.lora_rank:  # the adapters alone (small), then final/ is the merged model: a plain one
+            save_atomically(os.path.join(cfg.output_dir, "adapters"), model, tok)
+            merge_lora(model)
+        save_atomically(os.path.join(cfg.output_dir, "final"), model, tok)
+        plot_metrics(cfg.output_dir)
+        log(f"saved {os.path.join(cfg.output_dir, 'final')} (AutoModelForCausalLM.from_pretrained loads it)")
+    if tracker is not None:
+        tracker.finish()
+    if world > 1:
+        end_distributed()
+
+
 def write_metrics(cfg: Config, record: dict, tracker=None) -> None:
     """A line of metrics.jsonl, and the same record to the --report_to tracker if there is one."""
     with open(os.path.join(cfg.output_dir, "metrics.jsonl"), "a") as f:
@@ -1675,7 +1736,7 @@ def plot_metrics(output_dir: str) -> None:
 
 # ----------------------------------------------------------------------------- Command line
 def parse_config(argv: list[str] | None = None) -> tuple[Config, set[str]]:
-    """Every Config field becomes a --flag; its help text is the comment on its line above. Returns the
+    """Every Config field becomes a --flag; its help text is the comment on its line (else its name). Returns the
     config and the names of the flags given on the command line (on --resume, only they change the run)."""
     helps = dict(re.findall(r"^    (\w+): \w+ = .*?  # (.*)$", inspect.getsource(Config), re.M))
     # argument_default=SUPPRESS: only the flags given land in args, and Config's own defaults fill in the rest
@@ -1685,7 +1746,7 @@ def parse_config(argv: list[str] | None = None) -> tuple[Config, set[str]]:
     parser.error = fail  # a bad value is one line too, without the usage text
     for f in dataclasses.fields(Config):
         kind = {"action": argparse.BooleanOptionalAction} if f.type is bool else {"type": f.type}  # --x / --no-x
-        parser.add_argument(f"--{f.name}", **kind, help=f"{helps[f.name]} (default: {f.default!r})")
+        parser.add_argument(f"--{f.name}", **kind, help=f"{helps.get(f.name, f.name)} (default: {f.default!r})")
         if "_" in f.name:  # the dashed spelling, left out of --help so that it lists each flag once
             parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, **kind, help=argparse.SUPPRESS)
     args, unknown = parser.parse_known_args(argv)

@@ -7,9 +7,12 @@ when GRPO_TEST_MODEL (a model folder) and GRPO_TEST_DATA (a dataset path) are se
 
 import ast
 import builtins
+import dataclasses
 import gc
 import glob
 import importlib.util
+import inspect
+import itertools
 import json
 import math
 import operator
@@ -21,6 +24,7 @@ import subprocess
 import sys
 import time
 import warnings
+import zlib
 from unittest import mock
 
 import pytest
@@ -917,6 +921,205 @@ def test_micro_batched_gradient_equals_full_batch(tiny_model):
         assert torch.allclose(grads[0], grads[2], atol=1e-6), loss_type
 
 
+# ----------------------------------------------------------------------------- the update against an independent reference
+def plain_logprobs(model, prompt_ids, prompt_mask, completion_ids, index, temperature: float):
+    """log pi(o_t | q, o_<t) (B, L) the plain way: each row's whole sequence through the model, its
+    logits, log_softmax, gather. No shared prompt cache, no hidden-state hook, no chunked head."""
+    full = torch.cat([prompt_ids[index], completion_ids], 1)  # (B, P + L)
+    full_mask = torch.cat([prompt_mask[index], torch.ones_like(completion_ids)], 1)
+    position = (full_mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=full, attention_mask=full_mask, position_ids=position).logits
+    logits = logits[:, prompt_ids.shape[1] - 1 : -1].float() / temperature  # (B, L, V): P-1+t predicts token t
+    return logits.log_softmax(-1).gather(-1, completion_ids[..., None]).squeeze(-1)
+
+
+def plain_objective(logp, old_logp, ref_logp, advantages, mask, cfg):
+    """-J of the paper written out again (not grpo_loss), with the per-token k3 KL and the clipped
+    tokens (those whose clipped term is the smaller one, so they get no gradient)."""
+    eps, eps_high = cfg.clip_eps, (cfg.clip_eps_high if cfg.clip_eps_high >= 0 else cfg.clip_eps)
+    A = advantages[:, None]  # (B, 1)
+    ratio = (logp - old_logp).exp()
+    surrogate = torch.min(ratio * A, ratio.clamp(1 - eps, 1 + eps_high) * A)
+    kl = (ref_logp - logp).exp() - (ref_logp - logp) - 1
+    B = len(mask)
+    normalizer = {"grpo": mask.sum(1, keepdim=True).clamp(min=1) * B, "dapo": mask.sum(),
+                  "dr_grpo": B * cfg.max_new_tokens}[cfg.loss_type]  # fmt: skip
+    clipped = ((ratio > 1 + eps_high) & (A > 0)) | ((ratio < 1 - eps) & (A < 0))
+    return -((surrogate - cfg.beta * kl) * mask / normalizer).sum(), kl.detach(), clipped
+
+
+def flat_grad(model) -> torch.Tensor:
+    return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+def assert_same_gradient(ours: torch.Tensor, reference: torch.Tensor) -> None:
+    """Equal up to float32 noise (the two paths sum in different orders): 1e-4 of the norm, far below
+    what a dropped term changes (a KL of beta 0.1 over log-ratios of 0.3 moves it by a few percent)."""
+    assert reference.norm() > 0
+    assert (ours - reference).norm() <= 1e-4 * reference.norm(), ((ours - reference).norm(), reference.norm())
+
+
+REFERENCE_CFG = dict(beta=0.1, clip_eps=0.2, clip_eps_high=0.28, temperature=0.7, max_new_tokens=12)
+
+
+@pytest.mark.parametrize("loss_type", grpo.LOSS_TYPES)
+def test_accumulated_gradient_equals_one_plain_backward(tiny_model, loss_type):
+    """accumulate_gradients (shared prompt cache, chunked fp32 head, micro-batches of 3 that split a group,
+    the NaN guard) gives the gradient of one plain backward of -J over the whole batch, with log-probs from
+    full sequences. The batch has every case: ratios below 1 - eps, inside, between 1 + eps and 1 + eps_high
+    (clipped only if eps_high is ignored) and above it; beta > 0 with a reference that differs; tokens the
+    environment wrote. The logged kl, clip_frac and logp_mismatch are the masked means computed by hand."""
+    model, tok = load(tiny_model)
+    model.train()
+    ids, pmask = prompts_of(tok, ["1+1?", "what is 12 + 30?", "9?"])
+    G, L = 2, 9
+    index = torch.arange(6) // G
+    out = torch.randint(3, 90, (6, L), generator=torch.Generator().manual_seed(0))
+    lengths = torch.tensor([9, 3, 6, 1, 8, 5])
+    by_env = torch.zeros(6, L, dtype=torch.bool)
+    by_env[0, 2:4] = by_env[4, 4:6] = True  # context written by the environment, not actions
+    mask = ((torch.arange(L)[None] < lengths[:, None]) & ~by_env).float()  # by hand, not completion_mask
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5, 1.5, -1.5])
+    # log-ratios cycling through every region of the clip: rho = 0.61, 0.90, 1, 1.11, 1.23, 1.65
+    shifts = torch.tensor([-0.5, -0.1, 0.0, 0.1, 0.21, 0.5]).repeat(10)[: 6 * L].view(6, L)
+    with torch.no_grad():
+        logp0 = plain_logprobs(model, ids, pmask, out, index, 0.7)
+    old = logp0 - shifts
+    ref = logp0 + 0.3 * torch.randn(6, L, generator=torch.Generator().manual_seed(1))
+    cfg = grpo.Config(loss_type=loss_type, **REFERENCE_CFG)
+    band = (shifts > math.log(1 + cfg.clip_eps)) & (shifts < math.log(1 + cfg.clip_eps_high)) & (adv[:, None] > 0)
+    assert (band & mask.bool()).any()  # tokens that only clip-higher keeps in the gradient
+
+    model.zero_grad()
+    stats = grpo.accumulate_gradients(model, ids, pmask, out, lengths, by_env, adv, old, ref, cfg, 3)
+    ours = flat_grad(model)
+    model.zero_grad()
+    logp = plain_logprobs(model, ids, pmask, out, index, 0.7)
+    loss, kl, clipped = plain_objective(logp, old, ref, adv, mask, cfg)
+    loss.backward()
+    assert_same_gradient(ours, flat_grad(model))
+    assert stats["loss"][0] == pytest.approx(loss.item(), rel=1e-5, abs=1e-7)
+    tokens = mask.sum().item()
+    assert (clipped & mask.bool()).any() and not (clipped & mask.bool()).all()  # the clip is really at work
+    hand = {"kl": (kl * mask).sum(), "clip_frac": (clipped * mask).sum(), "logp_mismatch": (shifts.abs() * mask).sum()}
+    for k, total in hand.items():
+        assert stats[k][1] == tokens, k
+        assert stats[k][0] / stats[k][1] == pytest.approx(total.item() / tokens, rel=1e-4, abs=1e-6), k
+
+
+class RecordingSGD:
+    """Stands in for AdamW in grpo_step: at each step() it keeps the weights the pass started from and the
+    gradient it produced, then moves the weights by plain SGD (so a second pass sees a changed policy)."""
+
+    def __init__(self, model, lr: float):
+        self.params, self.lr, self.passes = list(model.parameters()), lr, []
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def step(self) -> None:
+        self.passes.append(
+            ([p.detach().clone() for p in self.params], torch.cat([p.grad.flatten() for p in self.params]))
+        )
+        with torch.no_grad():
+            for p in self.params:
+                p -= self.lr * p.grad
+
+
+def test_grpo_step_update_equals_one_plain_backward_per_pass(tiny_model, monkeypatch):
+    """grpo_step with mu = 2, tools (environment tokens from a frequent stand-in calculator), a reference
+    model that differs, beta > 0 and clip_eps_high: each pass's gradient equals one plain backward of -J
+    over the whole batch, with pi_old = the rollout's own log-probs, pi_ref's log-probs from full
+    sequences and advantages from the returned rewards (the normalizations are each held to the plain form in
+    test_accumulated_gradient_equals_one_plain_backward). The second pass starts from moved weights, so
+    its ratios leave 1 and some tokens are clipped; the summed metrics are the passes' masked sums."""
+    monkeypatch.setattr(grpo, "REWARD_FUNCS", [(digit_share, 1.0)])
+    monkeypatch.setattr(grpo, "calculator_env", frequent_env)
+    rollouts, generate = [], grpo.generate
+    monkeypatch.setattr(grpo, "generate", lambda *a: rollouts.append(generate(*a)) or rollouts[-1])
+    model, tok = load(tiny_model)
+    ref_model = load(tiny_model)[0].requires_grad_(False)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in ref_model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    cfg = grpo.Config(mu=2, group_size=4, micro_batch_size=3, tools="calculator",
+                      max_grad_norm=1e9, precision="fp32", **REFERENCE_CFG)  # fmt: skip
+    rows = [{"question": "1+1?", "gold": "2"}, {"question": "what is 12 + 30?", "gold": "42"}]
+    optimizer = RecordingSGD(model, lr=0.5)
+    torch.manual_seed(1)
+    sums, applied, _, rewards = grpo.grpo_step(model, model, ref_model, tok, optimizer, rows, cfg)
+    assert applied == [True, True] and len(optimizer.passes) == 2
+    ro = rollouts[0]
+    ids, pmask, out, lengths, sample_logp, by_env = (
+        ro.prompt_ids,
+        ro.prompt_mask,
+        ro.completion_ids,
+        ro.lengths,
+        ro.sample_logp,
+        ro.by_env,
+    )
+    B, L = out.shape
+    index = torch.arange(B) // cfg.group_size
+    mask = ((torch.arange(L)[None] < lengths[:, None]) & ~by_env).float()
+    assert (by_env & (torch.arange(L)[None] < lengths[:, None])).any()  # environment tokens inside completions
+    r = rewards.view(-1, cfg.group_size)
+    adv = ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-4)).flatten()
+    assert (adv != 0).any()  # a signal, so the surrogate has a gradient
+    with torch.no_grad():
+        ref_logp = plain_logprobs(ref_model, ids, pmask, out, index, cfg.temperature)
+    check, clip_counts, kl_sums = load(tiny_model)[0].train(), [], []
+    for i, (weights, grad) in enumerate(optimizer.passes):
+        with torch.no_grad():
+            for p, w in zip(check.parameters(), weights):
+                p.copy_(w)
+        check.zero_grad()
+        logp = plain_logprobs(check, ids, pmask, out, index, cfg.temperature)
+        loss, kl, clipped = plain_objective(logp, sample_logp, ref_logp, adv, mask, cfg)
+        loss.backward()
+        assert_same_gradient(grad, flat_grad(check))
+        clip_counts.append((clipped * mask).sum().item())
+        kl_sums.append((kl * mask).sum().item())
+        if i == 0:
+            mismatch = ((sample_logp - logp.detach()).abs() * mask).sum().item()
+    # fp32: rho = 1 at the first pass; the second starts from moved weights
+    assert clip_counts[0] == 0 and clip_counts[1] > 0, clip_counts
+    tokens = mask.sum().item()
+    assert sums["clip_frac"] == pytest.approx([sum(clip_counts), 2 * tokens])
+    assert sums["kl"] == pytest.approx([sum(kl_sums), 2 * tokens], rel=1e-4)
+    assert sums["logp_mismatch"][1] == tokens and sums["logp_mismatch"][0] == pytest.approx(mismatch, abs=1e-4)
+    norms = [g.norm().item() for _, g in optimizer.passes]
+    assert sums["grad_norm"] == pytest.approx([sum(norms), 2], rel=1e-5)
+
+
+def test_a_non_finite_old_logprob_where_the_model_did_not_sample_leaves_the_update_finite(tiny_model):
+    """The rollout's log-prob of a token the model did not sample (past the end, or written by the
+    environment) is not a log pi_old: it may be anything. Where it is -inf or -1e30 (exp of its negative
+    overflows) the loss and gradient stay finite and equal those with a sane value there."""
+    model, tok = load(tiny_model)
+    model.train()
+    ids, pmask = prompts_of(tok, ["1+1?", "what is 12 + 30?"])
+    out = torch.randint(3, 90, (4, 6), generator=torch.Generator().manual_seed(0))
+    lengths = torch.tensor([6, 2, 4, 3])
+    by_env = torch.zeros(4, 6, dtype=torch.bool)
+    by_env[0, 1] = True
+    adv = torch.tensor([1.0, -1.0, -0.5, 0.5])  # both signs: with A < 0, min() picks rho * A = -inf
+    with torch.no_grad():
+        logp = grpo.token_logprobs(model, ids, pmask, out, torch.arange(4) // 2, 1.0)
+    unsampled = ~grpo.completion_mask(lengths, 6, by_env).bool()
+    results = []
+    for bad in (None, -math.inf, -1e30):
+        old = logp + 0.1 if bad is None else torch.where(unsampled, bad, logp + 0.1)
+        model.zero_grad()
+        stats = grpo.accumulate_gradients(model, ids, pmask, out, lengths, by_env, adv, old, logp - 0.1,
+                                          grpo.Config(beta=0.04, max_new_tokens=6), 2)  # fmt: skip
+        results.append((stats["loss"][0], flat_grad(model)))
+        assert math.isfinite(stats["loss"][0]) and torch.isfinite(results[-1][1]).all(), bad
+    for loss, grad in results[1:]:
+        assert loss == pytest.approx(results[0][0], abs=1e-7) and torch.allclose(grad, results[0][1], atol=1e-7)
+
+
 # ----------------------------------------------------------------------------- the bf16 (CUDA) path, on CPU
 def prompts_of(tok, questions):
     return grpo.tokenize_prompts(tok, [grpo.build_prompt(tok, q) for q in questions], "cpu")
@@ -980,11 +1183,24 @@ def test_decode_loop_has_no_per_token_host_sync(tiny_qwen):
 
 
 @pytest.mark.parametrize("which", ["tiny_model", "tiny_qwen"])
-def test_main_bf16_end_to_end(which, request, tiny_data, tmp_path):
-    """What a GPU runs (bf16 compute over fp32 weights, bf16 sampler and reference), run on CPU."""
+def test_main_bf16_end_to_end(which, request, tiny_data, tmp_path, monkeypatch):
+    """What a GPU runs (bf16 compute over fp32 weights, bf16 sampler and reference), run on CPU, with a
+    reward that varies within groups: every step has a gradient, after every step the sampler holds the
+    policy's new weights cast to bf16, and the next rollout's log-probs are those of the updated policy."""
     path = request.getfixturevalue(which)
+    monkeypatch.setattr(grpo, "REWARD_FUNCS", [(digit_share, 1.0)])
+    copies, bf16_copy = [], grpo.bf16_copy
+    monkeypatch.setattr(grpo, "bf16_copy", lambda model: copies.append(bf16_copy(model)) or copies[-1])
+    synced = []
+
+    def on_step(step, model, metrics, sums):
+        sampler = copies[0]  # main makes the sampler first, then the bf16 reference
+        synced.append(
+            all(torch.equal(s, p.detach().bfloat16()) for s, p in zip(sampler.parameters(), model.parameters()))
+        )
+
     cfg = tiny_config(path, tiny_data, tmp_path, precision="bf16", eval_every=1)
-    grpo.main(cfg)
+    grpo.main(cfg, on_step=on_step)
     records = read_metrics(cfg)
     train = [r for r in records if "reward" in r]
     assert [r["step"] for r in train] == [1, 2]
@@ -996,6 +1212,12 @@ def test_main_bf16_end_to_end(which, request, tiny_data, tmp_path):
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in final.parameters())  # fp32 master
     trained = zip(params_of(os.path.join(cfg.output_dir, "final")), params_of(path))
     assert any(not torch.equal(a, b) for a, b in trained)  # the updates reached the saved weights
+    assert synced == [True, True] and all(r["grad_norm"] > 0 and r["frac_zero_std"] < 1 for r in train)
+    # Step 2 samples after an update. The sampler is then the updated policy in bf16, and what is left of the
+    # mean |log rho| is bf16's rounding (8 significant bits: 2^-9 = 0.002 relative, per weight and activation):
+    # measured 7e-4 on both models, at step 1 and at step 2. A sampler left at the initial weights misses the
+    # update, which moved these log-probs by 0.09 to 0.1, 30 times the bound.
+    assert train[1]["logp_mismatch"] < 3e-3, train[1]["logp_mismatch"]
 
 
 def test_fp32_head_logprobs_and_gradients_equal_the_plain_computation(tiny_qwen):
@@ -1336,13 +1558,18 @@ def test_tools_off_path_is_unchanged(tiny_qwen):
     assert not runs[0][4].any()
 
 
-def test_main_with_tools_end_to_end(tiny_model, tiny_data, tmp_path):
+def test_main_with_tools_end_to_end(tiny_model, tiny_data, tmp_path, monkeypatch):
+    """--tools calculator through main, with evaluation and a reward that varies within groups: the tool
+    metrics are logged, every step has a gradient and the weights move."""
+    monkeypatch.setattr(grpo, "REWARD_FUNCS", grpo.REWARD_FUNCS + [(digit_share, 1.0)])
     cfg = tiny_config(tiny_model, tiny_data, tmp_path, tools="calculator", eval_every=1, eval_samples=2,
                       micro_batch_size=3)  # fmt: skip
     grpo.main(cfg)
     records = read_metrics(cfg)
     train = [r for r in records if "reward" in r]
     assert len(train) == 2 and all("tool_calls" in r and "tool_errors" in r for r in train)
+    assert all(r["grad_norm"] > 0 and r["frac_zero_std"] < 1 for r in train)
+    assert not all(torch.equal(a, b) for a, b in zip(params_of(tiny_model), params_of(cfg.output_dir + "/final")))
     evals = [r for r in records if "eval/accuracy_strict" in r]
     assert len(evals) == 3 and all("eval/tool_calls" in r and "eval/pass@2" in r for r in evals)
     assert all(math.isfinite(v) for r in records for v in r.values())
@@ -1507,8 +1734,10 @@ def test_report_to_a_missing_package_stops_before_loading(tiny_model, tiny_data,
     assert not os.path.exists(tmp_path / "out")  # nothing was written either
 
 
-def test_main_mu_beta0_and_options(tiny_model, tiny_data, tmp_path):
-    """mu > 1 (old log-probs kept), no reference model, dapo, micro-batches, gradient checkpointing."""
+def test_main_mu_beta0_and_options(tiny_model, tiny_data, tmp_path, monkeypatch):
+    """mu > 1 (old log-probs kept), no reference model, dapo, micro-batches, gradient checkpointing, with a
+    reward that varies within groups: every step has a gradient and the weights move."""
+    monkeypatch.setattr(grpo, "REWARD_FUNCS", [(digit_share, 1.0)])
     cfg = tiny_config(
         tiny_model,
         tiny_data,
@@ -1524,6 +1753,8 @@ def test_main_mu_beta0_and_options(tiny_model, tiny_data, tmp_path):
     grpo.main(cfg)
     train = [r for r in read_metrics(cfg) if "reward" in r]
     assert len(train) == 2 and all(r["kl"] == 0.0 for r in train)
+    assert all(r["grad_norm"] > 0 and r["frac_zero_std"] < 1 for r in train)
+    assert not all(torch.equal(a, b) for a, b in zip(params_of(tiny_model), params_of(cfg.output_dir + "/final")))
 
 
 def test_learning_raises_reward(tiny_model, tiny_data, tmp_path, monkeypatch):
@@ -1670,6 +1901,13 @@ def shorter_is_better(completion: str, answer: str, **kwargs) -> float:
     return 1.0 / (1 + len(completion))
 
 
+def digit_share(completion: str, answer: str, **kwargs) -> float:
+    """A reward on a token: the share of digits. The tiny model writes one now and then at random init, so
+    nearly every group's rewards differ and every step has a gradient (a length reward does not: its
+    completions mostly run to the token limit, and the character tokenizer makes their lengths equal)."""
+    return sum(c.isdigit() for c in completion) / max(1, len(completion))
+
+
 def test_resume_is_bit_exact(tiny_model, tiny_data, tmp_path, monkeypatch):
     monkeypatch.setattr(grpo, "REWARD_FUNCS", grpo.REWARD_FUNCS + [(shorter_is_better, 1.0)])  # weights move
     common = dict(steps=5, save_every=2, eval_size=0, mu=2, lr=3e-3, warmup_steps=3)
@@ -1692,6 +1930,32 @@ def test_resume_is_bit_exact(tiny_model, tiny_data, tmp_path, monkeypatch):
     # the metrics file of the resumed run has each step once, and the same numbers
     strip = lambda rs: [{k: v for k, v in r.items() if k not in ("step_time", "tokens_per_s")} for r in rs]  # noqa: E731
     assert strip(read_metrics(full)) == strip(read_metrics(part))
+
+
+def test_each_step_draws_its_own_samples_and_a_resumed_step_the_same(tiny_model, tiny_data, tmp_path, monkeypatch):
+    """Every step seeds its sampling from (seed, rank, step): each rollout of a run starts from a random state
+    of its own, and a run resumed from a checkpoint starts a step's rollout from the same state as the run
+    that never stopped, and draws the same completions."""
+    monkeypatch.setattr(grpo, "REWARD_FUNCS", [(digit_share, 1.0)])
+    draws, rollout = [], grpo.rollout
+
+    def recording(*args, **kwargs):
+        state = torch.get_rng_state()
+        out = rollout(*args, **kwargs)
+        draws.append((state, out[0]))
+        return out
+
+    monkeypatch.setattr(grpo, "rollout", recording)
+    grpo.main(tiny_config(tiny_model, tiny_data, tmp_path / "a", steps=3, eval_size=0))
+    full, draws[:] = list(draws), []
+    assert len(full) == 3 and not any(torch.equal(a[0], b[0]) for a, b in itertools.combinations(full, 2))
+    part = tiny_config(tiny_model, tiny_data, tmp_path / "b", steps=2, save_every=2, eval_size=0)
+    grpo.main(part)
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(draws, full[:2]))
+    draws[:] = []
+    grpo.main(dataclasses_replace(part, resume=True, steps=3))
+    ((state, completions),) = draws
+    assert torch.equal(state, full[2][0]) and torch.equal(completions, full[2][1])
 
 
 def frequent_env(tok, max_calls):
@@ -2087,10 +2351,14 @@ DDP_SCRIPT = """
 import json, os, sys, torch, torch.distributed as dist
 sys.path.insert(0, {here!r})
 import grpo
+def digit_share(completion, answer, **kwargs):  # varies within groups at random init: a gradient every step
+    return sum(c.isdigit() for c in completion) / max(1, len(completion))
+grpo.REWARD_FUNCS = [(digit_share, 1.0)]
 cfg = grpo.Config(**json.loads(sys.argv[1]))
-records = []
+records, tensors = [], []
 def on_step(step, model, metrics, sums):
     flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+    tensors.append((torch.cat([p.grad.flatten() for p in model.parameters()]), flat.clone()))
     gathered = [torch.zeros_like(flat) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, flat)
     records.append({{"step": step, "same": all(torch.equal(gathered[0], g) for g in gathered), "sums": sums,
@@ -2098,6 +2366,7 @@ def on_step(step, model, metrics, sums):
 grpo.main(cfg, on_step=on_step)
 with open(os.path.join(cfg.output_dir, f"rank{{int(os.environ['RANK'])}}.json"), "w") as f:
     json.dump(records, f)
+torch.save(tensors, os.path.join(cfg.output_dir, f"rank{{int(os.environ['RANK'])}}.pt"))  # each step's gradient, weights
 threads = sorted(open(f"/proc/self/task/{{t}}/comm").read().strip() for t in os.listdir("/proc/self/task"))
 with open(os.path.join(cfg.output_dir, f"threads{{int(os.environ['RANK'])}}.json"), "w") as f:
     json.dump(threads, f)  # the threads still running once main has returned
@@ -2148,11 +2417,13 @@ def test_distributed_two_processes(tiny_model, tiny_data, tmp_path, tools):
             total_b, count_b = b["sums"][k]
             assert a["metrics"][k] == pytest.approx((total_a + total_b) / (count_a + count_b), rel=1e-9, abs=1e-12)
         counts_differ.append(a["sums"]["kl"][1] != b["sums"]["kl"][1])
+        assert a["metrics"]["grad_norm"] > 0 and a["metrics"]["frac_zero_std"] < 1  # so "same" above can fail
         assert a["metrics"]["tool_calls"] > 0 if tools else "tool_calls" not in a["metrics"]
     assert any(counts_differ)  # somewhere the ranks' token counts differ, so the weighting above is tested
     logged = [r for r in read_metrics(grpo.Config(output_dir=cfg["output_dir"])) if "reward" in r]
     assert [r["reward"] for r in logged] == pytest.approx([r["metrics"]["reward"] for r in ranks[0]])
     assert os.path.exists(tmp_path / "out" / "final" / "config.json")
+    assert not all(torch.equal(a, b) for a, b in zip(params_of(tiny_model), params_of(tmp_path / "out" / "final")))
     assert os.path.exists(tmp_path / "out" / "checkpoint" / "trainer_state.pt")
     with open(tmp_path / "out" / "eval_3.jsonl") as f:
         assert [json.loads(line)["index"] for line in f] == [0, 1, 2, 3]  # sharded eval, gathered in order
@@ -2180,7 +2451,10 @@ def test_distributed_two_processes(tiny_model, tiny_data, tmp_path, tools):
         assert [json.loads(line)["index"] for line in f] == [0, 1, 2, 3]
 
 
-def test_torchrun_one_process_is_unchanged(tiny_model, tiny_data, tmp_path):
+def test_torchrun_one_process_is_unchanged(tiny_model, tiny_data, tmp_path, monkeypatch):
+    """torchrun with one process trains exactly as a plain run: the same metrics and weights, bit for bit,
+    with a reward that varies within groups (the script's), so the weights move and a difference could show."""
+    monkeypatch.setattr(grpo, "REWARD_FUNCS", [(digit_share, 1.0)])
     script = tmp_path / "ddp_run.py"
     script.write_text(DDP_SCRIPT.format(here=HERE).replace("dist.get_world_size()", "max(1, dist.get_world_size() if dist.is_initialized() else 1)").replace("dist.all_gather(gathered, flat)", "gathered = [flat]"))  # fmt: skip
     cfg = dataclasses_asdict(tiny_config(tiny_model, tiny_data, tmp_path, eval_size=0, warmup_steps=10))
@@ -2196,6 +2470,71 @@ def test_torchrun_one_process_is_unchanged(tiny_model, tiny_data, tmp_path):
     assert strip(read_metrics(plain)) == strip(read_metrics(grpo.Config(output_dir=str(tmp_path / "t"))))
     for a, b in zip(params_of(str(tmp_path / "p" / "final")), params_of(str(tmp_path / "t" / "final"))):
         assert torch.equal(a, b)
+    assert all(r["grad_norm"] > 0 for r in read_metrics(plain) if "reward" in r)
+    assert not all(torch.equal(a, b) for a, b in zip(params_of(tiny_model), params_of(str(tmp_path / "p" / "final"))))
+
+
+def generate_by_question(generate):
+    """grpo.generate, but each question's G completions are drawn from a random stream of their own, seeded
+    by the question: a rank that holds half of a step's questions then samples what one process holding
+    them all samples for that half (the default seeds each rank's whole batch from (seed, rank, step))."""
+
+    def run(sampler, tok, questions, group_size, temperature, cfg, device):
+        parts = []
+        for q in questions:
+            torch.manual_seed(zlib.crc32(q.encode()))
+            parts.append(generate(sampler, tok, [q], group_size, temperature, cfg, device))
+        prompts = [grpo.build_prompt(tok, q, tools=bool(cfg.tools)) for q in questions]
+        ids, mask = grpo.tokenize_prompts(tok, prompts, device)  # (N, P) left-padded, as generate returns them
+        L = max(part.completion_ids.shape[1] for part in parts)
+        pad = lambda t, value: torch.nn.functional.pad(t, (0, L - t.shape[1]), value=value)  # noqa: E731
+        completions = [pad(p.completion_ids, tok.pad_token_id) for p in parts]
+        logp, by_env = [pad(p.sample_logp, 0.0) for p in parts], [pad(p.by_env, False) for p in parts]
+        lengths, ended = [p.lengths for p in parts], [p.ended for p in parts]
+        texts = [t for p in parts for t in p.texts]
+        return grpo.Rollout(ids, mask, *map(torch.cat, (completions, lengths, ended, logp, by_env)), texts)
+
+    return run
+
+
+def test_torchrun_averages_gradients_like_one_process_on_both_ranks_data(tiny_model, tiny_data, tmp_path, monkeypatch):
+    """Two ranks under torchrun against one process that holds both ranks' questions (each question's
+    completions drawn from its own stream, so both runs sample the same ones), with dapo and micro-batches
+    of 3 (each micro-batch's share of the global token count): at every step the gradient that DDP leaves
+    on the ranks equals the one process's gradient, and the weights equal its weights. Ranks that did not
+    average, or weighted by their own token count, would each follow their half of the batch."""
+    script = tmp_path / "ddp_run.py"
+    by_question = (
+        "import zlib\n"
+        + inspect.getsource(generate_by_question)
+        + "grpo.generate = generate_by_question(grpo.generate)\n"
+    )
+    script.write_text(DDP_SCRIPT.format(here=HERE).replace("grpo.main(cfg,", by_question + "grpo.main(cfg,"))
+    cfg = dataclasses_asdict(tiny_config(tiny_model, tiny_data, tmp_path, steps=2, prompts_per_step=4, eval_size=0,
+                                         loss_type="dapo", micro_batch_size=3, max_grad_norm=1e9))  # fmt: skip
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+           json.dumps(cfg)]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-8000:]
+    ranks = [torch.load(tmp_path / "out" / f"rank{r}.pt") for r in range(2)]
+    counts = [[s["sums"]["kl"][1] for s in json.load(open(tmp_path / "out" / f"rank{r}.json"))] for r in range(2)]
+
+    monkeypatch.setattr(grpo, "REWARD_FUNCS", [(digit_share, 1.0)])  # the script's reward
+    monkeypatch.setattr(grpo, "generate", generate_by_question(grpo.generate))
+    single = []
+    on_step = lambda step, model, metrics, sums: single.append(  # noqa: E731
+        (torch.cat([p.grad.flatten() for p in model.parameters()]), torch.cat([p.detach().flatten() for p in model.parameters()]))
+    )  # fmt: skip
+    grpo.main(grpo.Config(**{**cfg, "output_dir": str(tmp_path / "one")}), on_step=on_step)
+    initial = torch.cat([p.flatten() for p in params_of(tiny_model)])
+    for step in range(2):
+        (grad0, weights0), (grad1, weights1), (grad, weights) = ranks[0][step], ranks[1][step], single[step]
+        assert torch.equal(weights0, weights1) and torch.equal(grad0, grad1)
+        assert_same_gradient(grad0, grad)
+        assert (weights0 - weights).abs().max() < 1e-5  # Adam moves each weight by about lr = 1e-3 per step
+        assert (weights - initial).abs().max() > 1e-4
+    assert counts[0] != counts[1]  # the ranks' token counts differ, so the global count matters
 
 
 @pytest.mark.parametrize("backend", ["gloo", "nccl"])
@@ -2226,7 +2565,12 @@ def test_prompts_must_divide_over_ranks(tiny_model, tiny_data, tmp_path, monkeyp
     not (os.environ.get("GRPO_TEST_MODEL") and os.environ.get("GRPO_TEST_DATA")),
     reason="set GRPO_TEST_MODEL (model folder) and GRPO_TEST_DATA (dataset path)",
 )
-def test_integration_real_model(tmp_path):
+def test_integration_real_model(tmp_path, monkeypatch):
+    """Two steps on a real model and GSM8K, the default rewards plus one that varies within groups: the
+    rollout's log-probs (decoded with the KV cache) equal the training forward's on this architecture, every
+    step has a gradient, the update moves the policy away from the reference (kl 0 at step 1, > 0 at step 2)
+    and reaches the saved weights."""
+    monkeypatch.setattr(grpo, "REWARD_FUNCS", grpo.REWARD_FUNCS + [(digit_share, 1.0)])
     cfg = grpo.Config(
         model=os.environ["GRPO_TEST_MODEL"],
         dataset=os.environ["GRPO_TEST_DATA"],
@@ -2246,6 +2590,12 @@ def test_integration_real_model(tmp_path):
     assert [r["step"] for r in train] == [1, 2]
     assert all(0 < r["completion_len"] <= 24 for r in train)
     load(os.path.join(cfg.output_dir, "final"))
+    # fp32: the sampler is the policy, so |log rho| is float noise between the rollout's cached decode and the
+    # training forward (measured 1.7e-5 on SmolLM2-135M); a position, mask or cache that the two paths set up
+    # differently on this architecture shows as whole nats. The kl at step 2 measured 1.8e-5.
+    assert all(r["logp_mismatch"] < 1e-4 and r["grad_norm"] > 0 and r["frac_zero_std"] < 1 for r in train)
+    assert train[0]["kl"] < 1e-6 < train[1]["kl"]
+    assert not all(torch.equal(a, b) for a, b in zip(params_of(cfg.model), params_of(cfg.output_dir + "/final")))
 
 
 def test_readme_flags_table_matches_config():
@@ -2512,7 +2862,7 @@ def test_a_gpu_sized_job_on_a_cpu_says_so_before_loading(tiny_model, tiny_data, 
     """On a CPU, a job that would take minutes per step says so in one line, with the estimate and the tiny CPU
     run, before the weights are loaded; the run itself is what the user asked for. A small job says nothing."""
     cfg = tiny_config(tiny_model, tiny_data, tmp_path)
-    grpo.warn_if_slow_on_cpu(cfg, tiny_model)
+    grpo.warn_if_slow_on_cpu(cfg, tiny_model, torch.device("cpu"))
     assert capsys.readouterr().err == ""
     monkeypatch.setattr(grpo, "CPU_SECONDS_PER_PARAM_TOKEN", 1.0)  # the tiny model as slow as a big one
 
@@ -2527,10 +2877,10 @@ def test_a_gpu_sized_job_on_a_cpu_says_so_before_loading(tiny_model, tiny_data, 
     assert len(warning) == 1 and f"{cfg.steps} steps" in warning[0] and "--device cpu --steps 10" in warning[0]
     if os.environ.get("GRPO_TEST_MODEL"):  # the real numbers: the default job warns, the README's tiny run does not
         monkeypatch.setattr(grpo, "CPU_SECONDS_PER_PARAM_TOKEN", 1.6e-10)
-        grpo.warn_if_slow_on_cpu(grpo.Config(), os.environ["GRPO_TEST_MODEL"])
-        grpo.warn_if_slow_on_cpu(
-            grpo.Config(prompts_per_step=2, group_size=4, max_new_tokens=64), os.environ["GRPO_TEST_MODEL"]
-        )
+        grpo.warn_if_slow_on_cpu(grpo.Config(), os.environ["GRPO_TEST_MODEL"], torch.device("cpu"))
+        tiny_run = grpo.Config(prompts_per_step=2, group_size=4, max_new_tokens=64)
+        grpo.warn_if_slow_on_cpu(tiny_run, os.environ["GRPO_TEST_MODEL"], torch.device("cpu"))
+        grpo.warn_if_slow_on_cpu(grpo.Config(), os.environ["GRPO_TEST_MODEL"], torch.device("cuda"))  # not a CPU
         assert capsys.readouterr().err.count("sized for a GPU") == 1
 
 
@@ -2763,3 +3113,139 @@ def test_bench_memory_with_lora_is_below_full_fine_tuning(tiny_qwen):
     assert lora["gradients"] == 4 * adapters  # fp32, and only the adapters
     assert 8 * adapters <= lora["optimizer_state"] <= 8 * adapters + 4 * 28  # exp_avg, exp_avg_sq; a step per tensor
     assert runs[2]["peak_bytes"] < runs[0]["peak_bytes"]
+
+
+# ----------------------------------------------------------------------------- the plain forms above the END line
+def test_fast_logprobs_equal_the_plain_ones_with_gradients(tiny_qwen):
+    """token_logprobs (each prompt once, its cache shared, an fp32 head a chunk at a time) computes what
+    sequence_logprobs (the whole sequences, logits -> log_softmax -> gather) does: values and gradients, with
+    left padding, under bf16 autocast too (the CUDA path; bf16 rounding bounds the difference there)."""
+    model, tok = load(tiny_qwen)
+    model.train()
+    ids, mask = prompts_of(tok, ["1+1?", "what is 12 + 30?"])
+    completion = torch.randint(3, 90, (6, 7), generator=torch.Generator().manual_seed(0))
+    weights = torch.linspace(-1, 1, completion.numel()).view(completion.shape)
+    for bf16, atol in ((False, 1e-5), (True, 3e-2)):
+        results = []
+        for fn in (grpo.sequence_logprobs, grpo.token_logprobs):
+            args = (model, ids, mask, completion) + ((torch.arange(6) // 3,) if fn is grpo.token_logprobs else ())
+            with grpo.autocast(torch.device("cpu"), bf16):
+                logp = fn(*args, 0.7)
+            (grad,) = torch.autograd.grad((logp * weights).sum(), model.model.layers[0].self_attn.q_proj.weight)
+            results.append((logp.detach(), grad))
+        (plain, plain_grad), (fast, fast_grad) = results
+        assert plain.dtype == fast.dtype == torch.float32 and plain.shape == fast.shape == (6, 7)
+        assert torch.allclose(plain, fast, atol=atol), (bf16, (plain - fast).abs().max())
+        assert torch.allclose(plain_grad, fast_grad, atol=atol * 10, rtol=0.05), bf16
+
+
+def test_fast_rollout_equals_the_plain_one(tiny_qwen):
+    """rollout (a shared prefill, a KV cache, 4-D masks, exponential-race sampling) against sample_plainly (the
+    whole sequence through the model every token): greedy, the same tokens, lengths and log-probs; sampling,
+    both sample_logp are the log-probs of what they drew (sequence_logprobs, the plain log-probs)."""
+    model, tok = load(tiny_qwen)
+    ids, mask = prompts_of(tok, ["1+1?", "what is 12 + 30?"])
+    eos = grpo.eos_ids(model, tok)
+    fast = grpo.rollout(model, ids, mask, 2, 12, 0.0, eos, tok.pad_token_id)
+    plain = grpo.sample_plainly(model, ids, mask, 2, 12, 0.0, eos)
+    assert torch.equal(fast[1], plain[1])  # lengths
+    m = grpo.completion_mask(fast[1], fast[0].shape[1]).bool()
+    assert torch.equal(fast[0][m], plain[0][:, : fast[0].shape[1]][m])
+    assert torch.allclose(fast[3][m], plain[2][:, : fast[0].shape[1]][m], atol=1e-5)
+    torch.manual_seed(0)
+    for sampled in (grpo.rollout(model, ids, mask, 3, 10, 0.8, eos, tok.pad_token_id), None):
+        if sampled is None:
+            completion, lengths, sample_logp = grpo.sample_plainly(model, ids, mask, 3, 10, 0.8, eos)
+        else:
+            completion, lengths, sample_logp = sampled[0], sampled[1], sampled[3]
+        with torch.no_grad():
+            logp = grpo.sequence_logprobs(model, ids, mask, completion, 0.8)
+        m = grpo.completion_mask(lengths, completion.shape[1]).bool()
+        assert m.sum() > 6 and torch.allclose(sample_logp[m], logp[m], atol=1e-4)
+
+
+def test_exponential_race_draws_from_the_softmax():
+    """sample's argmax(p / q), q ~ Exponential(1), is an exact draw from p = softmax(logits / T): the
+    frequencies of 200,000 draws match p within 4 standard errors, at two temperatures; T = 0 is argmax."""
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0, 0.5])
+    torch.manual_seed(0)
+    for T in (1.0, 0.5):
+        token, logp = grpo.sample(logits.expand(200_000, -1), T)
+        p = torch.softmax(logits / T, -1)
+        freq = torch.bincount(token, minlength=5).float() / 200_000
+        assert ((freq - p).abs() <= 4 * (p * (1 - p) / 200_000).sqrt() + 1e-9).all(), (T, freq, p)
+        assert torch.allclose(logp, p.log()[token])
+    assert grpo.sample(logits[None], 0.0)[0].item() == 0
+
+
+def test_generate_returns_a_rollout_with_named_shapes(tiny_model):
+    model, tok = load(tiny_model)
+    cfg = grpo.Config(max_new_tokens=6)
+    ro = grpo.generate(model, tok, ["1+1?", "2+2?", "3+3?"], 2, 1.0, cfg, torch.device("cpu"))
+    assert isinstance(ro, grpo.Rollout)
+    N, P = ro.prompt_ids.shape
+    B, L = ro.completion_ids.shape
+    assert (N, B) == (3, 6) and ro.prompt_mask.shape == (N, P) and L <= 6
+    assert ro.lengths.shape == ro.ended.shape == (B,) and ro.sample_logp.shape == ro.by_env.shape == (B, L)
+    assert len(ro.texts) == B and not ro.by_env.any()
+
+
+def test_rewards_receive_the_token_count_and_the_question(tiny_model, tiny_data, tmp_path, monkeypatch):
+    """A reward function gets, as keywords, the completion's own token count and --max_new_tokens (a length
+    penalty needs nothing else) and the question; a reward written with only **kwargs keeps working."""
+    seen = []
+
+    def length_penalty(completion: str, answer: str, tokens: int, max_tokens: int, question: str, **kwargs) -> float:
+        seen.append((tokens, max_tokens, question))
+        return -tokens / max_tokens
+
+    monkeypatch.setattr(grpo, "REWARD_FUNCS", grpo.REWARD_FUNCS + [(length_penalty, 1.0)])
+    steps = []
+    cfg = tiny_config(tiny_model, tiny_data, tmp_path, steps=1)
+    grpo.main(cfg, on_step=lambda step, model, metrics, sums: steps.append(sums))
+    B = cfg.prompts_per_step * cfg.group_size
+    assert len(seen) == B and all(m == cfg.max_new_tokens and 1 <= t <= m and q for t, m, q in seen)
+    assert sum(t for t, _, _ in seen) == steps[0]["completion_len"][0]  # the tokens the model wrote, summed
+    assert math.isclose(steps[0]["reward/length_penalty"][0], -sum(t for t, _, _ in seen) / cfg.max_new_tokens)
+
+
+def test_a_config_field_without_a_help_comment_gets_its_name_as_help(monkeypatch, capsys):
+    @dataclasses.dataclass
+    class Extended(grpo.Config):
+        new_knob: int = 3
+
+    monkeypatch.setattr(grpo, "Config", Extended)
+    cfg, given = grpo.parse_config(["--new_knob", "5", "--steps", "2"])
+    assert cfg.new_knob == 5 and cfg.steps == 2 and given == {"new_knob", "steps"}
+    with pytest.raises(SystemExit):
+        grpo.parse_config(["--help"])
+    assert "new_knob (default: 3)" in capsys.readouterr().out
+
+
+def test_adamw_betas_come_from_the_config(tiny_model):
+    model, _ = load(tiny_model)
+    cfg = grpo.Config(beta=0, adam_beta1=0.8, adam_beta2=0.95)
+    _, _, optimizer, _ = grpo.setup_training(model, cfg, None, 1, torch.device("cpu"), False)
+    assert optimizer.defaults["betas"] == (0.8, 0.95)
+
+
+def test_a_first_reading_ends_by_line_500():
+    """The file is a textbook: the END OF THE ALGORITHM line by line 500 (the README names it), with the
+    objective, the step, the plain forms and main above it, the fast paths below, and no function longer
+    than 80 lines."""
+    with open(grpo.__file__) as f:
+        source = f.read()
+    lines = source.splitlines()
+    end = next(i + 1 for i, line in enumerate(lines) if line.startswith("# ===") and "END OF THE ALGORITHM" in line)
+    assert end <= 500, end
+    where = {node.name: node.lineno for node in ast.parse(source).body if hasattr(node, "name")}
+    above = ["Config", "grpo_loss", "grpo_step", "accumulate_gradients", "Rollout", "sample_plainly"]
+    above += ["sequence_logprobs", "main", "setup_training"]
+    assert all(where[name] < end for name in above), {name: where[name] for name in above}
+    assert all(where[name] > end for name in ("rollout", "token_logprobs", "sample", "bf16_copy", "head_logprobs"))
+    longest = max(
+        (n.end_lineno - n.lineno + 1, n.name) for n in ast.walk(ast.parse(source)) if isinstance(n, ast.FunctionDef)
+    )
+    assert longest[0] <= 80, longest
+    with open(os.path.join(HERE, "README.md")) as f:
+        assert f"END OF THE ALGORITHM line, line {end}**" in f.read()
