@@ -558,7 +558,7 @@ def report_memory(args, result: dict) -> None:
     print("  " + " | ".join(f"{gb} GB: {v}" for gb, v in fits.items()))
     print(
         "\nnot seen here: the CUDA caching allocator's rounding and fragmentation (reserved memory runs above\n"
-        "allocated, more so as the KV cache grows a token at a time; PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True\n"
+        "allocated, more so as the KV cache grows a token at a time; grpo.py sets PYTORCH_ALLOC_CONF=expandable_segments:True\n"
         "helps); the CUDA context (~0.3-0.5 GiB) and kernel workspaces (cuBLAS, attention); CPU kernels and CPU\n"
         "autocast stand in for CUDA's and can allocate differently (attention here is CPU flash attention: it keeps no\n"
         "(L, L) scores, as CUDA's flash / memory-efficient kernels); DDP buffers are not modelled.\n"
