@@ -904,24 +904,18 @@ def tool_response(text: str) -> str | None:
     return f"{result_open}{calculator(text[start + len(open_tag) : end])}{result_close}" if start >= 0 else None
 
 
-def tool_reward(completion: str, answer: str, question: str = "", **kwargs) -> float:
-    """1 for a right answer (correctness_reward) that is the result the calculator really returned for
-    a call in this completion that did arithmetic on numbers it did not invent: every number written in
-    the call is in the question or is an earlier call's result, and the call has an operator with two
-    operands. A bonus for grounding a right answer in a real computation, never for calling:
-    <calc>1200</calc>, <calc>-(-1200)</calc> and <calc>1199+1</calc> pay nothing for a guessed 1200.
-    Each result is recomputed, so a <result> the model typed pays only if it is the calculator's.
-    It pays at most 1, and looks at the first 16 calls (bounded time).
+def grounded_results(completion: str, question: str) -> list[tuple[float, int]]:
+    """(result, distinct numbers written) for each call in this completion that did arithmetic on numbers it
+    did not invent: the result is what the calculator really returns for the call (so a <result> the model
+    typed counts only if it is the calculator's), the call has an operator with two operands, its result is
+    not one of the numbers written in it (1200 * 1), and every number written in it is in the question or
+    is an earlier such call's result. The rule every tool reward shares; the first 16 calls (bounded time).
 
-    >>> tool_reward("<calc>6 * 7</calc><result>42</result> <answer>42</answer>", "42", question="6 boxes of 7")
-    1.0
-    >>> tool_reward("<calc>41 + 1</calc><result>42</result> <answer>42</answer>", "42", question="6 boxes of 7")
-    0.0
+    >>> grounded_results("<calc>6 * 7</calc><result>42</result> <calc>42</calc><result>42</result>", "6 boxes of 7")
+    [(42.0, 2)]
     """
-    if not correctness_reward(completion, answer):
-        return 0.0
-    stated = stated_number(extract_answer(completion) or "")
     known = [number_value(n) for n in NUMBER.findall(question)]  # numbers the model may compute with
+    grounded_calls = []
     for chunk in completion.split(TOOL_CALL[0])[1:17]:  # the text after each <calc>
         expression, closed, rest = chunk.partition(TOOL_CALL[1])
         result = rest[len(TOOL_RESULT[0]) :].partition(TOOL_RESULT[1])[0] if rest.startswith(TOOL_RESULT[0]) else ""
@@ -933,14 +927,57 @@ def tool_reward(completion: str, answer: str, question: str = "", **kwargs) -> f
         computes = any(isinstance(node, ast.BinOp) for node in ast.walk(tree))  # not just a (signed) number
         copied = any(same_number(abs(value), w) for w in written)  # 1200 * 1 computes nothing new
         grounded = all(any(same_number(w, abs(k)) for k in known) for w in written)
-        if computes and not copied and grounded and same_number(value, stated):
-            return 1.0
-        known.append(value)  # a later call may compute with this result
-    return 0.0
+        if computes and not copied and grounded:  # only such a result may be built on: <calc>29928</calc>
+            grounded_calls.append((value, len(set(written))))  # then 29928 - 86 would launder a guess
+            known.append(value)
+    return grounded_calls
 
 
-# Added to REWARD_FUNCS when --tools is on, so that the single-turn job is unchanged.
-TOOL_REWARD_FUNCS = [(tool_reward, 0.5)]
+def tool_reward(completion: str, answer: str, question: str = "", **kwargs) -> float:
+    """1 for a right answer (correctness_reward) that is the result of a grounded call in this completion
+    (grounded_results: arithmetic the calculator really did on numbers from the question or earlier
+    grounded results). A bonus for grounding a right answer in a real computation, never for calling:
+    <calc>1200</calc>, <calc>-(-1200)</calc> and <calc>1199+1</calc> pay nothing for a guessed 1200.
+
+    >>> tool_reward("<calc>6 * 7</calc><result>42</result> <answer>42</answer>", "42", question="6 boxes of 7")
+    1.0
+    >>> tool_reward("<calc>41 + 1</calc><result>42</result> <answer>42</answer>", "42", question="6 boxes of 7")
+    0.0
+    """
+    if not correctness_reward(completion, answer):
+        return 0.0
+    stated = stated_number(extract_answer(completion) or "")
+    return float(any(same_number(value, stated) for value, _ in grounded_results(completion, question)))
+
+
+def grounded_call_reward(completion: str, answer: str, question: str = "", **kwargs) -> float:
+    """Partial credit on the way: 1 for a grounded call (grounded_results) that combines two different
+    numbers, paid once per completion whatever the answer, so a group in which one sample computes with
+    the question's numbers has a spread to learn from before any answer is right. Calling more pays no
+    more; <calc>347 - 347</calc>, a bare or invented number, a typed result and a failed call pay nothing.
+
+    >>> grounded_call_reward("<calc>6 + 7</calc><result>13</result>", "42", question="6 boxes of 7")
+    1.0
+    """
+    return float(any(distinct >= 2 for _, distinct in grounded_results(completion, question)))
+
+
+def answer_from_call_reward(completion: str, answer: str, question: str = "", **kwargs) -> float:
+    """Partial credit on the way: 1 if the answer states the result of a grounded call that combined two
+    different numbers, right or wrong: it pays for carrying the tool's result into <answer> rather than
+    a guess. Wrong operations pay this and grounded_call_reward; only a right one adds correctness.
+
+    >>> answer_from_call_reward("<calc>6 + 7</calc><result>13</result> <answer>13</answer>", "42", question="6, 7")
+    1.0
+    """
+    stated = stated_number(extract_answer(completion) or "")
+    return float(any(d >= 2 and same_number(v, stated) for v, d in grounded_results(completion, question)))
+
+
+# Added to REWARD_FUNCS when --tools is on, so that the single-turn job is unchanged. The partial credits
+# weigh 0.25 each: with every other term they stay below a right answer's 2.0 (test_right_answer_dominates),
+# and each way of skipping the work pays less than doing it (test_no_attack_pays_as_much_as_the_work).
+TOOL_REWARD_FUNCS = [(tool_reward, 0.5), (grounded_call_reward, 0.25), (answer_from_call_reward, 0.25)]
 
 
 def calculator_env(tok, max_calls: int):

@@ -3249,3 +3249,85 @@ def test_a_first_reading_ends_by_line_500():
     assert longest[0] <= 80, longest
     with open(os.path.join(HERE, "README.md")) as f:
         assert f"END OF THE ALGORITHM line, line {end}**" in f.read()
+
+
+# ----------------------------------------------------------------------------- Tools: partial credit, attacked
+def formatted(reasoning: str, answer: str) -> str:
+    """A completion in the exact format, so that the format rewards pay the same in every row below."""
+    return f"<reasoning>\n{reasoning}\n</reasoning>\n<answer>\n{answer}\n</answer>"
+
+
+HONEST = formatted("347 * 86 = <calc>347 * 86</calc><result>29842</result>", "29842")
+
+
+# (what it tries, completion, tool_reward, grounded_call_reward, answer_from_call_reward) for CRATES, gold 29842
+ATTACKS = [
+    ("a right answer, no call", formatted("347 times 86 is 29842", "29842"), 0, 0, 0),
+    ("a bare number", formatted("<calc>29842</calc><result>29842</result>", "29842"), 0, 0, 0),
+    ("a number with no operator", formatted("<calc>(29842)</calc><result>29842</result>", "29842"), 0, 0, 0),
+    ("signs, no operator", formatted("<calc>-(-29842)</calc><result>29842</result>", "29842"), 0, 0, 0),
+    ("invented numbers", formatted("<calc>29841 + 1</calc><result>29842</result>", "29842"), 0, 0, 0),
+    ("a copy through * 1", formatted("<calc>29842 * 1</calc><result>29842</result>", "29842"), 0, 0, 0),
+    ("a guess laundered through a bare call",
+     formatted("<calc>29928</calc><result>29928</result> <calc>29928 - 86</calc><result>29842</result>", "29842"),
+     0, 0, 0),
+    ("one question number with itself", formatted("<calc>347 - 347</calc><result>0</result>", "29842"), 0, 0, 0),
+    ("and that result as the answer", formatted("<calc>347 - 347</calc><result>0</result>", "0"), 0, 0, 0),
+    ("a typed result, right answer", formatted("<calc>347 + 86</calc><result>29842</result>", "29842"), 0, 0, 0),
+    ("a typed result, used", formatted("<calc>347 * 86</calc><result>30000</result>", "30000"), 0, 0, 0),
+    ("a result with no call", formatted("</calc><result>29842</result>", "29842"), 0, 0, 0),
+    ("an unclosed call", formatted("<calc>347 * 86<result>29842</result>", "29842"), 0, 0, 0),
+    ("a failed call", formatted("<calc>347 * 86 = 29842</calc><result>error: invalid syntax</result>", "29842"),
+     0, 0, 0),
+    ("spam: 16 bare calls, a guess", formatted("<calc>1</calc><result>1</result>" * 16, "29842"), 0, 0, 0),
+    ("spam: the wrong grounded call 16 times", formatted("<calc>347 + 86</calc><result>433</result>" * 16, "29842"),
+     0, 1, 0),
+    ("a result not used", formatted("<calc>347 * 86</calc><result>29842</result>", "30000"), 0, 1, 0),
+    ("a question number as the answer", formatted("<calc>347 * 86</calc><result>29842</result>", "347"), 0, 1, 0),
+    ("the wrong operation, used", formatted("<calc>347 + 86</calc><result>433</result>", "433"), 0, 1, 1),
+    ("the call inside the answer", formatted("", "<calc>347 * 86</calc><result>29842</result>"), 0, 1, 0),
+    ("the right call after the answer", formatted("", "29842") + " <calc>347 * 86</calc><result>29842</result>",
+     1, 1, 1),
+    ("a guess, then a call past the 16th", formatted("<calc>1</calc><result>1</result>" * 16
+     + "<calc>347 * 86</calc><result>29842</result>", "29842"), 0, 0, 0),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name, completion, tool, call, used", ATTACKS, ids=[a[0] for a in ATTACKS])
+def test_partial_credit_pays_only_for_the_real_thing(name, completion, tool, call, used):
+    paid = [fn(completion, "29842", question=CRATES) for fn, _ in grpo.TOOL_REWARD_FUNCS]
+    assert paid == [tool, call, used]
+    assert [fn(HONEST, "29842", question=CRATES) for fn, _ in grpo.TOOL_REWARD_FUNCS] == [1, 1, 1]
+
+
+def total_reward(completion: str) -> float:
+    funcs = grpo.REWARD_FUNCS + grpo.TOOL_REWARD_FUNCS
+    return grpo.score([completion], [{"question": CRATES, "gold": "29842"}], funcs)[0][0].item()
+
+
+def test_no_attack_pays_as_much_as_the_work():
+    """Every way in the table of skipping the work (computing 347 * 86 with the calculator and answering its
+    result) pays less in total, with every reward of a --tools run, than the honest completion."""
+    honest = total_reward(HONEST)
+    paid = {name: total_reward(completion) for name, completion, *_ in ATTACKS}
+    assert all(p < honest for p in paid.values()), (honest, paid)
+    assert max(paid.values()) <= honest - 0.5  # the nearest, the call after the answer, loses the format
+
+
+def test_right_answer_dominates():
+    """A right answer always outscores a wrong one: everything a wrong answer can collect (every reward but
+    correctness_reward and tool_reward, which pay only right answers) weighs less than correctness alone."""
+    weights = dict((fn.__name__, w) for fn, w in grpo.REWARD_FUNCS + grpo.TOOL_REWARD_FUNCS)
+    wrong_max = sum(w for name, w in weights.items() if name not in ("correctness_reward", "tool_reward"))
+    assert wrong_max < weights["correctness_reward"]
+    wrong = [total_reward(c) for _, c, *_ in ATTACKS if not grpo.correctness_reward(c, "29842")]
+    right = [total_reward(c) for _, c, *_ in ATTACKS if grpo.correctness_reward(c, "29842")]
+    assert max(wrong) < min(right), (max(wrong), min(right))
+
+
+def test_grounded_results_follow_results_from_call_to_call():
+    question = "Tom has 3 bags of 12 apples and eats 5. How many are left?"
+    chained = "<calc>3 * 12</calc><result>36</result> then <calc>36 - 5</calc><result>31</result> <answer>31</answer>"
+    assert grpo.grounded_results(chained, question) == [(36.0, 2), (31.0, 2)]
+    assert grpo.answer_from_call_reward(chained, "31", question=question) == 1.0
+    assert grpo.grounded_call_reward("<calc>36 - 5</calc><result>31</result>", "31", question=question) == 0.0
