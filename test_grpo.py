@@ -2358,7 +2358,8 @@ cfg = grpo.Config(**json.loads(sys.argv[1]))
 records, tensors = [], []
 def on_step(step, model, metrics, sums):
     flat = torch.cat([p.detach().flatten() for p in model.parameters()])
-    tensors.append((torch.cat([p.grad.flatten() for p in model.parameters()]), flat.clone()))
+    grads = [p.grad.flatten() for p in model.parameters() if p.requires_grad]  # with LoRA, the adapters' alone
+    tensors.append((torch.cat(grads), flat.clone()))
     gathered = [torch.zeros_like(flat) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, flat)
     records.append({{"step": step, "same": all(torch.equal(gathered[0], g) for g in gathered), "sums": sums,
