@@ -388,7 +388,10 @@ def predict_memory(args) -> dict:
     aborts). AdamW is switched to fused, as setup_training makes it on CUDA. Its state exists before the step,
     as from the job's second step on: a first AdamW step on zero gradients makes it during setup.
     The first decode_steps decode steps run; each later one only adds one token per row to the KV
-    cache (no other tensor outlives a step), which is added to the decode peak."""
+    cache (no other tensor outlives a step), which is added to the decode peak. Micro-batches are alike (same
+    shapes, same live tensors): the first allocates the gradients, the second is the steady state every later one
+    repeats, so the reference and update passes run on the rows of the first micro_batches_run micro-batches
+    (whole prompts); each other micro-batch would add only its rows of the (B, L) log-probs and mask."""
     config = model_config(args.model)
     bf16 = args.precision != "fp32"  # auto is bf16 on CUDA, the machine predicted here
     N, G, P, L = args.prompts, args.group_size, args.prompt_len, args.new_tokens
@@ -399,6 +402,7 @@ def predict_memory(args) -> dict:
                       lora_rank=args.lora_rank)  # fmt: skip
     device = torch.device("cpu")
     k = L if args.decode_steps < 0 else min(max(args.decode_steps, 1), L)
+    n = B if args.micro_batches_run < 0 else min(B, -(-max(args.micro_batches_run, 1) * mb // G) * G)  # rows run
     caches, at_stop, steps = weakref.WeakSet(), {}, 0
 
     def new_cache(**kw):  # grpo's DynamicCache, remembered so that kv_bytes can find it
@@ -457,12 +461,13 @@ def predict_memory(args) -> dict:
             sample_logp, by_env = torch.zeros(B, L), torch.zeros(B, L, dtype=torch.bool)
         model.train()
         tracker.phase = "ref_logp"
-        args_ = (prompt_ids, prompt_mask, completion, mb, 1.0, bf16)
+        rows, prompts = slice(0, n), slice(0, n // G)  # the micro-batches that run (views: nothing allocated)
+        args_ = (prompt_ids[prompts], prompt_mask[prompts], completion[rows], mb, 1.0, bf16)
         ref_logp = grpo.frozen_logprobs(ref, *args_) if ref is not None else None
         tracker.phase = "policy_fwd_bwd"
         optimizer.zero_grad(set_to_none=True)
-        stats = grpo.accumulate_gradients(policy, prompt_ids, prompt_mask, completion, lengths, by_env, advantages,
-                                          sample_logp, ref_logp, cfg, mb, 1)  # fmt: skip
+        stats = grpo.accumulate_gradients(policy, *args_[:3], lengths[rows], by_env[rows], advantages[rows],
+                                          sample_logp[rows], ref_logp, cfg, mb, 1)  # fmt: skip
         tracker.phase = "optimizer"
         grpo.clip_and_step(model, optimizer, stats["loss"][0], cfg.max_grad_norm, 1)
         grpo.refresh_sampler(sampler, model)
@@ -482,7 +487,7 @@ def predict_memory(args) -> dict:
     kv_heads, layers = config.num_key_value_heads, config.num_hidden_layers
     kv_analytic = 2 * layers * B * (P + L) * kv_heads * head_dim * (2 if bf16 else 4)  # K and V, every row and slot
     return {
-        "peaks": tracker.peaks, "sizes": sizes, "params": n_params, "decode_steps_run": k,
+        "peaks": tracker.peaks, "sizes": sizes, "params": n_params, "decode_steps_run": k, "micro_batches_run": -(-n // mb),
         "kv_bytes_per_token": kv_per_token, "kv_cache_analytic_bytes": kv_analytic, "seconds": seconds,
         "micro_batch_size": mb, "bf16": bf16,
     }  # fmt: skip
@@ -530,6 +535,10 @@ def report_memory(args, result: dict) -> None:
             note = "   <- peak" if name == peak_phase else ""
             if name == "decode" and k < L:
                 note += f"   (ran {k} of {L} steps; the other {L - k} add {(L - k) * result['kv_bytes_per_token'] / GiB:.2f} GiB of KV cache, counted)"
+            if name in ("ref_logp", "policy_fwd_bwd") and result["micro_batches_run"] < -(
+                -B // result["micro_batch_size"]
+            ):
+                note += f"   (ran {result['micro_batches_run']} of {-(-B // result['micro_batch_size'])} micro-batches; the rest are alike)"
             print(f"{name:<16}{peaks[name]['Total'] / GiB:>10.2f}{note}")
     labels = {
         "weights": "weights (bf16 base + fp32 LoRA)" if args.lora_rank else "weights (fp32 policy)",
@@ -569,7 +578,7 @@ def report_memory(args, result: dict) -> None:
         "breakdown_bytes": parts, "phase_peak_gib": {name: peaks[name]["Total"] / GiB for name in peaks},
         "phase_kv_cache_bytes": {name: peaks[name]["KV"] for name in peaks},
         "kv_cache_analytic_bytes": result["kv_cache_analytic_bytes"], "params": result["params"],
-        "decode_steps_run": k, "fits": {f"{gb}GB": v for gb, v in fits.items()}, "seconds": result["seconds"],
+        "decode_steps_run": k, "micro_batches_run": result["micro_batches_run"], "fits": {f"{gb}GB": v for gb, v in fits.items()}, "seconds": result["seconds"],
         "args": {key: v for key, v in vars(args).items() if key != "path"},
     }  # fmt: skip
     print(json.dumps(summary))
@@ -810,6 +819,9 @@ def main() -> None:
     p.add_argument("--decode_profile", action="store_true", help="decode ms per step and the host-bound share")
     p.add_argument(
         "--decode_steps", type=int, default=16, help="--memory: decode steps run; the rest are counted; -1 = all"
+    )
+    p.add_argument(
+        "--micro_batches_run", type=int, default=2, help="--memory: micro-batches run; the rest are alike; -1 = all"
     )
     p.add_argument("--job", action="store_true", help="train --steps steps with grpo.py and TRL (--trainers)")
     p.add_argument("--trainers", default="grpo,trl", help="--job: grpo, trl or both (comma-separated)")

@@ -2686,6 +2686,36 @@ def test_bench_memory_predicts_a_step_by_kind(tiny_qwen):
     assert large["breakdown_bytes"]["activations"] > parts["activations"]
 
 
+def test_bench_memory_runs_two_micro_batches_for_all(tiny_qwen):
+    """bench.py --memory runs the reference and update passes on the first two micro-batches only: the first
+    allocates the gradients, the second is the steady state the others repeat. Every phase's peak is that of
+    the run over all four, less at most the other rows' (B, L) log-probs and masks."""
+    N, G, P, L, mb = 4, 2, 32, 4, 2
+    args = [os.path.join(HERE, "bench.py"), "--memory", "--model", tiny_qwen, "--prompts", str(N), "--group_size"]
+    args += [str(G), "--prompt_len", str(P), "--new_tokens", str(L), "--micro_batch_size", str(mb), "--decode_steps"]
+    procs = {  # both at once: most of each run is importing torch
+        n: subprocess.Popen(
+            [sys.executable, *args, "1", "--micro_batches_run", n],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for n in ("2", "-1")
+    }
+    runs = {}
+    for n, proc in procs.items():
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-2000:]
+        runs[n] = json.loads(out.strip().splitlines()[-1])
+    two, every = runs["2"], runs["-1"]
+    assert (two["micro_batches_run"], every["micro_batches_run"]) == (2, 4)
+    assert two["peak_phase"] == every["peak_phase"] == "policy_fwd_bwd"
+    rows_bytes = (N * G - 2 * mb) * L * 4  # the fp32 (rows, L) entries of the micro-batches not run
+    for phase, gib in every["phase_peak_gib"].items():
+        missing = (gib - two["phase_peak_gib"][phase]) * 2**30
+        assert 0 <= missing <= 4 * rows_bytes, (phase, missing, rows_bytes)  # log-probs, mask, their parts
+
+
 def test_bench_job_trains_grpo_and_trl_on_the_same_work(tiny_qwen, tiny_data, tmp_path):
     """bench.py --job on the tiny Qwen2 with random weights: grpo.py's main and, where TRL is installed, TRL's
     GRPOTrainer train the same questions; every completion of every step ran to full length in both (the
