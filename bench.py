@@ -427,15 +427,20 @@ def predict_memory(args) -> dict:
     fake = FakeTensorMode()
     fake.__deepcopy__ = lambda memo: fake  # bf16_copy deep-copies the model: its copy stays in this mode
     t0 = time.perf_counter()
+    with fake:  # the model as grpo.load_model has it on the host, before it moves to the GPU: fp32, a LoRA base bf16
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        if cfg.lora_rank and bf16:
+            grpo.bf16_weights(model)
     with (
         fake,
         StepTracker(L, kv_bytes) as tracker,
         mock.patch.object(grpo, "DynamicCache", new_cache),
         mock.patch.object(grpo, "sample", sample),
     ):
-        # setup, as grpo.main: fp32 policy, bf16 sampler, reference and AdamW (setup_training); with LoRA the
-        # policy (a bf16 base with fp32 adapters) is its own sampler and, adapters off, its own reference
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        # setup, as grpo.main: the model moves to the GPU; fp32 policy, bf16 sampler, reference and AdamW
+        # (setup_training); with LoRA the policy (a bf16 base with fp32 adapters) is its own sampler and, adapters
+        # off, its own reference
+        tracker.track_external(model)
         sampler = grpo.bf16_copy(model) if bf16 and not cfg.lora_rank else model
         policy, ref, optimizer, _ = grpo.setup_training(model, cfg, None, 1, device, bf16)
         for group in optimizer.param_groups:  # the job's optimizer: setup_training makes it fused on CUDA

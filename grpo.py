@@ -484,7 +484,7 @@ def setup_training(model, cfg: Config, resume_from: str | None, world: int, devi
     (under torchrun wrapped in DDP, which averages the ranks' gradients), AdamW and its warmup schedule."""
     ref_model = None
     if cfg.lora_rank:  # LoRA (below): the base frozen, adapters trained, pi_ref = the policy with its adapters off
-        ref_model = add_lora(model, cfg, resume_from, bf16)
+        ref_model = add_lora(model, cfg, resume_from)
     elif cfg.beta != 0:  # the frozen reference pi_ref is the initial policy, also after a resume
         initial = load_model(cfg.model, cfg, device)[0] if resume_from else model
         ref_model = bf16_copy(initial) if bf16 else copy.deepcopy(initial).requires_grad_(False).eval()
@@ -627,9 +627,14 @@ def bf16_copy(model):
     Buffers such as the rotary inv_freq stay fp32: in bf16 they would be off by up to ~0.5 rad at
     position 600 for rope theta 1e6."""
     twin = copy.deepcopy(model).requires_grad_(False).eval()
-    for p in twin.parameters():  # tied weights are one Parameter: converted once, still tied
-        p.data = p.data.to(torch.bfloat16)
+    bf16_weights(twin)
     return twin
+
+
+def bf16_weights(model) -> None:
+    """The parameters to bf16, in place; buffers stay fp32."""
+    for p in model.parameters():  # tied weights are one Parameter: converted once, still tied
+        p.data = p.data.to(torch.bfloat16)
 
 
 def refresh_sampler(sampler, model) -> None:
@@ -1053,18 +1058,15 @@ def tool_use(tok, completion_ids: torch.Tensor, lengths: torch.Tensor, by_env: t
 ADAPTERS = "adapters.safetensors"
 
 
-def add_lora(model, cfg: Config, resume_from: str | None, bf16: bool):
+def add_lora(model, cfg: Config, resume_from: str | None):
     """Freeze the model and give every linear layer of its decoder blocks (model.base_model: not the LM head)
-    rank-r adapters; with resume_from, the checkpoint's. Under bf16 the frozen weights become bf16. Returns
-    pi_ref: the model itself (frozen_logprobs turns its adapters off), or None when beta is 0."""
+    rank-r adapters; with resume_from, the checkpoint's. The frozen weights stay as load_model made them (bf16
+    under bf16). Returns pi_ref: the model itself (frozen_logprobs turns its adapters off), or None when beta is 0."""
     layers = [m for m in model.base_model.modules() if isinstance(m, torch.nn.Linear)]
     if not layers:
         fail(f"--lora_rank: {type(model).__name__} has no torch.nn.Linear layers in its decoder blocks to adapt "
              f"(some models use other layer types); drop --lora_rank to fine-tune every weight")  # fmt: skip
     model.requires_grad_(False)
-    if bf16:  # frozen weights are only read: bf16 halves them (buffers such as rotary inv_freq stay fp32)
-        for p in model.parameters():
-            p.data = p.data.to(torch.bfloat16)
     seed_everything(cfg.seed, "lora")  # the same A on every rank
     for linear in layers:
         A = torch.empty(cfg.lora_rank, linear.in_features, device=linear.weight.device)  # (r, in) fp32
@@ -1386,7 +1388,8 @@ def check_config(cfg: Config) -> None:
 
 
 def load_model(name: str, cfg: Config, device):
-    """A causal LM in fp32 (the master weights; bf16 comes from autocast) and its tokenizer."""
+    """A causal LM in fp32 (the master weights; bf16 comes from autocast; with LoRA under bf16 the frozen base in
+    bf16) on the device, and its tokenizer."""
     path = os.path.expanduser(name)
     if os.path.isfile(os.path.join(path, ADAPTERS)):  # a LoRA checkpoint: the base from --model, then its adapters
         path = os.path.expanduser(cfg.model)
@@ -1401,6 +1404,8 @@ def load_model(name: str, cfg: Config, device):
              f"HF_HUB_OFFLINE=1), or pass a local folder")  # fmt: skip
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token  # safe: masks come from lengths, never from token values
+    if cfg.lora_rank and use_bf16(cfg, device):  # LoRA's frozen base is only read: bf16, cast here on the host,
+        bf16_weights(model)  # so the GPU never holds the fp32 weights (28 GiB for 7B)
     model.to(device)
     if device.type == "cpu":  # own, aligned memory: CPU matmuls round by alignment, and resumes must be bit-exact
         with torch.no_grad():

@@ -2938,7 +2938,9 @@ def test_bench_gpu_checks_run_on_cpu(tiny_qwen):
 def lora_model(path: str, rank: int = 4, bf16: bool = False):
     """The model at path with rank-`rank` adapters (B = 0, as at the start), and its tokenizer."""
     model, tok = load(path)
-    grpo.add_lora(model, grpo.Config(lora_rank=rank), None, bf16)
+    if bf16:  # as load_model leaves a LoRA base under bf16
+        grpo.bf16_weights(model)
+    grpo.add_lora(model, grpo.Config(lora_rank=rank), None)
     return model, tok
 
 
@@ -3084,7 +3086,7 @@ def test_lora_bad_input(tiny_model, tiny_data, tmp_path):
 
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
     with pytest.raises(SystemExit, match="no torch.nn.Linear layers") as e:
-        grpo.add_lora(gpt2, grpo.Config(lora_rank=4), None, False)
+        grpo.add_lora(gpt2, grpo.Config(lora_rank=4), None)
     assert "\n" not in str(e.value)
     cfg = tiny_config(tiny_model, tiny_data, tmp_path, lora_rank=4, save_every=1, eval_size=0, steps=1)
     grpo.main(cfg)
@@ -3144,6 +3146,29 @@ def test_bench_memory_with_lora_is_below_full_fine_tuning(tiny_qwen):
     assert lora["gradients"] == 4 * adapters  # fp32, and only the adapters
     assert 8 * adapters <= lora["optimizer_state"] <= 8 * adapters + 4 * 28  # exp_avg, exp_avg_sq; a step per tensor
     assert runs[2]["peak_bytes"] < runs[0]["peak_bytes"]
+    assert runs[2]["phase_peak_gib"]["setup"] * 2**30 < 4 * base  # the fp32 base never reaches the GPU
+
+
+def test_a_lora_base_reaches_the_gpu_in_bf16(tiny_qwen, monkeypatch):
+    """load_model with LoRA under bf16 casts the frozen weights on the host: the GPU never holds them in fp32
+    (a 7B base is 28 GiB in fp32). Full fine-tuning moves fp32 master weights. CUDA mocked."""
+    fake_cuda(monkeypatch)
+    moved = []  # the parameters' dtypes each time a whole model is moved to the GPU
+    to = torch.nn.Module.to
+    monkeypatch.setattr(
+        torch.nn.Module,
+        "to",
+        lambda self, *a, **k: (
+            moved.append({p.dtype for p in self.parameters()}) or self
+            if a and str(a[0]).startswith("cuda")
+            else to(self, *a, **k)
+        ),
+    )
+    for rank, dtype in ((4, torch.bfloat16), (0, torch.float32)):
+        moved.clear()
+        model, _ = grpo.load_model(tiny_qwen, grpo.Config(lora_rank=rank, precision="bf16"), torch.device("cuda"))
+        assert moved == [{dtype}], (rank, moved)
+        assert all(b.dtype == torch.float32 for b in model.buffers() if b.is_floating_point())  # rotary stays fp32
 
 
 # ----------------------------------------------------------------------------- the plain forms above the END line
