@@ -2977,7 +2977,7 @@ def test_lora_bf16_base_and_the_policy_samples(tiny_qwen, tiny_data, tmp_path):
     """--precision bf16 with LoRA (the GPU path, on CPU): frozen weights bf16, adapters and their AdamW state
     fp32, rotary buffers fp32, no sampler copy and no reference copy: both are the policy."""
     cfg = tiny_config(tiny_qwen, tiny_data, tmp_path, lora_rank=4, precision="bf16", eval_size=0)
-    model, tok = load(tiny_qwen)
+    model, tok = grpo.load_model(tiny_qwen, cfg, torch.device("cpu"))  # as main loads it: the base in bf16
     policy, ref, optimizer, _ = grpo.setup_training(model, cfg, None, 1, torch.device("cpu"), True)
     assert ref is model and policy is model
     for name, p in model.named_parameters():
