@@ -76,7 +76,7 @@ class Config:
     group_size: int = 8  # G: completions sampled per question
     max_new_tokens: int = 400  # longest completion; longer ones are cut off and counted
     temperature: float = 1.0  # sampling temperature, also used in the log-probs of the loss
-    lr: float = 2e-6  # AdamW learning rate
+    lr: float = 2e-6  # AdamW learning rate (full fine-tuning; LoRA's is --lora_lr)
     adam_beta1: float = 0.9  # AdamW beta1: decay of the gradient's running mean
     adam_beta2: float = 0.99  # AdamW beta2: decay of the squared gradient's running mean
     warmup_steps: int = 10  # linear learning-rate warmup, then constant
@@ -92,6 +92,7 @@ class Config:
     gradient_checkpointing: bool = False  # recompute activations in backward to save memory
     lora_rank: int = 0  # r: train rank-r adapters on the decoder's linear layers, base frozen; 0 = full fine-tuning
     lora_alpha: float = 32.0  # alpha: the adapters' update is scaled by alpha / r
+    lora_lr: float = 2e-5  # AdamW learning rate of the adapters: 10x --lr, as measured (docs/results.md)
     precision: str = "auto"  # bf16 (bf16 compute and sampling over fp32 weights), fp32, or auto (bf16 on CUDA)
     tools: str = ""  # "calculator": the model may write <calc>EXPR</calc> mid-answer and read <result>; "" = off
     max_tool_calls: int = 4  # T: tool calls per completion; a call past T is answered with an error
@@ -418,9 +419,7 @@ def main(cfg: Config, on_step=None, given: set[str] | None = None) -> None:
     train_rows, test_rows = load_data(cfg)  # the user's data first: wrong columns or answers stop here
     rank, world, device = setup_distributed(cfg)
     if cfg.prompts_per_step % world:
-        fail(
-            f"--prompts_per_step {cfg.prompts_per_step} does not divide over {world} processes: use a multiple of {world}"
-        )
+        fail(f"--prompts_per_step {cfg.prompts_per_step} does not divide over {world} processes: use a multiple of {world}")  # fmt: skip
     os.makedirs(cfg.output_dir, exist_ok=True)
     log = print if rank == 0 else (lambda *a, **k: None)
     bf16 = use_bf16(cfg, device)
@@ -491,7 +490,7 @@ def setup_training(model, cfg: Config, resume_from: str | None, world: int, devi
     if cfg.gradient_checkpointing:
         model.activation_checkpointing_enable({"use_reentrant": False})
     policy = torch.nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True) if world > 1 else model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lora_lr if cfg.lora_rank else cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   weight_decay=cfg.weight_decay, fused=device.type == "cuda")  # fmt: skip  # fused: one kernel
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
     return policy, ref_model, optimizer, scheduler
@@ -1147,6 +1146,12 @@ def load_adapters(model, path: str) -> None:
 def check_lora(cfg: Config) -> None:
     if cfg.lora_rank < 0:
         fail(f"--lora_rank {cfg.lora_rank}: use a positive rank such as 16, or 0 to fine-tune every weight")
+    if cfg.lora_rank and cfg.lr != Config.lr:  # one rate per run, named by what it trains
+        fail(
+            f"--lr sets full fine-tuning's learning rate; with --lora_rank pass --lora_lr (default {Config.lora_lr:g})"
+        )
+    if not cfg.lora_rank and cfg.lora_lr != Config.lora_lr:
+        fail("--lora_lr sets the adapters' learning rate, and --lora_rank is 0: add --lora_rank, or pass --lr")
     if cfg.lora_rank and cfg.lora_alpha <= 0:
         fail(f"--lora_alpha {cfg.lora_alpha}: the adapters' scale alpha / r must be positive; 32 is common")
     if cfg.lora_rank and cfg.eval_only:
@@ -1555,9 +1560,12 @@ def resume_state(state: dict | None, optimizer, scheduler, cfg: Config, rank: in
         return 0, 0
     optimizer.load_state_dict(state["optimizer"])  # AdamW's moments, and the saved lr and weight decay...
     scheduler.load_state_dict(state["scheduler"])  # ...and the count of applied updates (warmup)
-    scheduler.base_lrs = [cfg.lr for _ in optimizer.param_groups]  # ...replaced by this run's, which --lr may change
+    lr = cfg.lora_lr if cfg.lora_rank else cfg.lr
+    scheduler.base_lrs = [
+        lr for _ in optimizer.param_groups
+    ]  # ...replaced by this run's, which --lr / --lora_lr may change
     for group, rate in zip(optimizer.param_groups, scheduler.lr_lambdas):
-        group.update(lr=cfg.lr * rate(scheduler.last_epoch), initial_lr=cfg.lr, weight_decay=cfg.weight_decay)
+        group.update(lr=lr * rate(scheduler.last_epoch), initial_lr=lr, weight_decay=cfg.weight_decay)
     start_step, skipped = state["step"], state["skipped"]
     if rank == 0 and os.path.exists(metrics_path):  # forget steps logged after the checkpoint
         with open(metrics_path) as f:

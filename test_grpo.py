@@ -145,6 +145,8 @@ def tiny_config(tiny_model, tiny_data, tmp_path, **kw) -> grpo.Config:
         seed=0,
     )
     base.update(kw)
+    if base.get("lora_rank"):  # the adapters' rate is --lora_lr; --lr is full fine-tuning's
+        base["lora_lr"] = base.pop("lr")
     return grpo.Config(**base)
 
 
@@ -2988,6 +2990,7 @@ def test_lora_bf16_base_and_the_policy_samples(tiny_qwen, tiny_data, tmp_path):
     assert applied == [True] and math.isfinite(sums["loss"][0])
     assert all(t.dtype == torch.float32 for state in optimizer.state.values() for t in state.values() if t.ndim)
     assert {id(p) for p in optimizer.state} == {id(p) for n, p in model.named_parameters() if ".lora_" in n}
+    assert optimizer.param_groups[0]["initial_lr"] == cfg.lora_lr != cfg.lr  # the adapters' rate, not --lr
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
@@ -3075,9 +3078,13 @@ def test_lora_resume_is_bit_exact(tiny_model, tiny_data, tmp_path, monkeypatch):
 
 
 def test_lora_bad_input(tiny_model, tiny_data, tmp_path):
-    """One line and a non-zero exit: a negative rank, a non-positive alpha, --eval_only with adapters, a model
-    with no linear layers, and --resume with another rank (or a full fine-tuning run with a rank)."""
+    """One line and a non-zero exit: a negative rank, --lr with a rank (or --lora_lr without), a non-positive alpha,
+    --eval_only with adapters, a model with no linear layers, and --resume with another rank (or a full fine-tuning
+    run with a rank)."""
     assert_one_line_error(run_cli("--model", tiny_model, "--lora_rank", "-1", "--device", "cpu"), "--lora_rank -1")
+    lr = run_cli("--model", tiny_model, "--lora_rank", "16", "--lr", "1e-4", "--device", "cpu")
+    assert_one_line_error(lr, "with --lora_rank pass --lora_lr")  # one rate per run, named by what it trains
+    assert_one_line_error(run_cli("--model", tiny_model, "--lora_lr", "1e-4", "--device", "cpu"), "--lora_rank is 0")
     for kw, words in [(dict(lora_rank=4, lora_alpha=0.0), "--lora_alpha 0.0"),
                       (dict(lora_rank=4, eval_only=True), "--eval_only")]:  # fmt: skip
         with pytest.raises(SystemExit, match=words):
