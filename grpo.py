@@ -92,7 +92,7 @@ class Config:
     gradient_checkpointing: bool = False  # recompute activations in backward to save memory
     lora_rank: int = 0  # r: train rank-r adapters on the decoder's linear layers, base frozen; 0 = full fine-tuning
     lora_alpha: float = 32.0  # alpha: the adapters' update is scaled by alpha / r
-    lora_lr: float = 2e-5  # AdamW learning rate of the adapters: 10x --lr, as measured (docs/results.md)
+    lora_lr: float = 6e-5  # AdamW learning rate of the adapters: 30x --lr, as measured (docs/results.md)
     precision: str = "auto"  # bf16 (bf16 compute and sampling over fp32 weights), fp32, or auto (bf16 on CUDA)
     tools: str = ""  # "calculator": the model may write <calc>EXPR</calc> mid-answer and read <result>; "" = off
     max_tool_calls: int = 4  # T: tool calls per completion; a call past T is answered with an error
