@@ -523,6 +523,7 @@ def report_memory(args, result: dict) -> None:
     total = peaks[peak_phase]["Total"]
     parts = breakdown(peaks[peak_phase], result["sizes"])
     B, k, L = args.prompts * args.group_size, result["decode_steps_run"], args.new_tokens
+    all_micro_batches = -(-B // result["micro_batch_size"])
     print(
         f"\npredicted peak GPU memory of one grpo.py training step on CUDA | model {args.model} "
         f"({result['params'] / 1e6:.1f}M params) | P={args.prompts} G={args.group_size} (B={B}) prompt "
@@ -540,10 +541,10 @@ def report_memory(args, result: dict) -> None:
             note = "   <- peak" if name == peak_phase else ""
             if name == "decode" and k < L:
                 note += f"   (ran {k} of {L} steps; the other {L - k} add {(L - k) * result['kv_bytes_per_token'] / GiB:.2f} GiB of KV cache, counted)"
-            if name in ("ref_logp", "policy_fwd_bwd") and result["micro_batches_run"] < -(
-                -B // result["micro_batch_size"]
-            ):
-                note += f"   (ran {result['micro_batches_run']} of {-(-B // result['micro_batch_size'])} micro-batches; the rest are alike)"
+            if name in ("ref_logp", "policy_fwd_bwd") and result["micro_batches_run"] < all_micro_batches:
+                note += (
+                    f"   (ran {result['micro_batches_run']} of {all_micro_batches} micro-batches; the rest are alike)"
+                )
             print(f"{name:<16}{peaks[name]['Total'] / GiB:>10.2f}{note}")
     labels = {
         "weights": "weights (bf16 base + fp32 LoRA)" if args.lora_rank else "weights (fp32 policy)",

@@ -1560,10 +1560,8 @@ def resume_state(state: dict | None, optimizer, scheduler, cfg: Config, rank: in
         return 0, 0
     optimizer.load_state_dict(state["optimizer"])  # AdamW's moments, and the saved lr and weight decay...
     scheduler.load_state_dict(state["scheduler"])  # ...and the count of applied updates (warmup)
-    lr = cfg.lora_lr if cfg.lora_rank else cfg.lr
-    scheduler.base_lrs = [
-        lr for _ in optimizer.param_groups
-    ]  # ...replaced by this run's, which --lr / --lora_lr may change
+    lr = optimizer.defaults["lr"]  # ...replaced by this run's (--lr or --lora_lr, as setup_training chose)
+    scheduler.base_lrs = [lr for _ in optimizer.param_groups]
     for group, rate in zip(optimizer.param_groups, scheduler.lr_lambdas):
         group.update(lr=lr * rate(scheduler.last_epoch), initial_lr=lr, weight_decay=cfg.weight_decay)
     start_step, skipped = state["step"], state["skipped"]
