@@ -908,27 +908,40 @@ def tool_response(text: str) -> str | None:
     return f"{result_open}{calculator(text[start + len(open_tag) : end])}{result_close}" if start >= 0 else None
 
 
+def answered_calls(completion: str) -> list[tuple[str, str, bool]]:
+    """(expression, result, computes) for each call in this completion that the calculator answered without an
+    error, with the result it really returns (so a <result> the model typed counts only if it is the
+    calculator's); computes: the call has an operator, not just a (signed) number. The first 16 calls
+    (bounded time).
+
+    >>> answered_calls("<calc>6 * 7</calc><result>42</result> <calc>7</calc><result>7</result> <calc>1+</calc>")
+    [('6 * 7', '42', True), ('7', '7', False)]
+    """
+    calls = []
+    for chunk in completion.split(TOOL_CALL[0])[1:17]:  # the text after each <calc>
+        expression, closed, rest = chunk.partition(TOOL_CALL[1])
+        result = rest[len(TOOL_RESULT[0]) :].partition(TOOL_RESULT[1])[0] if rest.startswith(TOOL_RESULT[0]) else ""
+        if not closed or result != calculator(expression) or result.startswith("error"):
+            continue  # no call, a result the calculator did not return, or a failed call
+        tree = ast.parse(" ".join(expression.translate(CALC_SIGNS).split()), mode="eval")  # the calculator took it
+        calls.append((expression, result, any(isinstance(node, ast.BinOp) for node in ast.walk(tree))))
+    return calls
+
+
 def grounded_results(completion: str, question: str) -> list[tuple[float, int]]:
     """(result, distinct numbers written) for each call in this completion that did arithmetic on numbers it
-    did not invent: the result is what the calculator really returns for the call (so a <result> the model
-    typed counts only if it is the calculator's), the call has an operator with two operands, its result is
-    not one of the numbers written in it (1200 * 1), and every number written in it is in the question or
-    is an earlier such call's result. The rule every tool reward shares; the first 16 calls (bounded time).
+    did not invent: an answered call (answered_calls) with an operator, whose result is not one of the
+    numbers written in it (1200 * 1), and every number written in it is in the question or is an earlier
+    such call's result. The rule every tool reward shares.
 
     >>> grounded_results("<calc>6 * 7</calc><result>42</result> <calc>42</calc><result>42</result>", "6 boxes of 7")
     [(42.0, 2)]
     """
     known = [number_value(n) for n in NUMBER.findall(question)]  # numbers the model may compute with
     grounded_calls = []
-    for chunk in completion.split(TOOL_CALL[0])[1:17]:  # the text after each <calc>
-        expression, closed, rest = chunk.partition(TOOL_CALL[1])
-        result = rest[len(TOOL_RESULT[0]) :].partition(TOOL_RESULT[1])[0] if rest.startswith(TOOL_RESULT[0]) else ""
-        if not closed or result != calculator(expression) or result.startswith("error"):
-            continue  # no call, a result the calculator did not return, or a failed call
+    for expression, result, computes in answered_calls(completion):
         value = number_value(result)
         written = [abs(number_value(n)) for n in NUMBER.findall(expression)]  # a sign is arithmetic, not a number
-        tree = ast.parse(" ".join(expression.translate(CALC_SIGNS).split()), mode="eval")  # the calculator took it
-        computes = any(isinstance(node, ast.BinOp) for node in ast.walk(tree))  # not just a (signed) number
         copied = any(same_number(abs(value), w) for w in written)  # 1200 * 1 computes nothing new
         grounded = all(any(same_number(w, abs(k)) for k in known) for w in written)
         if computes and not copied and grounded:  # only such a result may be built on: <calc>29928</calc>
@@ -978,10 +991,25 @@ def answer_from_call_reward(completion: str, answer: str, question: str = "", **
     return float(any(d >= 2 and same_number(v, stated) for v, d in grounded_results(completion, question)))
 
 
-# Added to REWARD_FUNCS when --tools is on, so that the single-turn job is unchanged. The partial credits
-# weigh 0.25 each: with every other term they stay below a right answer's 2.0 (test_right_answer_dominates),
-# and each way of skipping the work pays less than doing it (test_no_attack_pays_as_much_as_the_work).
-TOOL_REWARD_FUNCS = [(tool_reward, 0.5), (grounded_call_reward, 0.25), (answer_from_call_reward, 0.25)]
+def well_formed_call_reward(completion: str, answer: str, **kwargs) -> float:
+    """The first rung: 1 for a call the calculator answered that computes (has an operator), whatever its
+    numbers and the answer, paid once per completion. It pays <calc>1 + 1</calc> too, by design: it teaches
+    the syntax that the grounded rewards need (a small model's first calls fail, as <calc>246 * 69 =
+    15812</calc>), and it weighs least, so computing with the question's numbers pays more.
+
+    >>> well_formed_call_reward("<calc>2 + 2</calc><result>4</result>", "42"), well_formed_call_reward("<calc>4</calc>", "4")
+    (1.0, 0.0)
+    """
+    return float(any(computes for _, _, computes in answered_calls(completion)))
+
+
+# Added to REWARD_FUNCS when --tools is on, so that the single-turn job is unchanged. A ladder of partial credit,
+# each rung paid only for the real thing: a call that computes (0.125), one on the question's numbers (0.25),
+# its result as the answer (0.25), the right answer so computed (0.5). With every other term they stay below a
+# right answer's 2.0 (test_right_answer_dominates), and each way of skipping the work pays less than doing it
+# (test_no_attack_pays_as_much_as_the_work). Measured: without the first rung, SmolLM2-135M's calls faded.
+TOOL_REWARD_FUNCS = [(tool_reward, 0.5), (grounded_call_reward, 0.25), (answer_from_call_reward, 0.25),
+                     (well_formed_call_reward, 0.125)]  # fmt: skip
 
 
 def calculator_env(tok, max_calls: int):

@@ -3324,44 +3324,52 @@ def formatted(reasoning: str, answer: str) -> str:
 HONEST = formatted("347 * 86 = <calc>347 * 86</calc><result>29842</result>", "29842")
 
 
-# (what it tries, completion, tool_reward, grounded_call_reward, answer_from_call_reward) for CRATES, gold 29842
+# (what it tries, completion, then what each of TOOL_REWARD_FUNCS pays: tool_reward, grounded_call_reward,
+# answer_from_call_reward, well_formed_call_reward) for CRATES, gold 29842
 ATTACKS = [
-    ("a right answer, no call", formatted("347 times 86 is 29842", "29842"), 0, 0, 0),
-    ("a bare number", formatted("<calc>29842</calc><result>29842</result>", "29842"), 0, 0, 0),
-    ("a number with no operator", formatted("<calc>(29842)</calc><result>29842</result>", "29842"), 0, 0, 0),
-    ("signs, no operator", formatted("<calc>-(-29842)</calc><result>29842</result>", "29842"), 0, 0, 0),
-    ("invented numbers", formatted("<calc>29841 + 1</calc><result>29842</result>", "29842"), 0, 0, 0),
-    ("a copy through * 1", formatted("<calc>29842 * 1</calc><result>29842</result>", "29842"), 0, 0, 0),
+    ("a right answer, no call", formatted("347 times 86 is 29842", "29842"), 0, 0, 0, 0),
+    ("a bare number", formatted("<calc>29842</calc><result>29842</result>", "29842"), 0, 0, 0, 0),
+    ("a number with no operator", formatted("<calc>(29842)</calc><result>29842</result>", "29842"), 0, 0, 0, 0),
+    ("signs, no operator", formatted("<calc>-(-29842)</calc><result>29842</result>", "29842"), 0, 0, 0, 0),
+    ("invented numbers", formatted("<calc>29841 + 1</calc><result>29842</result>", "29842"), 0, 0, 0, 1),
+    ("a copy through * 1", formatted("<calc>29842 * 1</calc><result>29842</result>", "29842"), 0, 0, 0, 1),
     ("a guess laundered through a bare call",
      formatted("<calc>29928</calc><result>29928</result> <calc>29928 - 86</calc><result>29842</result>", "29842"),
-     0, 0, 0),
-    ("one question number with itself", formatted("<calc>347 - 347</calc><result>0</result>", "29842"), 0, 0, 0),
-    ("and that result as the answer", formatted("<calc>347 - 347</calc><result>0</result>", "0"), 0, 0, 0),
-    ("a typed result, right answer", formatted("<calc>347 + 86</calc><result>29842</result>", "29842"), 0, 0, 0),
-    ("a typed result, used", formatted("<calc>347 * 86</calc><result>30000</result>", "30000"), 0, 0, 0),
-    ("a result with no call", formatted("</calc><result>29842</result>", "29842"), 0, 0, 0),
-    ("an unclosed call", formatted("<calc>347 * 86<result>29842</result>", "29842"), 0, 0, 0),
+     0, 0, 0, 1),
+    ("one question number with itself", formatted("<calc>347 - 347</calc><result>0</result>", "29842"), 0, 0, 0, 1),
+    ("and that result as the answer", formatted("<calc>347 - 347</calc><result>0</result>", "0"), 0, 0, 0, 1),
+    ("a typed result, right answer", formatted("<calc>347 + 86</calc><result>29842</result>", "29842"), 0, 0, 0, 0),
+    ("a typed result, used", formatted("<calc>347 * 86</calc><result>30000</result>", "30000"), 0, 0, 0, 0),
+    ("a result with no call", formatted("</calc><result>29842</result>", "29842"), 0, 0, 0, 0),
+    ("an unclosed call", formatted("<calc>347 * 86<result>29842</result>", "29842"), 0, 0, 0, 0),
     ("a failed call", formatted("<calc>347 * 86 = 29842</calc><result>error: invalid syntax</result>", "29842"),
-     0, 0, 0),
-    ("spam: 16 bare calls, a guess", formatted("<calc>1</calc><result>1</result>" * 16, "29842"), 0, 0, 0),
+     0, 0, 0, 0),
+    ("spam: 16 bare calls, a guess", formatted("<calc>1</calc><result>1</result>" * 16, "29842"), 0, 0, 0, 0),
     ("spam: the wrong grounded call 16 times", formatted("<calc>347 + 86</calc><result>433</result>" * 16, "29842"),
-     0, 1, 0),
-    ("a result not used", formatted("<calc>347 * 86</calc><result>29842</result>", "30000"), 0, 1, 0),
-    ("a question number as the answer", formatted("<calc>347 * 86</calc><result>29842</result>", "347"), 0, 1, 0),
-    ("the wrong operation, used", formatted("<calc>347 + 86</calc><result>433</result>", "433"), 0, 1, 1),
-    ("the call inside the answer", formatted("", "<calc>347 * 86</calc><result>29842</result>"), 0, 1, 0),
+     0, 1, 0, 1),
+    ("a result not used", formatted("<calc>347 * 86</calc><result>29842</result>", "30000"), 0, 1, 0, 1),
+    ("a question number as the answer", formatted("<calc>347 * 86</calc><result>29842</result>", "347"), 0, 1, 0, 1),
+    ("the wrong operation, used", formatted("<calc>347 + 86</calc><result>433</result>", "433"), 0, 1, 1, 1),
+    ("the call inside the answer", formatted("", "<calc>347 * 86</calc><result>29842</result>"), 0, 1, 0, 1),
     ("the right call after the answer", formatted("", "29842") + " <calc>347 * 86</calc><result>29842</result>",
-     1, 1, 1),
+     1, 1, 1, 1),
     ("a guess, then a call past the 16th", formatted("<calc>1</calc><result>1</result>" * 16
-     + "<calc>347 * 86</calc><result>29842</result>", "29842"), 0, 0, 0),
+     + "<calc>347 * 86</calc><result>29842</result>", "29842"), 0, 0, 0, 0),
+    ("spam: a well-formed call on invented numbers 16 times, a guess",
+     formatted("<calc>1 + 1</calc><result>2</result>" * 16, "29842"), 0, 0, 0, 1),
+    ("a well-formed call on invented numbers, its result used", formatted("<calc>2 * 3</calc><result>6</result>", "6"),
+     0, 0, 0, 1),
+    ("a call the calculator refused", formatted("<calc>347 / 0</calc><result>error: division by zero</result>", "29842"),
+     0, 0, 0, 0),
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize("name, completion, tool, call, used", ATTACKS, ids=[a[0] for a in ATTACKS])
-def test_partial_credit_pays_only_for_the_real_thing(name, completion, tool, call, used):
+@pytest.mark.parametrize("name, completion, expected", [(a[0], a[1], list(a[2:])) for a in ATTACKS],
+                         ids=[a[0] for a in ATTACKS])  # fmt: skip
+def test_partial_credit_pays_only_for_the_real_thing(name, completion, expected):
     paid = [fn(completion, "29842", question=CRATES) for fn, _ in grpo.TOOL_REWARD_FUNCS]
-    assert paid == [tool, call, used]
-    assert [fn(HONEST, "29842", question=CRATES) for fn, _ in grpo.TOOL_REWARD_FUNCS] == [1, 1, 1]
+    assert paid == expected
+    assert [fn(HONEST, "29842", question=CRATES) for fn, _ in grpo.TOOL_REWARD_FUNCS] == [1, 1, 1, 1]
 
 
 def total_reward(completion: str) -> float:
