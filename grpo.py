@@ -94,7 +94,7 @@ class Config:
     lora_alpha: float = 32.0  # alpha: the adapters' update is scaled by alpha / r
     lora_lr: float = 6e-5  # AdamW learning rate of the adapters: 30x --lr, as measured (docs/results.md)
     precision: str = "auto"  # bf16 (bf16 compute and sampling over fp32 weights), fp32, or auto (bf16 on CUDA)
-    tools: str = ""  # "calculator": the model may write <calc>EXPR</calc> mid-answer and read <result>; "" = off
+    tools: str = ""  # names in TOOLS, comma-separated; "calculator": <calc>EXPR</calc> mid-answer, then <result>
     max_tool_calls: int = 4  # T: tool calls per completion; a call past T is answered with an error
     eval_size: int = 200  # test problems per evaluation (the first N); -1 = all; 0 = no evaluation
     eval_every: int = 50  # evaluate every N steps (and before and after training); 0 = only before/after
@@ -108,6 +108,7 @@ class Config:
     seed: int = 0  # seeds data order, sampling and everything else
     device: str = ""  # cpu, cuda, cuda:1, ...; "" = cuda if available
     trust_remote_code: bool = False  # let transformers run code shipped with the model (off: safer)
+    plain: bool = False  # train through the first reading's plain forms alone (slow; for learning, tiny runs)
 
 
 # ----------------------------------------------------------------------------- Rewards (edit me)
@@ -184,9 +185,9 @@ def tag_count_reward(completion: str, answer: str, **kwargs) -> float:
     return max(0.0, score - 0.25 * trailing)
 
 
-# (function, weight): a completion's reward is the weighted sum (score, below). Each function is called as
-# fn(completion, gold answer, question=..., tokens=..., max_tokens=...) (tokens: the completion's own token
-# count) and logged as reward/<name>, unweighted. The partial-credit terms give a signal before the format.
+# FORK HERE: the rewards (README, Fork it). (function, weight): a completion's reward is the weighted sum (score,
+# below). Each is called as fn(completion, gold answer, question=..., tokens=..., max_tokens=...) (tokens: the
+# completion's own token count) and logged as reward/<name>, unweighted. Partial credit: a signal before the format.
 REWARD_FUNCS = [
     (correctness_reward, 2.0),
     (format_reward, 0.5),
@@ -202,7 +203,7 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale_by_std: bool 
     """A_i = (r_i - mean(r_group)) / (std(r_group) + eps): each answer judged against its siblings.
     rewards (B,) with each group's G completions contiguous; a group of equal rewards gives 0."""
     r = rewards.view(-1, group_size)  # (N, G)
-    a = r - r.mean(1, keepdim=True)
+    a = r - r.mean(1, keepdim=True)  # FORK HERE: the baseline (README, Fork it: leave-one-out)
     if scale_by_std:
         a = a / (r.std(1, keepdim=True) + eps)  # torch.std is unbiased (divides by G - 1)
     return a.view(-1)  # (B,)
@@ -222,13 +223,14 @@ LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
 def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps=0.2, beta=0.04, loss_type="grpo",
               max_tokens=None, clip_eps_high=None):  # fmt: skip
     """The GRPO loss (-J above) and a dict of detached stats. logp/old_logp/ref_logp/mask (B, L),
-    advantages (B,); ref_logp may be None when beta == 0; max_tokens defaults to L (dr_grpo)."""
-    eps_high = clip_eps if clip_eps_high is None else clip_eps_high
+    advantages (B,); ref_logp may be None when beta == 0; max_tokens defaults to L (dr_grpo); clip_eps_high None
+    or negative is clip_eps."""
+    eps_high = clip_eps if clip_eps_high is None or clip_eps_high < 0 else clip_eps_high
     A = advantages.unsqueeze(1)  # (B, 1)
     ratio = torch.exp(logp - old_logp)  # (1)  (B, L)
     clipped = torch.clamp(ratio, 1 - clip_eps, 1 + eps_high)  # (2)  (B, L)
     surrogate = torch.min(ratio * A, clipped * A)  # (2)  (B, L)
-    if beta != 0:
+    if beta != 0:  # FORK HERE: the KL estimator (README, Fork it: k2)
         kl = torch.exp(ref_logp - logp) - (ref_logp - logp) - 1  # (3)  (B, L)
         per_token = surrogate - beta * kl  # (4)  (B, L)
     else:
@@ -254,42 +256,46 @@ def grpo_step(policy, sampler, ref_model, tok, optimizer, rows: list[dict], cfg:
     this rank's metric sums {name: [total, count]}, whether each of the mu updates was applied, texts, rewards."""
     model = getattr(policy, "module", policy)  # the model inside DDP
     device, G = next(model.parameters()).device, cfg.group_size
-    B = len(rows) * G  # completions on this rank
-    mb = B if cfg.micro_batch_size < 0 else min(cfg.micro_batch_size, B)
+    _, reference_logprobs, update = paths(cfg)  # the plain forms of this reading (--plain), or their fast forms
 
     # --- 1. rollout: G samples per question from the current policy, pi_old, with their log-probs under it
     ro = generate(sampler, tok, [r["question"] for r in rows], G, cfg.temperature, cfg, device)
 
     # --- 2. reward: the weighted sum of REWARD_FUNCS for each completion
     group_rows = [r for r in rows for _ in range(G)]
-    own = completion_mask(ro.lengths, ro.completion_ids.shape[1], ro.by_env).sum(1)  # (B,) tokens the model wrote
+    mask = completion_mask(ro.lengths, ro.completion_ids.shape[1], ro.by_env)  # (B, L) the tokens the model wrote
     funcs = REWARD_FUNCS + (TOOL_REWARD_FUNCS if cfg.tools else [])
-    rewards, per_fn = score(ro.texts, group_rows, funcs, own.tolist(), cfg.max_new_tokens)  # (B,)
+    rewards, per_fn = score(ro.texts, group_rows, funcs, mask.sum(1).tolist(), cfg.max_new_tokens)  # (B,)
 
     # --- 3. advantage: each completion judged against the others of its group
     advantages = group_advantages(rewards, G, cfg.scale_rewards).to(device)  # (B,)
 
     # --- 4. reference log-probs (pi_old's came with the rollout: sample_logp)
     model.train()
-    batch = (ro.prompt_ids, ro.prompt_mask, ro.completion_ids, mb, cfg.temperature, use_bf16(cfg, device))
-    ref_logp = frozen_logprobs(ref_model, *batch) if ref_model is not None else None  # (B, L), micro-batched
+    ref_logp = reference_logprobs(ref_model, ro, cfg) if ref_model is not None else None  # (B, L)
 
     # --- 5. update: mu optimizer steps on this batch, each with rho = pi_theta / pi_old
     sums, applied = {}, []
     for i in range(cfg.mu):
-        optimizer.zero_grad(set_to_none=True)
-        stats = accumulate_gradients(policy, ro.prompt_ids, ro.prompt_mask, ro.completion_ids, ro.lengths, ro.by_env,
-                                     advantages, ro.sample_logp, ref_logp, cfg, mb, world)  # fmt: skip
+        stats, ok = update(policy, optimizer, ro, mask, advantages, ref_logp, cfg, world)
         if i > 0:  # after an update the policy has moved: only the first pass measures the sampler's mismatch
             del stats["logp_mismatch"]
-        ok, grad_norm = clip_and_step(model, optimizer, stats["loss"][0], cfg.max_grad_norm, world)
         if ok:
             refresh_sampler(sampler, model)  # the next rollout samples from the updated policy
         applied.append(ok)
-        for k, (total, count) in {**stats, "grad_norm": (grad_norm, 1)}.items():
+        for k, (total, count) in stats.items():
             sums[k] = [sums.get(k, [0.0, 0.0])[0] + total, sums.get(k, [0.0, 0.0])[1] + count]
-    sums.update(rollout_metrics(ro, rewards, per_fn, group_rows, tok, cfg))  # what to watch (Logging, below)
+    sums.update(rollout_metrics(ro, mask, rewards, per_fn, group_rows, tok, cfg))  # what to watch (Logging, below)
     return sums, applied, ro.texts, rewards
+
+
+def paths(cfg: Config) -> tuple:
+    """The one switch between the two ways to train: --plain runs the plain forms of this reading (the sampler, the
+    log-probs, the update: slow and memory-hungry, for learning and for trying an idea small); otherwise their fast
+    forms below the END line, each a drop-in replacement tested equal to its plain form."""
+    if cfg.plain:
+        return sample_plainly, plain_reference_logprobs, plain_update
+    return rollout, fast_reference_logprobs, fast_update
 
 
 def completion_mask(lengths: torch.Tensor, L: int, by_env: torch.Tensor | None = None) -> torch.Tensor:
@@ -299,55 +305,32 @@ def completion_mask(lengths: torch.Tensor, L: int, by_env: torch.Tensor | None =
     return (mask & ~by_env[:, :L]).float() if by_env is not None else mask.float()
 
 
-def micro_batches(B: int, size: int, group_size: int, device) -> list[tuple[slice, slice, torch.Tensor]]:
-    """Rows [i, i + size) of the batch, the prompt rows they use, and each row's index into those."""
-    out = []
-    for i in range(0, B, size):
-        rows = slice(i, min(i + size, B))
-        prompts = slice(rows.start // group_size, (rows.stop - 1) // group_size + 1)
-        index = torch.arange(rows.start, rows.stop, device=device) // group_size - prompts.start
-        out.append((rows, prompts, index))
-    return out
+def plain_update(policy, optimizer, ro, mask, advantages, ref_logp, cfg: Config, world: int = 1):
+    """One optimizer step on the whole batch, plainly: one forward of every sequence (pi_theta's log-probs), -J
+    (grpo_loss), backward, clip the gradient, step. mask (B, L): the model's own tokens. fast_update computes the
+    same, micro-batched. Returns the stats to log, {name: [total, count]}, and True (the update was applied)."""
+    optimizer.zero_grad(set_to_none=True)
+    with autocast(ro.prompt_ids.device, use_bf16(cfg, ro.prompt_ids.device)):  # bf16 compute, fp32 weights
+        logp = sequence_logprobs(policy, ro.prompt_ids, ro.prompt_mask, ro.completion_ids, cfg.temperature)  # (B, L)
+    # rho = 1 where the model sampled nothing (tools, past the end): no exp(huge) * 0 = NaN in the masked sum
+    old_logp = torch.where(mask.bool(), ro.sample_logp, logp.detach())  # (B, L) log pi_old: the sampler's own
+    loss, stats = grpo_loss(logp, old_logp, ref_logp, advantages, mask, cfg.clip_eps, cfg.beta, cfg.loss_type,
+                            cfg.max_new_tokens, cfg.clip_eps_high)  # fmt: skip
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+    optimizer.step()
+    n = mask.sum().item()  # the token means below are logged as [token sum, tokens]
+    mismatch = ((old_logp - logp.detach()).abs() * mask).sum().item()  # summed |log rho| before the step
+    return {"loss": [loss.item(), 1.0], "kl": [stats["kl"].item() * n, n], "clip_frac": [stats["clip_frac"].item() * n, n],
+            "logp_mismatch": [mismatch, n], "grad_norm": [grad_norm.item(), 1.0]}, True  # fmt: skip
 
 
-def accumulate_gradients(policy, prompt_ids, prompt_mask, completion_ids, lengths, by_env, advantages, old_logp,
-                         ref_logp, cfg: Config, micro_batch_size: int, world: int = 1) -> dict[str, list[float]]:  # fmt: skip
-    """Backward of the loss over the batch (B rows), micro_batch_size rows at a time. old_logp (B, L): log pi_old
-    (the rollout's sample_logp); tokens the environment wrote (by_env) condition the log-probs, in no sum. Each
-    micro-batch's loss is weighted by its share of the batch's normalizer (5): the accumulated gradient is the
-    full batch's exactly (DDP averages over ranks, so dapo's share is of the global tokens times the world).
-    Returns {"loss": [value, 1], "kl"/"clip_frac"/"logp_mismatch" (|old_logp - logp|): [token sum, tokens]}."""
-    B = completion_ids.shape[0]
-    mask = completion_mask(lengths, completion_ids.shape[1], by_env)  # (B, L): the model's own tokens
-    total_tokens = mask.sum()
-    if world > 1 and cfg.loss_type == "dapo":
-        dist.all_reduce(total_tokens)  # dapo normalizes by the tokens of the whole global batch
-    slices = micro_batches(B, micro_batch_size, B // prompt_ids.shape[0], prompt_ids.device)
-    # read from the host before the loop, in one go (nothing inside it waits for the GPU): each micro-batch's length
-    trims = torch.stack([lengths[s].max() for s, _, _ in slices]).tolist()
-    sums = torch.zeros(5, dtype=torch.float64, device=prompt_ids.device)  # loss, kl, clip_frac, |log rho|, tokens
-    bf16 = use_bf16(cfg, prompt_ids.device)
-    eps_high = None if cfg.clip_eps_high < 0 else cfg.clip_eps_high
-    for j, ((s, p, index), Lm) in enumerate(zip(slices, trims)):
-        m = mask[s, :Lm]  # (mb, Lm): the micro-batch trimmed to its longest completion
-        last = j == len(slices) - 1
-        with (
-            policy.no_sync() if world > 1 and not last else contextlib.nullcontext(),
-            autocast(prompt_ids.device, bf16),
-        ):
-            logp = token_logprobs(policy, prompt_ids[p], prompt_mask[p], completion_ids[s, :Lm], index, cfg.temperature)
-            # rho = 1 where the model sampled nothing (tools, past the end): no exp(huge) * 0 = NaN in the masked sum
-            old = torch.where(m.bool(), old_logp[s, :Lm], logp.detach())
-            ref = None if ref_logp is None else ref_logp[s, :Lm]
-            loss, stats = grpo_loss(logp, old, ref, advantages[s], m, cfg.clip_eps, cfg.beta, cfg.loss_type,
-                                    cfg.max_new_tokens, eps_high)  # fmt: skip
-            share = mask[s].sum() * world / total_tokens if cfg.loss_type == "dapo" else (s.stop - s.start) / B
-            (loss * share).backward()
-        tokens = m.sum()  # the metric sums stay on the device: one read after the loop, not one per micro-batch
-        mismatch = ((old - logp.detach()).abs() * m).sum()  # summed |log rho|
-        sums += torch.stack([loss.detach() * share, stats["kl"] * tokens, stats["clip_frac"] * tokens, mismatch, tokens])  # fmt: skip
-    loss, kl, clip, mismatch, n = sums.tolist()
-    return {"loss": [loss, 1.0], "kl": [kl, n], "clip_frac": [clip, n], "logp_mismatch": [mismatch, n]}
+@torch.no_grad()
+def plain_reference_logprobs(ref_model, ro, cfg: Config) -> torch.Tensor:
+    """log pi_ref of every completion token (B, L), plainly: sequence_logprobs of the frozen model (with LoRA, the
+    policy with its adapters off)."""
+    with autocast(ro.prompt_ids.device, use_bf16(cfg, ro.prompt_ids.device)), adapters_off(ref_model):
+        return sequence_logprobs(ref_model, ro.prompt_ids, ro.prompt_mask, ro.completion_ids, cfg.temperature)
 
 
 # ----------------------------------------------------------------------------- Sampling and log-probs, plainly
@@ -366,34 +349,50 @@ class Rollout:
 
 def generate(sampler, tok, questions: list[str], group_size: int, temperature: float, cfg: Config, device) -> Rollout:
     """G samples for each question from `sampler` (the policy, or its bf16 copy), each token's log-prob under it:
-    what sample_plainly computes, done fast by rollout (Fast paths: each prompt prefilled once for its G samples,
-    a KV cache, no host sync per token). With --tools the calculator answers calls inside the rollout."""
-    prompt_ids, prompt_mask = tokenize_prompts(tok, [build_prompt(tok, q, bool(cfg.tools)) for q in questions], device)
-    env = calculator_env(tok, cfg.max_tool_calls) if cfg.tools else None
+    sample_plainly under --plain, else rollout (Fast paths: each prompt prefilled once for its G samples, a KV
+    cache, no host sync per token). With --tools the tools answer calls inside the rollout."""
+    prompt_ids, prompt_mask = tokenize_prompts(tok, [build_prompt(tok, q, cfg.tools) for q in questions], device)
+    env = tool_env(tok, cfg.max_tool_calls, cfg.tools) if cfg.tools else None
     sampler.eval()  # no dropout, and no activation checkpointing (it would drop the KV cache)
-    ids, lengths, ended, sample_logp, by_env = rollout(sampler, prompt_ids, prompt_mask, group_size, cfg.max_new_tokens,
-                                                       temperature, eos_ids(sampler, tok), tok.pad_token_id, env=env)  # fmt: skip
+    sample = paths(cfg)[0]
+    ids, lengths, ended, sample_logp, by_env = sample(sampler, prompt_ids, prompt_mask, group_size, cfg.max_new_tokens,
+                                                      temperature, eos_ids(sampler, tok), tok.pad_token_id, env=env)  # fmt: skip
     texts = [tok.decode(row[:n], skip_special_tokens=True) for row, n in zip(ids.tolist(), lengths.tolist())]
     return Rollout(prompt_ids, prompt_mask, ids, lengths, ended, sample_logp, by_env, texts)
 
 
 @torch.no_grad()
-def sample_plainly(model, prompt_ids, prompt_mask, group_size: int, max_new_tokens: int, temperature: float, eos):
-    """The rollout in its plainest form (the tests hold rollout to it): each prompt G times, then a token at a
-    time: the whole sequence so far through the model, softmax(logits / T), one draw and its log-prob. Returns
-    completion ids (B, L), lengths (B,) up to each row's first EOS (itself included), sample_logp (B, L)."""
+def sample_plainly(model, prompt_ids, prompt_mask, group_size: int, max_new_tokens: int, temperature: float, eos,
+                   pad_id: int, env=None):  # fmt: skip
+    """The rollout in its plainest form: each prompt G times, then a token at a time, the whole sequence so far
+    through the model, softmax(logits / T), one draw and its log-prob. The draw is argmax(p / q), q ~ Exp(1): an
+    exact draw from p (sample, below, says why), and with the noise rollout draws, so the two pick the same tokens
+    from the same seed. With env (tools), environment_turn may write a row's token instead of the model. Returns
+    what rollout does: completion ids (B, L), lengths (B,) (the EOS included), ended (B,), sample_logp (B, L), by_env."""
     ids, mask = prompt_ids.repeat_interleave(group_size, 0), prompt_mask.repeat_interleave(group_size, 0)  # (B, P)
-    P, logps = ids.shape[1], []
-    for _ in range(max_new_tokens):
+    (B, P), dev = ids.shape, ids.device
+    ended, lengths = torch.zeros(B, dtype=torch.bool, device=dev), torch.full((B,), max_new_tokens, device=dev)
+    logps, written = [], []  # per token: (B, 1) log-probs, (B,) written by the environment
+    turns = {"ids": [[] for _ in range(B)], "queue": [[] for _ in range(B)], "calls": [0] * B, "eos": set(eos)}
+    for t in range(max_new_tokens):
         position = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding shifts each row's positions
         logits = model(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=False).logits[:, -1].float()
         logp = torch.log_softmax(logits / (temperature or 1.0), -1)  # (B, V)
-        token = torch.multinomial(logp.exp(), 1) if temperature > 0 else logits.argmax(-1, keepdim=True)  # (B, 1)
-        logps.append(logp.gather(-1, token))
-        ids, mask = torch.cat([ids, token], 1), torch.cat([mask, torch.ones_like(token)], 1)
-    is_eos = torch.isin(ids[:, P:], torch.tensor(eos, device=ids.device))  # (B, L)
-    lengths = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, max_new_tokens)  # (B,)
-    return ids[:, P:], lengths, torch.cat(logps, 1)
+        q = torch.empty_like(logp).exponential_() if temperature > 0 else torch.ones_like(logp)  # T = 0: argmax
+        token = (logp.exp() / q.clamp(min=torch.finfo(q.dtype).tiny)).argmax(-1)  # (B,)
+        logps.append(logp.gather(-1, token[:, None]))
+        by_env = torch.zeros(B, dtype=torch.bool, device=dev)
+        if env is not None:
+            token, by_env = environment_turn(env, token, ended, turns)
+        token = torch.where(ended, pad_id, token)  # past its end a row holds padding
+        new_end = ~ended & ~by_env & torch.isin(token, torch.tensor(eos, device=dev))  # only the model ends a row
+        lengths, ended = torch.where(new_end, t + 1, lengths), ended | new_end
+        ids, mask = torch.cat([ids, token[:, None]], 1), torch.cat([mask, torch.ones_like(token)[:, None]], 1)
+        written.append(by_env)
+        if ended.all():
+            break
+    L = int(lengths.max())
+    return ids[:, P : P + L], lengths, ended, torch.cat(logps, 1)[:, :L], torch.stack(written, 1)[:, :L]
 
 
 def sequence_logprobs(model, prompt_ids, prompt_mask, completion_ids, temperature: float) -> torch.Tensor:
@@ -497,8 +496,26 @@ def setup_training(model, cfg: Config, resume_from: str | None, world: int, devi
 
 
 # ============================================================================= END OF THE ALGORITHM
-# Everything above is GRPO. Below: the fast paths that training runs, each tested equal to its plain form
-# above, then the machinery a first reading skips.
+# Everything above is GRPO; --plain trains through it alone. Below: the fast forms that run by default, each tested
+# equal to its plain form, then the machinery a first reading skips. What the reading above calls from down here:
+#   rollout, fast_reference_logprobs, fast_update  the fast forms of sample_plainly, plain_reference_logprobs, plain_update
+#   score               each completion's reward: the weighted sum of the functions, and each one's values
+#   extract_answer      the text of the last <answer>...</answer> block (None if there is none)
+#   stated_number       the one number a text states, however wrapped (None for none or several); same_number: equal
+#   build_prompt        the chat prompt of a question: SYSTEM_PROMPT, the EXAMPLE turn, the question
+#   tokenize_prompts    the prompts as left-padded ids and attention mask (N, P)
+#   eos_ids             every token id that ends a completion
+#   tool_env            --tools: the environment that answers a completed call (TOOLS) with its result's ids
+#   environment_turn    at one decode step, each row's token: the model's draw, or the environment's next one
+#   refresh_sampler     after a step, the updated weights into the bf16 sampler (nothing to do without one)
+#   rollout_metrics     the step's numbers to watch: accuracy, completion length, cut-off and zero-std shares, tools
+#   autocast, use_bf16  bf16 compute over the fp32 weights, when --precision (auto: CUDA) says so
+#   adapters_off        with LoRA, within it the policy computes as pi_ref; add_lora gives it the adapters
+#   main's bookkeeping, each named for what it does: read_checkpoint, resume_state, save_checkpoint (--resume);
+#     check_config (a bad flag stops in one line: fail); load_data, load_model, bf16_copy, check_output_dir,
+#     warn_if_slow_on_cpu; setup_distributed, reduce_metrics (torchrun); evaluate, evaluate_only (greedy pass@1);
+#     seed_everything, prompt_indices (the step's seed and questions); check_skipped, log_step, write_metrics,
+#     start_tracker, finish_run (logs, skipped updates, final/), describe_precision
 
 
 # ----------------------------------------------------------------------------- Fast paths: what training runs, each tested equal to its plain form above
@@ -511,6 +528,79 @@ def frozen_logprobs(model, prompt_ids, prompt_mask, completion_ids, micro_batch_
         parts = [token_logprobs(model, prompt_ids[p], prompt_mask[p], completion_ids[s], index, temperature)
                  for s, p, index in micro_batches(B, micro_batch_size, G, prompt_ids.device)]  # fmt: skip
     return torch.cat(parts)
+
+
+def micro_batches(B: int, size: int, group_size: int, device) -> list[tuple[slice, slice, torch.Tensor]]:
+    """Rows [i, i + size) of the batch, the prompt rows they use, and each row's index into those."""
+    out = []
+    for i in range(0, B, size):
+        rows = slice(i, min(i + size, B))
+        prompts = slice(rows.start // group_size, (rows.stop - 1) // group_size + 1)
+        index = torch.arange(rows.start, rows.stop, device=device) // group_size - prompts.start
+        out.append((rows, prompts, index))
+    return out
+
+
+def accumulate_gradients(policy, prompt_ids, prompt_mask, completion_ids, lengths, by_env, advantages, old_logp,
+                         ref_logp, cfg: Config, micro_batch_size: int, world: int = 1) -> dict[str, list[float]]:  # fmt: skip
+    """Backward of the loss over the batch (B rows), micro_batch_size rows at a time. old_logp (B, L): log pi_old
+    (the rollout's sample_logp); tokens the environment wrote (by_env) condition the log-probs, in no sum. Each
+    micro-batch's loss is weighted by its share of the batch's normalizer (5): the accumulated gradient is the
+    full batch's exactly (DDP averages over ranks, so dapo's share is of the global tokens times the world).
+    Returns {"loss": [value, 1], "kl"/"clip_frac"/"logp_mismatch" (|old_logp - logp|): [token sum, tokens]}."""
+    B = completion_ids.shape[0]
+    mask = completion_mask(lengths, completion_ids.shape[1], by_env)  # (B, L): the model's own tokens
+    total_tokens = mask.sum()
+    if world > 1 and cfg.loss_type == "dapo":
+        dist.all_reduce(total_tokens)  # dapo normalizes by the tokens of the whole global batch
+    slices = micro_batches(B, micro_batch_size, B // prompt_ids.shape[0], prompt_ids.device)
+    # read from the host before the loop, in one go (nothing inside it waits for the GPU): each micro-batch's length
+    trims = torch.stack([lengths[s].max() for s, _, _ in slices]).tolist()
+    sums = torch.zeros(5, dtype=torch.float64, device=prompt_ids.device)  # loss, kl, clip_frac, |log rho|, tokens
+    bf16 = use_bf16(cfg, prompt_ids.device)
+    for j, ((s, p, index), Lm) in enumerate(zip(slices, trims)):
+        m = mask[s, :Lm]  # (mb, Lm): the micro-batch trimmed to its longest completion
+        last = j == len(slices) - 1
+        with (
+            policy.no_sync() if world > 1 and not last else contextlib.nullcontext(),
+            autocast(prompt_ids.device, bf16),
+        ):
+            logp = token_logprobs(policy, prompt_ids[p], prompt_mask[p], completion_ids[s, :Lm], index, cfg.temperature)
+            # rho = 1 where the model sampled nothing (tools, past the end): no exp(huge) * 0 = NaN in the masked sum
+            old = torch.where(m.bool(), old_logp[s, :Lm], logp.detach())
+            ref = None if ref_logp is None else ref_logp[s, :Lm]
+            loss, stats = grpo_loss(logp, old, ref, advantages[s], m, cfg.clip_eps, cfg.beta, cfg.loss_type,
+                                    cfg.max_new_tokens, cfg.clip_eps_high)  # fmt: skip
+            share = mask[s].sum() * world / total_tokens if cfg.loss_type == "dapo" else (s.stop - s.start) / B
+            (loss * share).backward()
+        tokens = m.sum()  # the metric sums stay on the device: one read after the loop, not one per micro-batch
+        mismatch = ((old - logp.detach()).abs() * m).sum()  # summed |log rho|
+        sums += torch.stack([loss.detach() * share, stats["kl"] * tokens, stats["clip_frac"] * tokens, mismatch, tokens])  # fmt: skip
+    loss, kl, clip, mismatch, n = sums.tolist()
+    return {"loss": [loss, 1.0], "kl": [kl, n], "clip_frac": [clip, n], "logp_mismatch": [mismatch, n]}
+
+
+def fast_update(policy, optimizer, ro, mask, advantages, ref_logp, cfg: Config, world: int = 1):
+    """plain_update's fast form: the gradient accumulated a micro-batch at a time (accumulate_gradients, which builds
+    its own mask), then the step unless it is not finite on some rank (clip_and_step). The same return."""
+    optimizer.zero_grad(set_to_none=True)
+    stats = accumulate_gradients(policy, ro.prompt_ids, ro.prompt_mask, ro.completion_ids, ro.lengths, ro.by_env,
+                                 advantages, ro.sample_logp, ref_logp, cfg, micro_batch(cfg, ro), world)  # fmt: skip
+    model = getattr(policy, "module", policy)  # the model inside DDP
+    ok, grad_norm = clip_and_step(model, optimizer, stats["loss"][0], cfg.max_grad_norm, world)
+    return {**stats, "grad_norm": [grad_norm, 1.0]}, ok
+
+
+def fast_reference_logprobs(ref_model, ro, cfg: Config) -> torch.Tensor:
+    """plain_reference_logprobs' fast form: frozen_logprobs, a micro-batch at a time."""
+    return frozen_logprobs(ref_model, ro.prompt_ids, ro.prompt_mask, ro.completion_ids, micro_batch(cfg, ro),
+                           cfg.temperature, use_bf16(cfg, ro.prompt_ids.device))  # fmt: skip
+
+
+def micro_batch(cfg: Config, ro) -> int:
+    """Completions per forward: --micro_batch_size, at most the batch (-1: all of it)."""
+    B = ro.completion_ids.shape[0]
+    return B if cfg.micro_batch_size < 0 else min(cfg.micro_batch_size, B)
 
 
 @torch.no_grad()
@@ -799,40 +889,18 @@ def check_skipped(applied: list[bool], bad_in_a_row: int, skipped: int, step: in
     return bad_in_a_row
 
 
-# ----------------------------------------------------------------------------- Tools (off by default): the calculator, its environment, its reward
-# The model may write <calc>EXPRESSION</calc> mid-answer; the environment appends <result>VALUE</result>.
-TOOL_CALL = ("<calc>", "</calc>")
-
-
+# ----------------------------------------------------------------------------- Tools (off by default): the registry, the calculator, the environment, the rewards
+# A tool is a plain function, text in, text out ('error: ...' for a bad call, never an exception), and one entry of
+# TOOLS (after the calculator, below). The model writes <TAG>INPUT</TAG> mid-answer; the environment appends
+# <result>OUTPUT</result>; the tool rewards pay for calls whose result the tool really returned.
 TOOL_RESULT = ("<result>", "</result>")
-
-
-TOOL_PROMPT = "\nYou have a calculator: write <calc>expression</calc> and its result appears as <result>value</result>."
-
-
-TOOL_EXAMPLE = ("What is 2 + 3 * 4?", "<reasoning>\n3 * 4 = <calc>3 * 4</calc><result>12</result>, and 2 + 12 = "
-                "<calc>2 + 12</calc><result>14</result>.\n</reasoning>\n<answer>\n14\n</answer>")  # fmt: skip
-
-
 CALC_MAX_CHARS = 200  # checked before parsing, so parse time and the number of AST nodes are bounded
-
-
 CALC_MAX_DEPTH = 100  # nesting of the tree, bounds the recursion (1+1+...+1 in 200 characters fits)
-
-
 CALC_MAX_ABS = 10**30  # every intermediate value; keeps each operation on small numbers
-
-
 CALC_BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
                ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}  # fmt: skip
-
-
 CALC_UNARY = {ast.UAdd: operator.pos, ast.USub: operator.neg}
-
-
 PLAIN_NUMBER = re.compile(r"\d+(\.\d*)?|\.\d+")  # what a written number may look like: the value it has
-
-
 CALC_SIGNS = str.maketrans({"\N{MULTIPLICATION SIGN}": "*", "\N{DIVISION SIGN}": "/", "\N{MINUS SIGN}": "-"})
 
 
@@ -893,38 +961,67 @@ def calculator(expression: str) -> str:
     return f"{round(x, 6) or 0.0:.6f}".rstrip("0").rstrip(".")  # 'or 0.0': -0.0000001 prints as 0
 
 
-def tool_response(text: str) -> str | None:
-    """The <result>...</result> to append if `text` ends with a complete, unanswered <calc> call, else None.
+def has_operator(expression: str) -> bool:
+    """A calculator call computes when it has an operator, not just a (signed) number: for the first rung."""
+    tree = ast.parse(" ".join(expression.translate(CALC_SIGNS).split()), mode="eval")  # the calculator took it
+    return any(isinstance(node, ast.BinOp) for node in ast.walk(tree))
+
+
+# The tools, by their --tools name: the tag of a call, the function that answers it, the line of the system prompt
+# that teaches it, a worked example (an earlier chat turn, as EXAMPLE), and optionally computes(input) -> bool: does
+# an answered call do some work (the first rung of the rewards; by default, its output is not its input). Adding a
+# tool is a function and an entry here: the environment, the prompt, the rewards and check_config read this table.
+# FORK HERE: the tools.
+TOOLS = {
+    "calculator": {
+        "tag": "calc", "run": calculator, "computes": has_operator,
+        "prompt": "You have a calculator: write <calc>expression</calc> and its result appears as <result>value</result>.",
+        "example": ("What is 2 + 3 * 4?", "<reasoning>\n3 * 4 = <calc>3 * 4</calc><result>12</result>, and 2 + 12 = "
+                    "<calc>2 + 12</calc><result>14</result>.\n</reasoning>\n<answer>\n14\n</answer>"),
+    },
+}  # fmt: skip
+
+
+def tool_response(text: str, names: str = "") -> str | None:
+    """The <result>...</result> to append if `text` ends with a complete, unanswered call of one of the tools
+    `names` (comma-separated; "" = every tool in TOOLS), else None.
 
     >>> tool_response("So 12 * 7 = <calc>12 * 7</calc>"), tool_response("<calc>1</calc><result>1</result>")
     ('<result>84</result>', None)
     """
-    (open_tag, close_tag), (result_open, result_close) = TOOL_CALL, TOOL_RESULT
-    if not text.endswith(close_tag):
-        return None
-    end = len(text) - len(close_tag)
-    previous = text.rfind(close_tag, 0, end)  # an earlier call's end: the opening tag must come after it
-    start = text.rfind(open_tag, previous + len(close_tag) if previous >= 0 else 0, end)
-    return f"{result_open}{calculator(text[start + len(open_tag) : end])}{result_close}" if start >= 0 else None
+    for name in names.split(",") if names else TOOLS:
+        tool = TOOLS[name]
+        open_tag, close_tag = f"<{tool['tag']}>", f"</{tool['tag']}>"
+        if not text.endswith(close_tag):
+            continue
+        end = len(text) - len(close_tag)
+        previous = text.rfind(close_tag, 0, end)  # an earlier call's end: the opening tag must come after it
+        start = text.rfind(open_tag, previous + len(close_tag) if previous >= 0 else 0, end)
+        if start >= 0:
+            return f"{TOOL_RESULT[0]}{tool['run'](text[start + len(open_tag) : end])}{TOOL_RESULT[1]}"
+    return None
 
 
 def answered_calls(completion: str) -> list[tuple[str, str, bool]]:
-    """(expression, result, computes) for each call in this completion that the calculator answered without an
-    error, with the result it really returns (so a <result> the model typed counts only if it is the
-    calculator's); computes: the call has an operator, not just a (signed) number. The first 16 calls
-    (bounded time).
+    """(input, result, computes) for each call of a tool in TOOLS in this completion that the tool answered without
+    an error, with the result it really returns (so a <result> the model typed counts only if it is the tool's);
+    computes: the call did some work (the entry's computes; the calculator's: it has an operator, not just a
+    signed number). The first 16 calls, in the order written (bounded time).
 
     >>> answered_calls("<calc>6 * 7</calc><result>42</result> <calc>7</calc><result>7</result> <calc>1+</calc>")
     [('6 * 7', '42', True), ('7', '7', False)]
     """
+    by_tag = {tool["tag"]: tool for tool in TOOLS.values()}
+    parts = re.split("<(" + "|".join(map(re.escape, by_tag)) + ")>", completion)  # text, tag, text after it, ...
     calls = []
-    for chunk in completion.split(TOOL_CALL[0])[1:17]:  # the text after each <calc>
-        expression, closed, rest = chunk.partition(TOOL_CALL[1])
+    for tag, chunk in zip(parts[1:33:2], parts[2:33:2]):  # each call's tag and the text after its opening tag
+        tool = by_tag[tag]
+        expression, closed, rest = chunk.partition(f"</{tag}>")
         result = rest[len(TOOL_RESULT[0]) :].partition(TOOL_RESULT[1])[0] if rest.startswith(TOOL_RESULT[0]) else ""
-        if not closed or result != calculator(expression) or result.startswith("error"):
-            continue  # no call, a result the calculator did not return, or a failed call
-        tree = ast.parse(" ".join(expression.translate(CALC_SIGNS).split()), mode="eval")  # the calculator took it
-        calls.append((expression, result, any(isinstance(node, ast.BinOp) for node in ast.walk(tree))))
+        if not closed or result != tool["run"](expression) or result.startswith("error"):
+            continue  # no call, a result the tool did not return, or a failed call
+        computes = tool["computes"](expression) if "computes" in tool else result.strip() != expression.strip()
+        calls.append((expression, result, computes))
     return calls
 
 
@@ -1012,12 +1109,13 @@ TOOL_REWARD_FUNCS = [(tool_reward, 0.5), (grounded_call_reward, 0.25), (answer_f
                      (well_formed_call_reward, 0.125)]  # fmt: skip
 
 
-def calculator_env(tok, max_calls: int):
-    """--tools calculator as the rollout's environment: step(ids, calls) takes the token ids that a
-    completion has so far and its calls so far, and returns the token ids of <result>...</result> to
-    append when the model's last token has just closed a <calc> call, else None. It decodes only to
-    read the call; only its own reply is tokenized, and what the model wrote stays as sampled."""
-    closes = {}  # token id -> does its text hold a '>'? Only such a token can end '</calc>'
+def tool_env(tok, max_calls: int, names: str = "calculator"):
+    """--tools as the rollout's environment: step(ids, calls) takes the token ids that a completion has so far and
+    its calls so far, and returns the token ids of <result>...</result> to append when the model's last token has
+    just closed a call of one of the tools `names`, else None. It decodes only to read the call; only its own reply
+    is tokenized, and what the model wrote stays as sampled."""
+    closes = {}  # token id -> does its text hold a '>'? Only such a token can end a closing tag
+    close_tags = [f"</{TOOLS[name]['tag']}>" for name in names.split(",")]
 
     def step(ids: list[int], calls: int) -> list[int] | None:
         if ids[-1] not in closes:
@@ -1025,10 +1123,10 @@ def calculator_env(tok, max_calls: int):
         if not closes[ids[-1]]:
             return None
         text, before = tok.decode(ids, skip_special_tokens=True), tok.decode(ids[:-1], skip_special_tokens=True)
-        end = text.rfind(TOOL_CALL[1]) + len(TOOL_CALL[1])
-        if end <= max(len(before), len(TOOL_CALL[1]) - 1):  # no '</calc>' ends inside the last token
+        end = max((text.rfind(tag) + len(tag) for tag in close_tags if tag in text), default=-1)
+        if end <= len(before):  # no closing tag ends inside the last token
             return None
-        reply = tool_response(text[:end])
+        reply = tool_response(text[:end], names)
         if reply is not None and calls >= max_calls:  # past the cap: an answer that says so, not silence
             reply = f"{TOOL_RESULT[0]}error: no calls left, at most {max_calls}{TOOL_RESULT[1]}"
         # '><' is one token in many vocabularies: the model may have begun the reply, write only the rest
@@ -1287,10 +1385,12 @@ def prompt_indices(n: int, start: int, count: int, seed: int) -> list[int]:
     return order[offset : offset + count]
 
 
-def build_prompt(tok, question: str, tools: bool = False) -> str:
-    """The chat prompt for one question (the model's own chat template when it has one). With tools,
-    the system prompt says how to call the calculator and the worked example calls it."""
-    system, shot = (SYSTEM_PROMPT + TOOL_PROMPT, TOOL_EXAMPLE) if tools else (SYSTEM_PROMPT, EXAMPLE)
+def build_prompt(tok, question: str, tools: str = "") -> str:
+    """The chat prompt for one question (the model's own chat template when it has one). With tools (--tools
+    names), the system prompt says how to call each, and the worked example is the first one's."""
+    names = tools.split(",") if tools else []
+    system = SYSTEM_PROMPT + "".join("\n" + TOOLS[name]["prompt"] for name in names)
+    shot = TOOLS[names[0]]["example"] if names else EXAMPLE
     shots = [{"role": "user", "content": shot[0]}, {"role": "assistant", "content": shot[1]}] if shot else []
     messages = [{"role": "system", "content": system}, *shots, {"role": "user", "content": question}]
     if tok.chat_template is None:  # a base model: plain text
@@ -1404,14 +1504,17 @@ def check_config(cfg: Config) -> None:
     for name in ("save_every", "sample_every", "eval_every", "eval_samples"):
         if getattr(cfg, name) < 0:
             fail(f"--{name} {getattr(cfg, name)}: use 0 (off) or a positive number")
-    if cfg.tools not in ("", "calculator"):
-        fail(f"unknown --tools {cfg.tools!r}: use calculator, or leave it empty for none")
+    for name in cfg.tools.split(",") if cfg.tools else []:
+        if name not in TOOLS:
+            fail(f"unknown --tools {name!r}: use {', '.join(TOOLS)} (comma-separated), or leave it empty for none")
     if cfg.max_tool_calls < 0:
         fail(f"--max_tool_calls {cfg.max_tool_calls}: use 0 or more")
     if cfg.precision not in ("auto", "fp32", "bf16"):
         fail(f"unknown --precision {cfg.precision!r}: use auto, fp32 or bf16")
     if cfg.micro_batch_size == 0 or cfg.micro_batch_size < -1:
         fail(f"--micro_batch_size {cfg.micro_batch_size}: use a positive number, or -1 for the whole batch")
+    if cfg.plain and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # the plain update knows no ranks
+        fail("--plain trains in one process, through the plain forms alone: run it with python, not torchrun")
     if cfg.report_to not in ("none", "wandb", "trackio"):  # the two trackers share init(), log() and finish()
         fail(f"unknown --report_to {cfg.report_to!r}: use none, wandb, trackio")
     check_lora(cfg)
@@ -1720,13 +1823,14 @@ def log_step(bar, m: dict, cfg: Config, bf16: bool, question: str, texts: list[s
     write_metrics(cfg, m, tracker)
 
 
-def rollout_metrics(ro, rewards: torch.Tensor, per_fn: dict, rows: list[dict], tok, cfg: Config) -> dict:
-    """What to watch in a step, as this rank's sums {name: [total, count]} (main averages them over ranks)."""
+def rollout_metrics(ro, mask, rewards: torch.Tensor, per_fn: dict, rows: list[dict], tok, cfg: Config) -> dict:
+    """What to watch in a step, as this rank's sums {name: [total, count]} (main averages them over ranks); mask
+    (B, L): the tokens the model wrote (completion_mask)."""
     n, G = float(len(ro.texts)), cfg.group_size
     sums = {
         "reward": [rewards.sum().item(), n],
         "accuracy": [sum(correctness_reward(t, r["gold"]) for t, r in zip(ro.texts, rows)), n],
-        "completion_len": [completion_mask(ro.lengths, ro.completion_ids.shape[1], ro.by_env).sum().item(), n],
+        "completion_len": [mask.sum().item(), n],
         "truncated_frac": [(~ro.ended).sum().item(), n],
         "frac_zero_std": [(rewards.view(-1, G).std(1) == 0).sum().item(), n / G],  # groups without signal
     }

@@ -676,6 +676,8 @@ def test_tool_response_long_inputs_are_fast():
 
 # ----------------------------------------------------------------------------- GRPO math
 def test_group_advantages():
+    """The paper's baseline by value: A = (r - group mean) / (group std + eps). A fork that changes the baseline
+    (README, Fork it: leave-one-out) changes this test with it."""
     r = torch.tensor([1.0, 0.0, 0.0, 1.0, 5.0, 5.0, 5.0, 5.0])
     a = grpo.group_advantages(r, 4)
     g = r[:4]
@@ -736,6 +738,8 @@ def test_grpo_loss_is_reinforce_when_ratio_is_one():
 
 
 def test_kl_term():
+    """The k3 estimator's value and gradient. A fork that changes the estimator (README, Fork it: k2) changes
+    this test, and the k3 written again in plain_objective, with it."""
     logp, _, ref, adv, mask = random_batch()
     _, stats = grpo.grpo_loss(logp, logp.detach(), logp.detach(), adv, mask, beta=0.1)
     assert stats["kl"].item() == 0.0  # ref == policy
@@ -1009,6 +1013,79 @@ def test_accumulated_gradient_equals_one_plain_backward(tiny_model, loss_type):
         assert stats[k][0] / stats[k][1] == pytest.approx(total.item() / tokens, rel=1e-4, abs=1e-6), k
 
 
+@pytest.mark.parametrize("loss_type", grpo.LOSS_TYPES)
+def test_plain_update_equals_the_fast_one(tiny_model, loss_type):
+    """Given the same rollout, plain_update (one forward of the whole batch, grpo_loss, backward; --plain) and
+    fast_update (accumulate_gradients in micro-batches of 3 that split a group; the default) leave the same
+    gradient and log the same numbers, for every normalization (5), with tokens the environment wrote, a
+    reference that differs and clip-higher. A fork that edits one must edit the other, or train with --plain."""
+    model, tok = load(tiny_model)
+    model.train()
+    ids, pmask = prompts_of(tok, ["1+1?", "what is 12 + 30?", "9?"])
+    G, L = 2, 9
+    out = torch.randint(3, 90, (6, L), generator=torch.Generator().manual_seed(0))
+    lengths = torch.tensor([9, 3, 6, 1, 8, 5])
+    by_env = torch.zeros(6, L, dtype=torch.bool)
+    by_env[0, 2:4] = by_env[4, 4:6] = True
+    with torch.no_grad():
+        logp0 = plain_logprobs(model, ids, pmask, out, torch.arange(6) // G, 0.7)
+    shifts = torch.tensor([-0.5, -0.1, 0.0, 0.1, 0.21, 0.5]).repeat(10)[: 6 * L].view(6, L)
+    ro = grpo.Rollout(ids, pmask, out, lengths, lengths < L, logp0 - shifts, by_env, [""] * 6)
+    ref = logp0 + 0.3 * torch.randn(6, L, generator=torch.Generator().manual_seed(1))
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5, 1.5, -1.5])
+    cfg = grpo.Config(loss_type=loss_type, micro_batch_size=3, max_grad_norm=1e9, **REFERENCE_CFG)
+    mask = grpo.completion_mask(lengths, L, by_env)
+    results = []
+    for update in (grpo.plain_update, grpo.fast_update):
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # the step moves nothing: the gradient stays
+        stats, ok = update(model, optimizer, ro, mask, adv, ref, cfg)
+        results.append((flat_grad(model), stats, ok))
+    (plain, plain_stats, plain_ok), (fast, fast_stats, fast_ok) = results
+    assert plain_ok and fast_ok and sorted(plain_stats) == sorted(fast_stats)
+    assert_same_gradient(fast, plain)
+    for k, (total, count) in plain_stats.items():
+        assert count == fast_stats[k][1] and total == pytest.approx(fast_stats[k][0], rel=1e-4, abs=1e-6), k
+
+
+def test_the_switch_picks_the_plain_forms_for_plain():
+    """--plain trains through the forms a first reading reads; the default through their fast forms."""
+    assert grpo.paths(grpo.Config(plain=True)) == (
+        grpo.sample_plainly,
+        grpo.plain_reference_logprobs,
+        grpo.plain_update,
+    )
+    assert grpo.paths(grpo.Config()) == (grpo.rollout, grpo.fast_reference_logprobs, grpo.fast_update)
+
+
+def test_plain_mode_trains_evaluates_and_saves_through_the_plain_forms(tiny_model, tiny_data, tmp_path, monkeypatch):
+    """python grpo.py --plain: training and evaluation run the plain forms above the END line, never a fast one
+    (each is replaced by a function that fails), with tools, mu = 2 and a reference; the run saves final/. The same
+    seed without --plain gives the same metrics: the samplers draw the same tokens from the same noise, and the
+    updates the same gradient up to float noise (loss, KL and gradient norm within 1e-3 relative; token counts,
+    rewards and accuracies equal, since the tokens are)."""
+    monkeypatch.setattr(grpo, "REWARD_FUNCS", grpo.REWARD_FUNCS + [(shorter_is_better, 1.0)])
+    monkeypatch.setattr(grpo, "tool_env", frequent_env)
+    common = dict(steps=2, eval_size=2, mu=2, beta=0.04, tools="calculator", micro_batch_size=3)
+    fast = tiny_config(tiny_model, tiny_data, tmp_path / "fast", **common)
+    grpo.main(fast)
+
+    def fails(*args, **kwargs):
+        raise AssertionError("a fast path ran under --plain")
+
+    for name in ("rollout", "token_logprobs", "frozen_logprobs", "accumulate_gradients", "clip_and_step"):
+        monkeypatch.setattr(grpo, name, fails)
+    plain = tiny_config(tiny_model, tiny_data, tmp_path / "plain", plain=True, **common)
+    grpo.main(plain)
+    assert os.path.isfile(os.path.join(plain.output_dir, "final", "config.json"))
+    fast_records, plain_records = read_metrics(fast), read_metrics(plain)
+    assert [r["step"] for r in plain_records] == [0, 1, 2] and plain_records[1]["tool_calls"] > 0
+    for f, p in zip(fast_records, plain_records):
+        assert sorted(f) == sorted(p)
+        for k in f:
+            if k not in ("step_time", "tokens_per_s"):
+                assert p[k] == pytest.approx(f[k], rel=1e-3, abs=1e-5), (f["step"], k)
+
+
 class RecordingSGD:
     """Stands in for AdamW in grpo_step: at each step() it keeps the weights the pass started from and the
     gradient it produced, then moves the weights by plain SGD (so a second pass sees a changed policy)."""
@@ -1037,7 +1114,7 @@ def test_grpo_step_update_equals_one_plain_backward_per_pass(tiny_model, monkeyp
     test_accumulated_gradient_equals_one_plain_backward). The second pass starts from moved weights, so
     its ratios leave 1 and some tokens are clipped; the summed metrics are the passes' masked sums."""
     monkeypatch.setattr(grpo, "REWARD_FUNCS", [(digit_share, 1.0)])
-    monkeypatch.setattr(grpo, "calculator_env", frequent_env)
+    monkeypatch.setattr(grpo, "tool_env", frequent_env)
     rollouts, generate = [], grpo.generate
     monkeypatch.setattr(grpo, "generate", lambda *a: rollouts.append(generate(*a)) or rollouts[-1])
     model, tok = load(tiny_model)
@@ -1438,7 +1515,7 @@ def scripted_tool_rollout(model, tok, rows, bias=None, temperature=0.0):
         for r in rows
     ]
     hook = script_hook(model, tok, mask, [ids_of(tok, s) + [tok.eos_token_id] for s in scripted], bias)
-    env = grpo.calculator_env(tok, max_calls=2)
+    env = grpo.tool_env(tok, max_calls=2)
     try:
         out = grpo.rollout(model, ids, mask, 1, 160, temperature, [tok.eos_token_id], tok.pad_token_id, env=env)
     finally:
@@ -1446,7 +1523,7 @@ def scripted_tool_rollout(model, tok, rows, bias=None, temperature=0.0):
     return ids, mask, wanted, out
 
 
-def test_calculator_env_reads_a_close_tag_merged_with_the_next_character():
+def test_tool_env_reads_a_close_tag_merged_with_the_next_character():
     """In many vocabularies '><' is one token, so a model closes a call with '</calc' + '><': the call
     is still answered, and the environment writes only the rest of '<result>...</result>'."""
     from tokenizers import Tokenizer, decoders, models
@@ -1457,7 +1534,7 @@ def test_calculator_env_reads_a_close_tag_merged_with_the_next_character():
     t = Tokenizer(models.BPE(vocab=vocab, merges=[(">", "<")], unk_token="<|unk|>"))
     t.decoder = decoders.Fuse()
     tok = PreTrainedTokenizerFast(tokenizer_object=t, eos_token="<|im_end|>", unk_token="<|unk|>")
-    env = grpo.calculator_env(tok, max_calls=2)
+    env = grpo.tool_env(tok, max_calls=2)
     ids = ids_of(tok, "so <calc>2+3</calc><")
     assert tok.convert_ids_to_tokens(ids[-1:]) == ["><"]  # the tag ends inside the last token
     assert tok.decode(env(ids, 0)) == "result>5</result>"
@@ -1465,6 +1542,44 @@ def test_calculator_env_reads_a_close_tag_merged_with_the_next_character():
     assert tok.decode(env(ids, 2)) == "result>error: no calls left, at most 2</result>"  # the cap
     for text in ["so <calc>2+3</calc><result>5</result><", "2+3</calc><", "<calc>2+3</calc><x", "<calc>2+3"]:
         assert env(ids_of(tok, text), 0) is None, text  # no call closed by the last token
+
+
+def kilometres_to_metres(text: str) -> str:
+    """A toy tool, text in, text out: '3 km' -> '3000'; anything else is an error, never an exception."""
+    number, _, unit = text.strip().partition(" ")
+    if unit != "km" or not number.isdigit() or len(number) > 12:
+        return "error: write a whole number of km, like 3 km"
+    return str(int(number) * 1000)
+
+
+def test_a_registered_tool_runs_in_the_environment_and_is_paid_like_the_calculator(tiny_model, monkeypatch):
+    """A tool is a function and one entry of TOOLS: with only that, --tools names it, the prompt teaches it, the
+    environment answers its calls inside a rollout's decode steps (environment_turn), and the tool rewards parse,
+    re-check and pay its calls by the calculator's rules (a typed result or an invented number pays nothing)."""
+    entry = {"tag": "km", "run": kilometres_to_metres, "prompt": "Convert with <km>3 km</km>.", "example": ("q", "a")}
+    monkeypatch.setitem(grpo.TOOLS, "units", entry)
+    grpo.check_config(grpo.Config(tools="calculator,units"))
+    tok = load(tiny_model)[1]
+    assert "Convert with <km>3 km</km>." in grpo.build_prompt(tok, "q", tools="units")
+    env = grpo.tool_env(tok, 2, "units")
+    model_ids, turns = ids_of(tok, "so <km>3 km</km>"), {"ids": [[]], "queue": [[]], "calls": [0], "eos": {0}}
+    written, by_env = [], []
+    for token in model_ids + [tok.pad_token_id] * 30:  # the model's tokens, then whatever it would sample
+        chosen, forced = grpo.environment_turn(env, torch.tensor([token]), torch.tensor([False]), turns)
+        written.append(chosen.item())
+        by_env.append(forced.item())
+    replied = [i for i, forced in zip(written, by_env) if forced]
+    assert tok.decode(replied) == "<result>3000</result>" and turns["calls"] == [1]
+    question = "How many metres is a 3 km walk?"
+    honest = "<km>3 km</km><result>3000</result> <answer>3000</answer>"
+    assert grpo.answered_calls(honest) == [("3 km", "3000", True)]
+    assert grpo.tool_reward(honest, "3000", question=question) == 1.0
+    assert grpo.well_formed_call_reward(honest, "3000") == 1.0
+    typed, invented = "<km>3 km</km><result>3001</result> <answer>3001</answer>", "<km>7 km</km><result>7000</result>"
+    assert grpo.tool_reward(typed, "3001", question=question) == 0.0  # a result the tool did not return
+    assert grpo.tool_reward(invented + " <answer>7000</answer>", "7000", question=question) == 0.0  # 7 is not asked
+    with pytest.raises(SystemExit, match="unknown --tools 'abacus'"):
+        grpo.check_config(grpo.Config(tools="units,abacus"))
 
 
 def test_tool_results_are_forced_tokens_masked_from_the_model(tiny_model):
@@ -1577,7 +1692,7 @@ def test_main_with_tools_end_to_end(tiny_model, tiny_data, tmp_path, monkeypatch
     assert all(math.isfinite(v) for r in records for v in r.values())
     with open(os.path.join(cfg.output_dir, "eval_2.jsonl")) as f:
         assert all("tool_calls" in json.loads(line) for line in f)
-    assert "<calc>" in grpo.build_prompt(load(tiny_model)[1], "q", tools=True)
+    assert "<calc>" in grpo.build_prompt(load(tiny_model)[1], "q", tools="calculator")
 
 
 # ----------------------------------------------------------------------------- training end to end
@@ -1960,18 +2075,18 @@ def test_each_step_draws_its_own_samples_and_a_resumed_step_the_same(tiny_model,
     assert torch.equal(state, full[2][0]) and torch.equal(completions, full[2][1])
 
 
-def frequent_env(tok, max_calls):
-    """A stand-in for calculator_env that even a random model triggers: it answers after every model
+def frequent_env(tok, max_calls, names=""):
+    """A stand-in for tool_env that even a random model triggers: it answers after every model
     token whose id is a multiple of 5, so runs of main contain environment tokens."""
     reply = tok("<result>1</result>", add_special_tokens=False).input_ids
     return lambda ids, calls: reply if ids[-1] % 5 == 0 and calls < max_calls else None
 
 
 FREQUENT_ENV = """
-def frequent_env(tok, max_calls):
+def frequent_env(tok, max_calls, names=""):
     reply = tok("<result>1</result>", add_special_tokens=False).input_ids
     return lambda ids, calls: reply if ids[-1] % 5 == 0 and calls < max_calls else None
-grpo.calculator_env = frequent_env
+grpo.tool_env = frequent_env
 """
 
 
@@ -1981,7 +2096,7 @@ def test_finished_run_extends_bit_exactly(tiny_model, tiny_data, tmp_path, monke
     Evaluation samples (eval_samples) at the end of the short run without moving the random stream.
     With tools, environment tokens are in every step's rollouts."""
     monkeypatch.setattr(grpo, "REWARD_FUNCS", grpo.REWARD_FUNCS + [(shorter_is_better, 1.0)])
-    monkeypatch.setattr(grpo, "calculator_env", frequent_env)
+    monkeypatch.setattr(grpo, "tool_env", frequent_env)
     common = dict(save_every=2, eval_size=2, eval_samples=2, mu=2, lr=3e-3, warmup_steps=3, tools=tools)
     full = tiny_config(tiny_model, tiny_data, tmp_path / "a", steps=4, **common)
     grpo.main(full)
@@ -2487,7 +2602,7 @@ def generate_by_question(generate):
         for q in questions:
             torch.manual_seed(zlib.crc32(q.encode()))
             parts.append(generate(sampler, tok, [q], group_size, temperature, cfg, device))
-        prompts = [grpo.build_prompt(tok, q, tools=bool(cfg.tools)) for q in questions]
+        prompts = [grpo.build_prompt(tok, q, tools=cfg.tools) for q in questions]
         ids, mask = grpo.tokenize_prompts(tok, prompts, device)  # (N, P) left-padded, as generate returns them
         L = max(part.completion_ids.shape[1] for part in parts)
         pad = lambda t, value: torch.nn.functional.pad(t, (0, L - t.shape[1]), value=value)  # noqa: E731
@@ -3204,28 +3319,27 @@ def test_fast_logprobs_equal_the_plain_ones_with_gradients(tiny_qwen):
 
 
 def test_fast_rollout_equals_the_plain_one(tiny_qwen):
-    """rollout (a shared prefill, a KV cache, 4-D masks, exponential-race sampling) against sample_plainly (the
-    whole sequence through the model every token): greedy, the same tokens, lengths and log-probs; sampling,
-    both sample_logp are the log-probs of what they drew (sequence_logprobs, the plain log-probs)."""
+    """rollout (a shared prefill, a KV cache, 4-D masks) against sample_plainly (the whole sequence through the
+    model every token): both draw by the same exponential race, one (B, V) noise per token in the same order, so
+    from the same seed they return the same tokens, lengths, ended and by_env, and log-probs equal within float
+    noise (both those of what they drew: sequence_logprobs), greedy, sampled, and with an environment writing."""
     model, tok = load(tiny_qwen)
     ids, mask = prompts_of(tok, ["1+1?", "what is 12 + 30?"])
     eos = grpo.eos_ids(model, tok)
-    fast = grpo.rollout(model, ids, mask, 2, 12, 0.0, eos, tok.pad_token_id)
-    plain = grpo.sample_plainly(model, ids, mask, 2, 12, 0.0, eos)
-    assert torch.equal(fast[1], plain[1])  # lengths
-    m = grpo.completion_mask(fast[1], fast[0].shape[1]).bool()
-    assert torch.equal(fast[0][m], plain[0][:, : fast[0].shape[1]][m])
-    assert torch.allclose(fast[3][m], plain[2][:, : fast[0].shape[1]][m], atol=1e-5)
-    torch.manual_seed(0)
-    for sampled in (grpo.rollout(model, ids, mask, 3, 10, 0.8, eos, tok.pad_token_id), None):
-        if sampled is None:
-            completion, lengths, sample_logp = grpo.sample_plainly(model, ids, mask, 3, 10, 0.8, eos)
-        else:
-            completion, lengths, sample_logp = sampled[0], sampled[1], sampled[3]
+    for T, env, n in ((0.0, None, 12), (0.8, None, 10), (0.8, frequent_env(tok, 2), 40)):
+        outs = []
+        for fn in (grpo.rollout, grpo.sample_plainly):
+            torch.manual_seed(0)
+            outs.append(fn(model, ids, mask, 3, n, T, eos, tok.pad_token_id, env=env))
+        (completion, lengths, ended, fast_logp, by_env), plain = outs
+        for fast_part, plain_part in zip((completion, lengths, ended, by_env), plain[:3] + plain[4:]):
+            assert torch.equal(fast_part, plain_part), T
+        m = grpo.completion_mask(lengths, completion.shape[1], by_env).bool()
         with torch.no_grad():
-            logp = grpo.sequence_logprobs(model, ids, mask, completion, 0.8)
-        m = grpo.completion_mask(lengths, completion.shape[1]).bool()
-        assert m.sum() > 6 and torch.allclose(sample_logp[m], logp[m], atol=1e-4)
+            logp = grpo.sequence_logprobs(model, ids, mask, completion, T or 1.0)
+        assert m.sum() > 6 and torch.allclose(fast_logp[m], plain[3][m], atol=1e-5)
+        assert torch.allclose(fast_logp[m], logp[m], atol=1e-4)
+    assert by_env.any()  # the environment wrote
 
 
 def test_exponential_race_draws_from_the_softmax():
@@ -3303,10 +3417,11 @@ def test_a_first_reading_ends_by_line_500():
     end = next(i + 1 for i, line in enumerate(lines) if line.startswith("# ===") and "END OF THE ALGORITHM" in line)
     assert end <= 500, end
     where = {node.name: node.lineno for node in ast.parse(source).body if hasattr(node, "name")}
-    above = ["Config", "grpo_loss", "grpo_step", "accumulate_gradients", "Rollout", "sample_plainly"]
-    above += ["sequence_logprobs", "main", "setup_training"]
+    above = ["Config", "grpo_loss", "grpo_step", "paths", "plain_update", "plain_reference_logprobs", "Rollout"]
+    above += ["sample_plainly", "sequence_logprobs", "main", "setup_training"]
     assert all(where[name] < end for name in above), {name: where[name] for name in above}
-    assert all(where[name] > end for name in ("rollout", "token_logprobs", "sample", "bf16_copy", "head_logprobs"))
+    below = ["rollout", "token_logprobs", "sample", "bf16_copy", "head_logprobs", "accumulate_gradients", "fast_update"]
+    assert all(where[name] > end for name in below)
     longest = max(
         (n.end_lineno - n.lineno + 1, n.name) for n in ast.walk(ast.parse(source)) if isinstance(n, ast.FunctionDef)
     )
@@ -3373,8 +3488,10 @@ def test_partial_credit_pays_only_for_the_real_thing(name, completion, expected)
 
 
 def total_reward(completion: str) -> float:
+    """Every reward of a --tools run, as training calls them (a length reward gets a token count: characters here)."""
     funcs = grpo.REWARD_FUNCS + grpo.TOOL_REWARD_FUNCS
-    return grpo.score([completion], [{"question": CRATES, "gold": "29842"}], funcs)[0][0].item()
+    row = {"question": CRATES, "gold": "29842"}
+    return grpo.score([completion], [row], funcs, [len(completion)], 1000)[0][0].item()
 
 
 def test_no_attack_pays_as_much_as_the_work():
@@ -3388,9 +3505,17 @@ def test_no_attack_pays_as_much_as_the_work():
 
 def test_right_answer_dominates():
     """A right answer always outscores a wrong one: everything a wrong answer can collect (every reward but
-    correctness_reward and tool_reward, which pay only right answers) weighs less than correctness alone."""
-    weights = dict((fn.__name__, w) for fn, w in grpo.REWARD_FUNCS + grpo.TOOL_REWARD_FUNCS)
-    wrong_max = sum(w for name, w in weights.items() if name not in ("correctness_reward", "tool_reward"))
+    correctness_reward and tool_reward, which pay only right answers) weighs less than correctness alone. What
+    a reward can pay is its weight times the most it pays on the table's completions: a penalty a fork adds
+    (README, Fork it) pays nothing, and fails this test only if it makes a wrong answer outscore a right one."""
+    table = [HONEST] + [completion for _, completion, *_ in ATTACKS]
+    wrong_max = 0.0
+    for fn, weight in grpo.REWARD_FUNCS + grpo.TOOL_REWARD_FUNCS:
+        if fn not in (grpo.correctness_reward, grpo.tool_reward):
+            rows, tokens = [{"question": CRATES, "gold": "29842"}] * len(table), [len(c) for c in table]
+            paid = grpo.score(table, rows, [(fn, 1.0)], tokens, 1000)[0]  # each rubric reward reaches 1 on HONEST
+            wrong_max += weight * max(0.0, paid.max().item())
+    weights = {fn.__name__: w for fn, w in grpo.REWARD_FUNCS + grpo.TOOL_REWARD_FUNCS}
     assert wrong_max < weights["correctness_reward"]
     wrong = [total_reward(c) for _, c, *_ in ATTACKS if not grpo.correctness_reward(c, "29842")]
     right = [total_reward(c) for _, c, *_ in ATTACKS if grpo.correctness_reward(c, "29842")]
