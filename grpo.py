@@ -119,8 +119,6 @@ your step by step reasoning
 <answer>
 the final number only
 </answer>"""
-
-
 # A worked example, shown as an earlier turn of the chat: small models copy a shown format far more readily
 # than a described one (SmolLM2-135M-Instruct: 40 of 64 samples used the tags, 1 of 64 with the example inside
 # the system prompt). Set to () to drop it.
@@ -531,8 +529,8 @@ def frozen_logprobs(model, prompt_ids, prompt_mask, completion_ids, micro_batch_
 
 
 def micro_batches(B: int, size: int, group_size: int, device) -> list[tuple[slice, slice, torch.Tensor]]:
-    """Rows [i, i + size) of the batch, the prompt rows they use, and each row's index into those."""
-    out = []
+    """Rows [i, i + size) of the batch (size < 1: all), the prompt rows they use, and each row's index into those."""
+    out, size = [], size if size > 0 else B
     for i in range(0, B, size):
         rows = slice(i, min(i + size, B))
         prompts = slice(rows.start // group_size, (rows.stop - 1) // group_size + 1)
@@ -585,7 +583,7 @@ def fast_update(policy, optimizer, ro, mask, advantages, ref_logp, cfg: Config, 
     its own mask), then the step unless it is not finite on some rank (clip_and_step). The same return."""
     optimizer.zero_grad(set_to_none=True)
     stats = accumulate_gradients(policy, ro.prompt_ids, ro.prompt_mask, ro.completion_ids, ro.lengths, ro.by_env,
-                                 advantages, ro.sample_logp, ref_logp, cfg, micro_batch(cfg, ro), world)  # fmt: skip
+                                 advantages, ro.sample_logp, ref_logp, cfg, cfg.micro_batch_size, world)  # fmt: skip
     model = getattr(policy, "module", policy)  # the model inside DDP
     ok, grad_norm = clip_and_step(model, optimizer, stats["loss"][0], cfg.max_grad_norm, world)
     return {**stats, "grad_norm": [grad_norm, 1.0]}, ok
@@ -593,14 +591,8 @@ def fast_update(policy, optimizer, ro, mask, advantages, ref_logp, cfg: Config, 
 
 def fast_reference_logprobs(ref_model, ro, cfg: Config) -> torch.Tensor:
     """plain_reference_logprobs' fast form: frozen_logprobs, a micro-batch at a time."""
-    return frozen_logprobs(ref_model, ro.prompt_ids, ro.prompt_mask, ro.completion_ids, micro_batch(cfg, ro),
+    return frozen_logprobs(ref_model, ro.prompt_ids, ro.prompt_mask, ro.completion_ids, cfg.micro_batch_size,
                            cfg.temperature, use_bf16(cfg, ro.prompt_ids.device))  # fmt: skip
-
-
-def micro_batch(cfg: Config, ro) -> int:
-    """Completions per forward: --micro_batch_size, at most the batch (-1: all of it)."""
-    B = ro.completion_ids.shape[0]
-    return B if cfg.micro_batch_size < 0 else min(cfg.micro_batch_size, B)
 
 
 @torch.no_grad()
@@ -1630,8 +1622,6 @@ def autocast(device, bf16: bool):
 
 # ----------------------------------------------------------------------------- Checkpoints
 RESUME_MUST_MATCH = ("model", "dataset", "dataset_config", "seed", "prompts_per_step", "group_size")  # the data stream
-
-
 NOT_RESUMED = ("output_dir", "resume", "eval_only", "device", "trust_remote_code")  # this process's, not the run's
 
 

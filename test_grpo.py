@@ -330,8 +330,10 @@ ADVERSARIAL = [
 
 @pytest.mark.parametrize("fn", [f for f, _ in grpo.REWARD_FUNCS + grpo.TOOL_REWARD_FUNCS] + [grpo.lenient_correctness])
 def test_rewards_never_raise_and_are_fast(fn):
+    """Every reward, called as training calls it (a length reward gets its token count), on hostile text."""
+    keywords = {} if fn is grpo.lenient_correctness else {"question": "q", "tokens": 400, "max_tokens": 400}
     for text in ADVERSARIAL:
-        value, seconds = cpu_seconds(fn, text, "5")
+        value, seconds = cpu_seconds(lambda c, a: fn(c, a, **keywords), text, "5")
         assert isinstance(value, float) and math.isfinite(value)
         assert seconds < 0.5, f"{fn.__name__} is slow on a {len(text)}-char string"
 
@@ -1110,7 +1112,8 @@ def test_grpo_step_update_equals_one_plain_backward_per_pass(tiny_model, monkeyp
     """grpo_step with mu = 2, tools (environment tokens from a frequent stand-in calculator), a reference
     model that differs, beta > 0 and clip_eps_high: each pass's gradient equals one plain backward of -J
     over the whole batch, with pi_old = the rollout's own log-probs, pi_ref's log-probs from full
-    sequences and advantages from the returned rewards (the normalizations are each held to the plain form in
+    sequences and the paper's advantages from the returned rewards (written again here: a fork that changes the
+    baseline or the KL estimator changes them here too; the normalizations are each held to the plain form in
     test_accumulated_gradient_equals_one_plain_backward). The second pass starts from moved weights, so
     its ratios leave 1 and some tokens are clipped; the summed metrics are the passes' masked sums."""
     monkeypatch.setattr(grpo, "REWARD_FUNCS", [(digit_share, 1.0)])
