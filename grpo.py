@@ -509,11 +509,9 @@ def setup_training(model, cfg: Config, resume_from: str | None, world: int, devi
 #   rollout_metrics     the step's numbers to watch: accuracy, completion length, cut-off and zero-std shares, tools
 #   autocast, use_bf16  bf16 compute over the fp32 weights, when --precision (auto: CUDA) says so
 #   adapters_off        with LoRA, within it the policy computes as pi_ref; add_lora gives it the adapters
-#   main's bookkeeping, each named for what it does: read_checkpoint, resume_state, save_checkpoint (--resume);
-#     check_config (a bad flag stops in one line: fail); load_data, load_model, bf16_copy, check_output_dir,
-#     warn_if_slow_on_cpu; setup_distributed, reduce_metrics (torchrun); evaluate, evaluate_only (greedy pass@1);
-#     seed_everything, prompt_indices (the step's seed and questions); check_skipped, log_step, write_metrics,
-#     start_tracker, finish_run (logs, skipped updates, final/), describe_precision
+#   main's bookkeeping, named for what it does: check_config, load_data, load_model (a bad flag or file stops in one
+#     line: fail); read_checkpoint, resume_state, save_checkpoint (--resume); setup_distributed, reduce_metrics
+#     (torchrun); evaluate (greedy pass@1); seed_everything, prompt_indices (the step's seed, its questions); logs.
 
 
 # ----------------------------------------------------------------------------- Fast paths: what training runs, each tested equal to its plain form above
@@ -882,9 +880,8 @@ def check_skipped(applied: list[bool], bad_in_a_row: int, skipped: int, step: in
 
 
 # ----------------------------------------------------------------------------- Tools (off by default): the registry, the calculator, the environment, the rewards
-# A tool is a plain function, text in, text out ('error: ...' for a bad call, never an exception), and one entry of
-# TOOLS (after the calculator, below). The model writes <TAG>INPUT</TAG> mid-answer; the environment appends
-# <result>OUTPUT</result>; the tool rewards pay for calls whose result the tool really returned.
+# A tool is a plain function, text in, text out ('error: ...', never an exception), and an entry of TOOLS (below):
+# the model writes <TAG>INPUT</TAG> mid-answer, the environment appends <result>OUTPUT</result>.
 TOOL_RESULT = ("<result>", "</result>")
 CALC_MAX_CHARS = 200  # checked before parsing, so parse time and the number of AST nodes are bounded
 CALC_MAX_DEPTH = 100  # nesting of the tree, bounds the recursion (1+1+...+1 in 200 characters fits)
