@@ -1510,13 +1510,14 @@ def setup_cuda(device: torch.device) -> None:
     """Every CUDA-only setting, in one place (a CPU test calls it with a CUDA device and the CUDA calls mocked).
     - The allocator grows its segments instead of carving fixed blocks, which the KV cache, growing a token at a
       time, fragments. Read once, at the first CUDA allocation; a user's own setting (either name) wins.
-    - The current device is `device`: allocations and syncs that name no device go to it, not to GPU 0.
+    - The current device is `device`: allocations and syncs that name no device go to it, not to GPU 0. A device
+      without an index (--device cuda) means the current one: torch.cuda.set_device refuses it (torch/cuda/_utils.py).
     - No cuDNN attention. Since torch 2.11 it is SDPA's first choice on sm90+, and its backward returns NaN
       grad_q for an explicit mask with a key length of 64 mod 128 (pytorch/pytorch#196678; Qwen2.5 hits it,
       huggingface/trl#7181). Flash and memory-efficient attention serve instead."""
     if "PYTORCH_CUDA_ALLOC_CONF" not in os.environ:  # the older name, which torch still reads (with a warning)
         os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
-    torch.cuda.set_device(device)
+    torch.cuda.set_device(torch.cuda.current_device() if device.index is None else device.index)
     torch.backends.cuda.enable_cudnn_sdp(False)
 
 

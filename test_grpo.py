@@ -2743,13 +2743,34 @@ def test_bench_job_trains_grpo_and_trl_on_the_same_work(tiny_qwen, tiny_data, tm
 
 
 # ----------------------------------------------------------------------------- the first GPU run, decided on CPU
-def fake_cuda(monkeypatch, capability=(9, 0)) -> list:
-    """The CUDA calls grpo.py makes, mocked: a CPU test then runs the CUDA decisions. Returns the calls seen."""
-    calls = []
+def fake_cuda(monkeypatch, capability=(9, 0), gpus: int = 2) -> list:
+    """The CUDA calls grpo.py makes, mocked as strictly as torch: a CPU test then runs the CUDA decisions. Each
+    mock refuses what the real call refuses (a lax set_device once hid a crash on --device cuda): set_device is
+    torch's own, down to the C call that would reach the driver, so its argument checks run; the device index
+    checks are torch's (_get_device_index); enable_cudnn_sdp takes a bool only. Returns the calls seen."""
+    calls, current = [], [0]
+
+    def set_device_in_driver(index: int) -> None:  # what torch.cuda.set_device calls once its checks pass
+        assert type(index) is int and 0 <= index < gpus, index
+        current[0] = index
+        calls.append(("set_device", torch.device("cuda", index)))
+
+    def get_device_capability(device=None):
+        index = current[0] if device is None else torch.cuda._utils._get_device_index(device, optional=True)
+        assert 0 <= index < gpus, index
+        return capability
+
+    def enable_cudnn_sdp(on):
+        if type(on) is not bool:  # a pybind bool: 0 and 1 are refused
+            raise TypeError(f"enable_cudnn_sdp(): expected a bool, got {type(on).__name__}")
+        calls.append(("cudnn_sdp", on))
+
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("set_device", torch.device(device))))
-    monkeypatch.setattr(torch.backends.cuda, "enable_cudnn_sdp", lambda on: calls.append(("cudnn_sdp", on)))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
+    monkeypatch.setattr(torch.cuda, "get_device_capability", get_device_capability)
+    monkeypatch.setattr(torch._C, "_cuda_setDevice", set_device_in_driver, raising=False)  # absent in a CPU build
+    monkeypatch.setattr(torch.backends.cuda, "enable_cudnn_sdp", enable_cudnn_sdp)
     for name in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"):
         monkeypatch.delenv(name, raising=False)
     return calls
@@ -2761,6 +2782,11 @@ def test_setup_cuda_makes_every_cuda_setting(monkeypatch):
     calls = fake_cuda(monkeypatch)
     grpo.setup_cuda(torch.device("cuda", 1))
     assert calls == [("set_device", torch.device("cuda", 1)), ("cudnn_sdp", False)]
+    calls.clear()
+    grpo.setup_cuda(torch.device("cuda"))  # no index (bench.py --device cuda): the current device, as torch means it
+    assert calls == [("set_device", torch.device("cuda", 1)), ("cudnn_sdp", False)]
+    with pytest.raises(ValueError, match="specified index"):  # the mock refuses what torch refuses
+        torch.cuda.set_device(torch.device("cuda"))
     assert os.environ["PYTORCH_ALLOC_CONF"] == "expandable_segments:True"
     for name in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"):  # a user's own setting, under either name, wins
         fake_cuda(monkeypatch)
@@ -2778,7 +2804,13 @@ def test_the_cuda_device_is_set_in_every_process_and_nccl_is_given_it(monkeypatc
     calls = fake_cuda(monkeypatch)
     inits = []
     monkeypatch.setattr(grpo.dist, "is_initialized", lambda: False)
-    monkeypatch.setattr(grpo.dist, "init_process_group", lambda backend, **kw: inits.append((backend, kw)))
+
+    def init_process_group(backend, device_id=None, **kw):  # torch's own check of device_id (distributed_c10d.py)
+        if device_id is not None and (device_id.type != "cuda" or device_id.index is None):
+            raise ValueError("Please use a device_id with index.")
+        inits.append((backend, {"device_id": device_id, **kw}))
+
+    monkeypatch.setattr(grpo.dist, "init_process_group", init_process_group)
     monkeypatch.setattr(grpo.dist, "get_rank", lambda: 1)
     monkeypatch.setenv("WORLD_SIZE", str(world))
     monkeypatch.setenv("LOCAL_RANK", str(world - 1))
