@@ -50,6 +50,7 @@ from unittest import mock
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed._tools.mem_tracker import MemTracker
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
 import grpo
@@ -283,7 +284,7 @@ def decode_profile(args) -> dict:
         with profile(activities=activities) as prof:
             rollout(tokens)
             sync(device)
-        return sum(e.self_device_time_total for e in prof.key_averages()) / 1e6
+        return kernel_seconds(prof.key_averages())
 
     rollout(steps + 1)  # warm up: the first kernels, allocations
     decode_wall = min(wall(steps + 1) for _ in range(3)) - min(wall(1) for _ in range(3))
@@ -295,6 +296,56 @@ def decode_profile(args) -> dict:
           + (f", GPU busy {result['gpu_busy_ms_per_step']:.2f} ms: host-bound share {result['host_bound_share']:.1%}"
              if device.type == "cuda" else " (no GPU: the host-bound share needs one)"))  # fmt: skip
     return result
+
+
+def kernel_seconds(events) -> float:
+    """The GPU's busy time in a profile: self device time summed over the device's own rows (its kernels and
+    copies). key_averages() also has a row for each op that launched them, whose self device time repeats its
+    kernels': summing every row counts each kernel twice. torch's own table sums as here (profiler_util.py)."""
+    from torch.autograd import DeviceType
+
+    return sum(e.self_device_time_total for e in events
+               if e.device_type == DeviceType.CUDA and not e.is_user_annotation) / 1e6  # fmt: skip
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the ATen ops dispatched (each one a kernel launch on a GPU, but for views) while it is active."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def decode_ops(config, lora_rank: int = 16) -> dict[str, int]:
+    """ATen ops per decode token of grpo.rollout, as grpo.py samples under bf16 (the default on CUDA): full fine-tuning
+    (the bf16 sampler copy) and LoRA (the policy itself: a bf16 base with fp32 adapters). On a GPU each op is a kernel
+    launch of some microseconds on the CPU, so this bounds how fast decoding can go whatever the GPU. One token is
+    the difference of a 3-token and a 2-token rollout of 2 prompts x 2 samples, each from a fresh start."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    ids = torch.randint(1, config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding, as in training
+
+    def per_token(sampler) -> int:
+        counts = []
+        for tokens in (2, 3):
+            for layer in grpo.lora_layers(sampler):  # each rollout from a fresh start: the adapters cast anew
+                layer.__dict__.pop("lora_cast", None)
+            with OpCounter() as ops:
+                grpo.rollout(sampler, ids, mask, 2, tokens, 1.0, [config.vocab_size - 1], 0, ignore_eos=True)
+            counts.append(ops.count)
+        return counts[1] - counts[0]
+
+    full = per_token(grpo.bf16_copy(model))
+    grpo.bf16_weights(model)  # as load_model leaves a LoRA base under bf16
+    with contextlib.redirect_stdout(sys.stderr):  # add_lora's line
+        grpo.add_lora(model, grpo.Config(lora_rank=lora_rank), None)
+    return {"layers": config.num_hidden_layers, "full": full, "lora": per_token(model)}
 
 
 # ----------------------------------------------------------------------------- --memory
@@ -823,6 +874,7 @@ def main() -> None:
     p.add_argument("--lora_rank", type=int, default=0, help="--memory: as grpo.py's (0 = full fine-tuning)")
     p.add_argument("--sdpa_check", action="store_true", help="the cuDNN attention NaN, torch's backends vs grpo.py's")
     p.add_argument("--decode_profile", action="store_true", help="decode ms per step and the host-bound share")
+    p.add_argument("--decode_ops", action="store_true", help="ATen ops per decode token, full and LoRA, on CPU")
     p.add_argument(
         "--decode_steps", type=int, default=16, help="--memory: decode steps run; the rest are counted; -1 = all"
     )
@@ -854,6 +906,12 @@ def main() -> None:
         print(json.dumps(result))
         if result["non_finite_grad_q_grpo"]:
             sys.exit("error: grpo.py's attention setting gives a non-finite grad_q")
+        return
+    if args.decode_ops:
+        ops = decode_ops(model_config(args.model))
+        print(f"ATen ops per decode token, {args.model} ({ops['layers']} layers, bf16 sampling as on CUDA): full "
+              f"fine-tuning {ops['full']}, LoRA rank 16 {ops['lora']} ({ops['lora'] / ops['full']:.2f}x)")  # fmt: skip
+        print(json.dumps(ops))
         return
     if args.decode_profile:
         print(json.dumps(decode_profile(args)))

@@ -2969,6 +2969,42 @@ def test_bench_gpu_checks_run_on_cpu(tiny_qwen):
             bench.check_job_step(3, metrics)
 
 
+def test_a_decode_token_dispatches_at_most_1900_ops_and_lora_at_most_1_5x(tiny_qwen):
+    """On a GPU the host launches every op of a decode token one by one (~5-10 us each), against ~1.3 ms of GPU work
+    per token for Qwen2.5-0.5B: the op count bounds decoding. Counted on the tiny Qwen2 with 1 and 2 layers (each
+    layer dispatches the same ops, whatever its width), so the 24-layer count is fixed + 24 x per layer: at most
+    1,900 for full fine-tuning (it was 1,968: SDPA turned the boolean mask into an additive one in every layer), and
+    LoRA at most 1.5x that (it was 2.02x: the adapters were cast in every layer at every token)."""
+    from transformers import AutoConfig
+
+    bench = importlib.import_module("bench")
+    config = AutoConfig.from_pretrained(tiny_qwen)
+    counts = []
+    for layers in (1, 2):
+        config.num_hidden_layers = layers
+        counts.append(bench.decode_ops(config, lora_rank=4))
+    at_24 = {k: 2 * counts[0][k] - counts[1][k] + 24 * (counts[1][k] - counts[0][k]) for k in ("full", "lora")}
+    assert at_24["full"] <= 1900 and at_24["lora"] <= 1.5 * at_24["full"], at_24
+
+
+def test_kernel_seconds_counts_each_kernel_once():
+    """The GPU's busy time from a profile: key_averages() lists a launching op (a CPU row whose self device time
+    is its kernels') and the kernel itself (a CUDA row); only the device rows count, or every kernel counts twice
+    and the host-bound share comes out wrong, even negative. A user annotation's range is not a kernel either."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    bench = importlib.import_module("bench")
+
+    def row(device, us, note=False):
+        return SimpleNamespace(device_type=device, self_device_time_total=us, is_user_annotation=note)
+
+    events = [row(DeviceType.CPU, 300.0), row(DeviceType.CUDA, 300.0), row(DeviceType.CPU, 200.0),
+              row(DeviceType.CUDA, 200.0), row(DeviceType.CPU, 0.0), row(DeviceType.CUDA, 1000.0, note=True)]  # fmt: skip
+    assert bench.kernel_seconds(events) == pytest.approx(500e-6)
+
+
 # ----------------------------------------------------------------------------- LoRA
 def lora_model(path: str, rank: int = 4, bf16: bool = False):
     """The model at path with rank-`rank` adapters (B = 0, as at the start), and its tokenizer."""
@@ -3006,6 +3042,29 @@ def test_lora_adapters_off_is_the_base_model_exactly(tiny_qwen):
     completion = torch.randint(5, 90, (4, 6), generator=torch.Generator().manual_seed(0))
     assert torch.equal(grpo.frozen_logprobs(model, ids, mask, completion, 4, 1.0), expected)  # pi_ref: adapters off
     assert (some_logprobs(model, tok) - expected).abs().max() > 1e-3  # and on again after
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_lora_sampling_adds_the_same_update_and_never_a_stale_one(tiny_qwen, bf16):
+    """Without gradients (sampling) an adapted layer adds (alpha / r) B A x with A and B cast once and reused, in
+    place: the same output as the training path (to rounding in bf16), and after an in-place update of A or B (an
+    optimizer step, a load) the new adapters, never the cached cast of the old ones."""
+    model, tok = lora_model(tiny_qwen, bf16=bf16)
+    layer = grpo.lora_layers(model)[0]
+    x = torch.randn(3, 5, layer.in_features, generator=torch.Generator().manual_seed(0))
+    x = x.to(torch.bfloat16) if bf16 else x
+    tol = dict(rtol=2e-2, atol=2e-2) if bf16 else dict(rtol=1e-6, atol=1e-6)
+    for update in range(3):
+        with torch.no_grad():  # an update as AdamW makes it: in place, under no_grad
+            (layer.lora_B if update != 1 else layer.lora_A).add_(
+                0.1 * torch.randn_like(layer.lora_B if update != 1 else layer.lora_A)
+            )
+        with torch.no_grad():
+            sampled = layer(x)
+        trained = layer(x).detach()  # the differentiable path
+        base = torch.nn.functional.linear(x, layer.weight, layer.bias)
+        assert torch.allclose(sampled, trained, **tol), update
+        assert not torch.allclose(trained, base, **tol)  # the adapters add something: the comparison can fail
 
 
 def test_lora_bf16_base_and_the_policy_samples(tiny_qwen, tiny_data, tmp_path):
