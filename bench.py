@@ -172,7 +172,7 @@ def run_path(args) -> dict:
         model.train()
         with ac, torch.no_grad():
             if args.path == "fast":
-                frozen = lambda m: grpo.frozen_logprobs(m, prompt_ids, prompt_mask, completion, mb, 1.0, bf16)  # noqa: E731
+                frozen = lambda m: grpo.frozen_logprobs(m, prompt_ids, prompt_mask, completion, lengths, mb, 1.0, bf16)  # noqa: E731
             else:
                 frozen = lambda m: plain_logprobs(m, seq, completion, prompt_mask)  # noqa: E731
             ref_logp = clock("ref_logp", lambda: frozen(ref)) if ref is not None else None
@@ -518,12 +518,12 @@ def predict_memory(args) -> dict:
         model.train()
         tracker.phase = "ref_logp"
         rows, prompts = slice(0, n), slice(0, n // G)  # the micro-batches that run (views: nothing allocated)
-        args_ = (prompt_ids[prompts], prompt_mask[prompts], completion[rows], mb, 1.0, bf16)
-        ref_logp = grpo.frozen_logprobs(ref, *args_) if ref is not None else None
+        args_ = (prompt_ids[prompts], prompt_mask[prompts], completion[rows], lengths[rows])
+        ref_logp = grpo.frozen_logprobs(ref, *args_, mb, 1.0, bf16) if ref is not None else None
         tracker.phase = "policy_fwd_bwd"
         optimizer.zero_grad(set_to_none=True)
-        stats = grpo.accumulate_gradients(policy, *args_[:3], lengths[rows], by_env[rows], advantages[rows],
-                                          sample_logp[rows], ref_logp, cfg, mb, 1)  # fmt: skip
+        stats = grpo.accumulate_gradients(policy, *args_, by_env[rows], advantages[rows], sample_logp[rows], ref_logp,
+                                          cfg, mb, 1)  # fmt: skip
         tracker.phase = "optimizer"
         grpo.clip_and_step(model, optimizer, stats["loss"][0], cfg.max_grad_norm, 1)
         grpo.refresh_sampler(sampler, model)

@@ -271,7 +271,7 @@ def grpo_step(policy, sampler, ref_model, tok, optimizer, rows: list[dict], cfg:
 
     # --- 4. reference log-probs (pi_old's came with the rollout: sample_logp)
     model.train()
-    batch = (ro.prompt_ids, ro.prompt_mask, ro.completion_ids, mb, cfg.temperature, use_bf16(cfg, device))
+    batch = (ro.prompt_ids, ro.prompt_mask, ro.completion_ids, ro.lengths, mb, cfg.temperature, use_bf16(cfg, device))
     ref_logp = frozen_logprobs(ref_model, *batch) if ref_model is not None else None  # (B, L), micro-batched
 
     # --- 5. update: mu optimizer steps on this batch, each with rho = pi_theta / pi_old
@@ -503,14 +503,20 @@ def setup_training(model, cfg: Config, resume_from: str | None, world: int, devi
 
 # ----------------------------------------------------------------------------- Fast paths: what training runs, each tested equal to its plain form above
 @torch.no_grad()
-def frozen_logprobs(model, prompt_ids, prompt_mask, completion_ids, micro_batch_size: int, temperature: float,
-                    bf16: bool = False):  # fmt: skip
-    """token_logprobs (B, L) of a model that is not being trained (pi_ref)."""
+def frozen_logprobs(model, prompt_ids, prompt_mask, completion_ids, lengths, micro_batch_size: int, temperature: float,
+                    bf16: bool = False) -> torch.Tensor:  # fmt: skip
+    """token_logprobs (B, L) of a model that is not being trained (pi_ref), each micro-batch trimmed to its own
+    longest completion, as accumulate_gradients trims them (past a completion's length: 0, masked by length)."""
     B, G = completion_ids.shape[0], completion_ids.shape[0] // prompt_ids.shape[0]
+    slices = micro_batches(B, micro_batch_size, G, prompt_ids.device)
+    trims = torch.stack([lengths[s].max() for s, _, _ in slices]).tolist()  # one host read, before the loop
+    logp = torch.zeros(completion_ids.shape, device=completion_ids.device)  # (B, L)
     with autocast(prompt_ids.device, bf16), adapters_off(model):  # with LoRA, pi_ref is the policy, adapters off
-        parts = [token_logprobs(model, prompt_ids[p], prompt_mask[p], completion_ids[s], index, temperature)
-                 for s, p, index in micro_batches(B, micro_batch_size, G, prompt_ids.device)]  # fmt: skip
-    return torch.cat(parts)
+        for (s, p, index), Lm in zip(slices, trims):
+            logp[s, :Lm] = token_logprobs(
+                model, prompt_ids[p], prompt_mask[p], completion_ids[s, :Lm], index, temperature
+            )
+    return logp
 
 
 @torch.no_grad()

@@ -2863,9 +2863,9 @@ def count_host_reads(fn) -> int:
 
 
 def test_reference_and_update_passes_read_the_host_once_not_per_micro_batch(tiny_qwen):
-    """On a GPU each host read stops the CPU from queueing the next micro-batch. The reference pass reads
-    nothing and the update pass reads twice (every micro-batch's length before the loop, the metric sums
-    after it), however many micro-batches: 8 micro-batches of 1 cost what 1 of 8 costs. Before, about 9 a
+    """On a GPU each host read stops the CPU from queueing the next micro-batch. The reference pass reads once
+    (every micro-batch's length, before the loop) and the update pass twice (the lengths, and the metric sums
+    after the loop), however many micro-batches: 8 micro-batches of 1 cost what 1 of 8 costs. Before, about 9 a
     micro-batch (a length, five .item() calls, transformers' padding checks on a 2-D mask)."""
     model, tok = load(tiny_qwen)
     ids, mask, out, lengths, by_env, sample_logp = sampled_batch(model, tok, model, G=4, L=12)
@@ -2874,16 +2874,35 @@ def test_reference_and_update_passes_read_the_host_once_not_per_micro_batch(tiny
 
     def passes(mb: int) -> tuple[int, int]:
         cfg = grpo.Config(micro_batch_size=mb, beta=0.04, max_new_tokens=12)
-        ref_logp = grpo.frozen_logprobs(model, ids, mask, out, mb, 1.0)
+        ref_logp = grpo.frozen_logprobs(model, ids, mask, out, lengths, mb, 1.0)
         update = (model, ids, mask, out, lengths, by_env, adv, sample_logp, ref_logp, cfg, mb)
         return (
-            count_host_reads(lambda: grpo.frozen_logprobs(model, ids, mask, out, mb, 1.0)),
+            count_host_reads(lambda: grpo.frozen_logprobs(model, ids, mask, out, lengths, mb, 1.0)),
             count_host_reads(lambda: grpo.accumulate_gradients(*update)),
         )
 
     reads = {mb: passes(mb) for mb in (1, 8)}
-    assert reads[1] == reads[8] == (0, 2), reads
+    assert reads[1] == reads[8] == (1, 2), reads
     assert sum(reads[1]) / 8 < 1  # per micro-batch
+
+
+def test_reference_pass_trims_each_micro_batch_to_its_own_longest(tiny_qwen, monkeypatch):
+    """pi_ref's pass runs each micro-batch at its own longest completion, as the update pass does, not every one
+    at the rollout's longest; the log-probs within each completion's length are those of the untrimmed pass, and
+    past its micro-batch's longest 0 (masked by length)."""
+    model, tok = load(tiny_qwen)
+    ids, mask = prompts_of(tok, ["1+2?", "13+4?"])
+    completion = torch.randint(5, 90, (4, 9), generator=torch.Generator().manual_seed(0))
+    lengths = torch.tensor([3, 2, 9, 5])
+    real, widths = grpo.token_logprobs, []
+    monkeypatch.setattr(
+        grpo, "token_logprobs", lambda m, p, pm, c, *a: widths.append(c.shape[1]) or real(m, p, pm, c, *a)
+    )
+    trimmed = grpo.frozen_logprobs(model, ids, mask, completion, lengths, 2, 1.0)
+    assert widths == [3, 9]
+    full = grpo.frozen_logprobs(model, ids, mask, completion, torch.full((4,), 9), 4, 1.0)
+    within = torch.arange(9)[None, :] < lengths[:, None]
+    assert torch.allclose(trimmed[within], full[within], atol=1e-5) and (trimmed[:2, 3:] == 0).all()
 
 
 def test_padding_rows_see_themselves_and_real_rows_match_a_2d_mask(tiny_qwen):
@@ -3040,7 +3059,8 @@ def test_lora_adapters_off_is_the_base_model_exactly(tiny_qwen):
         assert torch.equal(some_logprobs(model, tok), expected)
     ids, mask = prompts_of(tok, ["1+2?", "13+4?"])
     completion = torch.randint(5, 90, (4, 6), generator=torch.Generator().manual_seed(0))
-    assert torch.equal(grpo.frozen_logprobs(model, ids, mask, completion, 4, 1.0), expected)  # pi_ref: adapters off
+    lengths = torch.full((4,), 6)
+    assert torch.equal(grpo.frozen_logprobs(model, ids, mask, completion, lengths, 4, 1.0), expected)  # adapters off
     assert (some_logprobs(model, tok) - expected).abs().max() > 1e-3  # and on again after
 
 
