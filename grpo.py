@@ -277,7 +277,7 @@ def grpo_step(policy, sampler, ref_model, tok, optimizer, rows: list[dict], cfg:
     # --- 5. update: mu optimizer steps on this batch, each with rho = pi_theta / pi_old
     sums, applied = {}, []
     for i in range(cfg.mu):
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=world == 1)  # torchrun: zeroed in place, DDP's buckets (clip_and_step)
         stats = accumulate_gradients(policy, ro.prompt_ids, ro.prompt_mask, ro.completion_ids, ro.lengths, ro.by_env,
                                      advantages, ro.sample_logp, ref_logp, cfg, mb, world)  # fmt: skip
         if i > 0:  # after an update the policy has moved: only the first pass measures the sampler's mismatch
@@ -796,9 +796,9 @@ def clip_and_step(model, optimizer, loss: float, max_grad_norm: float, world: in
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # every rank takes the same decision
     if finite.item() == 1.0:
         optimizer.step()
-    else:
-        optimizer.zero_grad(set_to_none=True)
-    return finite.item() == 1.0, grad_norm.item()
+    else:  # under DDP (gradient_as_bucket_view) the gradients are views of its buckets, which always exist: zeroed
+        optimizer.zero_grad(set_to_none=world == 1)  # in place, the next micro-batches add into them; set to None,
+    return finite.item() == 1.0, grad_norm.item()  # they would be fresh tensors, a second copy, until the last one
 
 
 def check_skipped(applied: list[bool], bad_in_a_row: int, skipped: int, step: int, cfg: Config, log) -> int:

@@ -2500,19 +2500,38 @@ def generate_by_question(generate):
     return run
 
 
+# Under torchrun: before each micro-batch's forward in training, the storages that the gradients live in
+GRAD_STORAGES = """
+real_token_logprobs, grad_storages = grpo.token_logprobs, []
+def token_logprobs(model, *args):
+    if torch.is_grad_enabled():  # the update pass, not the reference pass
+        grads = [p.grad for p in model.parameters() if p.requires_grad]
+        grad_storages.append(None if any(g is None for g in grads) else sorted({g.untyped_storage().data_ptr() for g in grads}))
+    return real_token_logprobs(model, *args)
+grpo.token_logprobs = token_logprobs
+"""
+
+
 def test_torchrun_averages_gradients_like_one_process_on_both_ranks_data(tiny_model, tiny_data, tmp_path, monkeypatch):
     """Two ranks under torchrun against one process that holds both ranks' questions (each question's
     completions drawn from its own stream, so both runs sample the same ones), with dapo and micro-batches
     of 3 (each micro-batch's share of the global token count): at every step the gradient that DDP leaves
     on the ranks equals the one process's gradient, and the weights equal its weights. Ranks that did not
-    average, or weighted by their own token count, would each follow their half of the batch."""
+    average, or weighted by their own token count, would each follow their half of the batch.
+    And from the second step on, every micro-batch adds into the gradients where DDP's buckets hold them
+    (gradient_as_bucket_view): zeroed in place, never set to None, which would make them fresh tensors, a
+    second gradient-sized copy per rank, until the last micro-batch copies them into the buckets."""
     script = tmp_path / "ddp_run.py"
     by_question = (
         "import zlib\n"
         + inspect.getsource(generate_by_question)
         + "grpo.generate = generate_by_question(grpo.generate)\n"
+        + GRAD_STORAGES
     )
-    script.write_text(DDP_SCRIPT.format(here=HERE).replace("grpo.main(cfg,", by_question + "grpo.main(cfg,"))
+    script.write_text(
+        DDP_SCRIPT.format(here=HERE).replace("grpo.main(cfg,", by_question + "grpo.main(cfg,")
+        + "json.dump(grad_storages, open(os.path.join(cfg.output_dir, f'storages{os.environ[\"RANK\"]}.json'), 'w'))\n"
+    )
     cfg = dataclasses_asdict(tiny_config(tiny_model, tiny_data, tmp_path, steps=2, prompts_per_step=4, eval_size=0,
                                          loss_type="dapo", micro_batch_size=3, max_grad_norm=1e9))  # fmt: skip
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
@@ -2522,6 +2541,12 @@ def test_torchrun_averages_gradients_like_one_process_on_both_ranks_data(tiny_mo
     assert result.returncode == 0, result.stderr[-8000:]
     ranks = [torch.load(tmp_path / "out" / f"rank{r}.pt") for r in range(2)]
     counts = [[s["sums"]["kl"][1] for s in json.load(open(tmp_path / "out" / f"rank{r}.json"))] for r in range(2)]
+    for r in range(2):  # 2 steps of 3 micro-batches (2 questions x G = 4 completions, 3 at a time): 6 forwards
+        storages = json.load(open(tmp_path / "out" / f"storages{r}.json"))
+        assert len(storages) == 6 and storages[0] is None  # before the first backward there is no gradient
+        # step 1's first reduction makes the gradients views of DDP's buckets (a few storages for all of them; the
+        # second iteration's first forward rebuilds the buckets once, in the order the gradients came)
+        assert all(s is not None and len(s) <= 4 for s in storages[3:]) and storages[5] == storages[4], storages
 
     monkeypatch.setattr(grpo, "REWARD_FUNCS", [(digit_share, 1.0)])  # the script's reward
     monkeypatch.setattr(grpo, "generate", generate_by_question(grpo.generate))
