@@ -76,6 +76,17 @@ def machine_name(device: torch.device) -> str:
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
 
 
+def cuda_setup(device: torch.device) -> str:
+    """grpo.py's CUDA settings (grpo.setup_cuda: cuDNN attention off, expandable allocator segments, the current
+    device) for a part of this benchmark, before its first CUDA allocation, so that every figure is measured as
+    grpo.py trains; returns what is in effect, which each part prints beside its figures."""
+    if device.type != "cuda":
+        return "cpu"
+    grpo.setup_cuda(device)
+    allocator = os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or "default"
+    return f"cuDNN attention {'on' if torch.backends.cuda.cudnn_sdp_enabled() else 'off'}, allocator {allocator}"
+
+
 def build(args, device):
     config = AutoConfig.from_pretrained(args.model)
     if args.random_init:  # the real shape with random weights: works on a folder holding only config.json
@@ -105,6 +116,7 @@ def padded_prompts(N: int, P: int, vocab: int, gen) -> tuple[torch.Tensor, torch
 def run_path(args) -> dict:
     """Time every phase of one step, args.repeats times after a warmup; medians of each phase."""
     device = torch.device(args.device)
+    settings = cuda_setup(device)  # both paths run with grpo.py's CUDA settings: like against like
     model, ref, config, bf16 = build(args, device)
     sampler = grpo.bf16_copy(model) if bf16 and args.path == "fast" else model
     if args.gradient_checkpointing:
@@ -218,6 +230,7 @@ def run_path(args) -> dict:
         "peak_mem_gib": peak,
         "decode_tokens_per_s": B * (L - 1) / median["decode"],
         "params": n_params,
+        "cuda_settings": settings,
     }
 
 
@@ -252,6 +265,47 @@ def sdpa_check(args) -> dict:
     return result
 
 
+def cuda_checks(args) -> dict:
+    """What grpo.py's first CUDA minutes rely on, checked after grpo.setup_cuda as grpo.py starts: the allocator
+    settings in effect (the segments of a first allocation: expandable or not), and grpo.py's attention calls forced
+    onto the memory-efficient kernel, which is what serves them with cuDNN attention off (flash attention takes no
+    mask): token_logprobs with its 4-D boolean masks, forward and backward under bf16 autocast, then decode steps of
+    rollout with its additive mask. torch raises if the kernel cannot take a call; unforced, it would fall back to
+    the math kernel and its (B, heads, Q, K) scores, slow and above --memory's prediction. On a CPU (a rehearsal) the
+    math kernel is forced instead, the one a CPU build has for every call."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    device = torch.device(args.device)
+    settings = cuda_setup(device)
+    result = {"machine": machine_name(device), "cuda_settings": settings}
+    if device.type == "cuda":
+        block = torch.empty(64 * 2**20, dtype=torch.uint8, device=device)  # the first allocation of the process
+        result["expandable_segments"] = [seg.get("is_expandable") for seg in torch.cuda.memory._snapshot()["segments"]]
+        del block
+    config = AutoConfig.from_pretrained(args.model)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).to(device).train()
+    bf16 = grpo.use_bf16(grpo.Config(precision=args.precision), device)
+    N, G, L = args.prompts, args.group_size, args.new_tokens
+    gen = torch.Generator().manual_seed(1)
+    ids, mask = (t.to(device) for t in padded_prompts(N, args.prompt_len, config.vocab_size, gen))
+    completion = torch.randint(1, config.vocab_size, (N * G, L), generator=gen).to(device)
+    kernel = SDPBackend.EFFICIENT_ATTENTION if device.type == "cuda" else SDPBackend.MATH
+    with sdpa_kernel(kernel):
+        with grpo.autocast(device, bf16):
+            logp = grpo.token_logprobs(model, ids, mask, completion, torch.arange(N * G, device=device) // G, 1.0)
+        logp.sum().backward()
+        sampler = grpo.bf16_copy(model) if bf16 else model
+        grpo.rollout(sampler, ids, mask, G, 4, 1.0, [config.vocab_size - 1], 0, ignore_eos=True)
+    result.update(forced_kernel=kernel.name, logprobs_finite=bool(torch.isfinite(logp).all()),
+                  gradients_finite=all(bool(torch.isfinite(p.grad).all()) for p in model.parameters()))  # fmt: skip
+    print(f"after grpo.setup_cuda: {result['cuda_settings']}"
+          + (f"; a first allocation's segments expandable: {result['expandable_segments']}" if device.type == "cuda" else "")
+          + f"\ntoken_logprobs (forward, backward) and 3 decode steps forced onto {kernel.name}: took them, log-probs "
+          f"finite {result['logprobs_finite']}, gradients finite {result['gradients_finite']}")  # fmt: skip
+    return result
+
+
 def decode_profile(args) -> dict:
     """20 decode steps of grpo.rollout on the sampler grpo.py uses, timed, then under the profiler: milliseconds
     per decode step, and the share of the wall time the GPU had no kernel running (host-bound: the CPU did not
@@ -259,8 +313,7 @@ def decode_profile(args) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     device = torch.device(args.device)
-    if device.type == "cuda":
-        grpo.setup_cuda(device)
+    settings = cuda_setup(device)
     config = AutoConfig.from_pretrained(args.model)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).to(device)
@@ -291,7 +344,8 @@ def decode_profile(args) -> dict:
     decode_gpu = gpu_seconds(steps + 1) - gpu_seconds(1) if device.type == "cuda" else float("nan")
     result = {"machine": machine_name(device), "rows": args.prompts * args.group_size, "prompt_len": args.prompt_len,
               "decode_ms_per_step": decode_wall / steps * 1e3, "gpu_busy_ms_per_step": decode_gpu / steps * 1e3,
-              "host_bound_share": 1 - decode_gpu / decode_wall if device.type == "cuda" else None}  # fmt: skip
+              "host_bound_share": 1 - decode_gpu / decode_wall if device.type == "cuda" else None,
+              "cuda_settings": settings}  # fmt: skip
     print(f"decode, {steps} steps of {result['rows']} rows: {result['decode_ms_per_step']:.2f} ms per step"
           + (f", GPU busy {result['gpu_busy_ms_per_step']:.2f} ms: host-bound share {result['host_bound_share']:.1%}"
              if device.type == "cuda" else " (no GPU: the host-bound share needs one)"))  # fmt: skip
@@ -532,6 +586,7 @@ def predict_memory(args) -> dict:
             "sampler": param_bytes(sampler) if sampler is not model else 0,
             "reference": param_bytes(ref) if ref is not model else 0,
             "optimizer_state": sum(t.nbytes for state in optimizer.state.values() for t in state.values()),
+            "gradients": sum(p.nbytes for p in model.parameters() if p.requires_grad),  # fp32, as the weights
         }
         n_params = sum(p.numel() for p in model.parameters())
     seconds = time.perf_counter() - t0
@@ -627,11 +682,23 @@ def report_memory(args, result: dict) -> None:
         "allocated, more so as the KV cache grows a token at a time; grpo.py sets PYTORCH_ALLOC_CONF=expandable_segments:True\n"
         "helps); the CUDA context (~0.3-0.5 GiB) and kernel workspaces (cuBLAS, attention); CPU kernels and CPU\n"
         "autocast stand in for CUDA's and can allocate differently (attention here is CPU flash attention: it keeps no\n"
-        "(L, L) scores, as CUDA's flash / memory-efficient kernels); DDP buffers are not modelled.\n"
+        "(L, L) scores, as CUDA's flash / memory-efficient kernels); under torchrun, DDP's buckets as above.\n"
         f"Host reads were answered, not computed (lengths L, finite checks true, metrics 1). Ran in {result['seconds']:.0f} s.\n"
     )
+    # torchrun: DDP keeps the gradients in its buckets (gradient_as_bucket_view), which exist from the first step on,
+    # so a rank holds them in every phase, the rollout and reference pass included, where one process holds none
+    grads = result["sizes"]["gradients"]
+    rank = {name: p["Total"] - p["GRAD"] + grads for name, p in peaks.items() if name != "setup"}
+    rank_phase = max(rank, key=rank.get)
+    first = peaks["policy_fwd_bwd"]["Total"] + grads  # step 1: fresh gradients beside the buckets, until the last
+    print(  # micro-batch's reduction makes them views
+        f"torchrun, per rank: DDP's gradient buckets ({grads / GiB:.2f} GiB) live through every phase: peak "
+        f"{rank[rank_phase] / GiB:.2f} GiB ({rank_phase}); the first step, before the gradients become views of the "
+        f"buckets, {first / GiB:.2f} GiB. DDP's own small state (its bucket index, communication buffers) not modelled"
+    )  # fmt: skip
     summary = {
         "peak_gib": total / GiB, "peak_bytes": total, "peak_phase": peak_phase,
+        "torchrun_rank_peak_gib": rank[rank_phase] / GiB, "torchrun_first_step_peak_gib": first / GiB,
         "breakdown_bytes": parts, "phase_peak_gib": {name: peaks[name]["Total"] / GiB for name in peaks},
         "phase_kv_cache_bytes": {name: peaks[name]["KV"] for name in peaks},
         "kv_cache_analytic_bytes": result["kv_cache_analytic_bytes"], "params": result["params"],
@@ -670,7 +737,7 @@ def run_grpo_job(args) -> None:
                       max_new_tokens=args.new_tokens, beta=args.beta, micro_batch_size=args.micro_batch_size,
                       precision=args.precision, gradient_checkpointing=args.gradient_checkpointing, eval_size=0,
                       save_every=0, sample_every=0, device=args.device)  # fmt: skip
-    print(json.dumps({"trainer": "grpo.py"}), flush=True)
+    print(json.dumps({"trainer": "grpo.py", "cuda_settings": "grpo.py's own (setup_cuda)"}), flush=True)
 
     def on_step(step, model, metrics, sums):
         print_mark(device, metrics["completion_len"])
@@ -682,7 +749,8 @@ def run_grpo_job(args) -> None:
 
 def check_job_step(step: int, metrics: dict) -> None:
     """A measurement of a broken run is no measurement: stop at once, loudly, on a skipped update or a
-    non-finite metric (on a GPU, the cuDNN attention NaN would show here)."""
+    non-finite metric. (With random weights the job cannot meet the cuDNN attention NaN, which needs Qwen's
+    real activations: --sdpa_check is that check.)"""
     bad = sorted(k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v))
     if metrics.get("skipped_updates") or bad:
         sys.exit(f"error: grpo.py's step {step}: {metrics.get('skipped_updates', 0):.0f} updates skipped as "
@@ -698,8 +766,9 @@ def run_trl_job(args) -> None:
     import trl
     from transformers import AutoTokenizer, TrainerCallback
 
-    print(json.dumps({"trainer": f"TRL {trl.__version__}"}), flush=True)
     device = torch.device(args.device)
+    settings = cuda_setup(device)  # TRL trains with grpo.py's CUDA settings, so the two figures compare like with like
+    print(json.dumps({"trainer": f"TRL {trl.__version__}", "cuda_settings": settings}), flush=True)
     tok = AutoTokenizer.from_pretrained(args.job_model)
     rows, _ = job_rows(args, tok)
     data = datasets.Dataset.from_list(
@@ -748,9 +817,10 @@ def job_result(stdout: str, args, timed_out: bool, trainer: str) -> dict:
     lines = [m for m in lines if isinstance(m, dict)]
     marks = [m for m in lines if "t" in m]
     name = next((m["trainer"] for m in lines if "trainer" in m), trainer)
+    settings = next((m["cuda_settings"] for m in lines if "cuda_settings" in m), "")
     seconds = [b["t"] - a["t"] for a, b in zip(marks, marks[1:])]
     median = statistics.median(seconds) if seconds else float("nan")
-    return {"trainer": name, "steps_done": len(marks), "timed_out": timed_out, "step_seconds": seconds,
+    return {"trainer": name, "cuda_settings": settings, "steps_done": len(marks), "timed_out": timed_out, "step_seconds": seconds,
             "median_step_seconds": median, "completion_tokens_per_s": args.prompts * args.group_size * args.new_tokens / median,
             "peak_gib": max((m["peak_gib"] for m in marks[1:]), default=float("nan")),
             "mean_completion_length": [m["length"] for m in marks]}  # fmt: skip
@@ -811,7 +881,12 @@ def run_jobs(args) -> None:
         results[trainer] = job_result(out, args, timed_out, trainer) | {"failed": failed}
     predicted = None
     if predict is not None:
-        out, err = predict.communicate()
+        try:  # it ran beside the jobs; it takes under a minute on a CPU
+            out, err = predict.communicate(timeout=max(60, args.job_timeout))
+        except subprocess.TimeoutExpired:
+            predict.kill()
+            out, err = predict.communicate()
+            err += "\ntimed out"
         if predict.returncode == 0:
             predicted = json.loads(out.strip().splitlines()[-1])["peak_gib"]
         else:  # the measurements stand without it
@@ -829,6 +904,8 @@ def run_jobs(args) -> None:
         done = f"{r['steps_done']}{' (timed out)' if r['timed_out'] else ' (failed)' if r['failed'] else ''}"
         print(f"{r['trainer']:<14}{r['median_step_seconds']:>10.2f}{r['completion_tokens_per_s']:>12.0f}"
               f"{r['peak_gib']:>10.2f}  {done:<16}{lengths}")  # fmt: skip
+    for r in results.values():
+        print(f"{r['trainer']} CUDA settings: {r['cuda_settings'] or 'not reported'}")
     summary = {"machine": machine, "prompt_len_longest": longest, "predicted_peak_gib": predicted, **results,
                "args": {k: v for k, v in vars(args).items() if k != "path"}}  # fmt: skip
     if predicted is not None and "grpo" in results:
@@ -876,6 +953,9 @@ def main() -> None:
     p.add_argument("--decode_profile", action="store_true", help="decode ms per step and the host-bound share")
     p.add_argument("--decode_ops", action="store_true", help="ATen ops per decode token, full and LoRA, on CPU")
     p.add_argument(
+        "--cuda_checks", action="store_true", help="the allocator in effect; attention forced onto mem-efficient"
+    )
+    p.add_argument(
         "--decode_steps", type=int, default=16, help="--memory: decode steps run; the rest are counted; -1 = all"
     )
     p.add_argument(
@@ -916,6 +996,13 @@ def main() -> None:
     if args.decode_profile:
         print(json.dumps(decode_profile(args)))
         return
+    if args.cuda_checks:
+        result = cuda_checks(args)
+        print(json.dumps(result))
+        expandable = all(result.get("expandable_segments") or [True])  # on CUDA, every segment
+        if not (result["logprobs_finite"] and result["gradients_finite"] and expandable):
+            sys.exit("error: a CUDA check failed (above)")
+        return
     if args.path in ("job_grpo", "job_trl"):
         run_grpo_job(args) if args.path == "job_grpo" else run_trl_job(args)
         return
@@ -938,7 +1025,8 @@ def main() -> None:
     machine = machine_name(device)
     print(
         f"\nmachine {machine} | model {args.model} ({fast['params'] / 1e6:.1f}M params{', random init' if args.random_init else ''}) | "
-        f"P={args.prompts} G={args.group_size} prompt {args.prompt_len} new {args.new_tokens} beta {args.beta}\n"
+        f"P={args.prompts} G={args.group_size} prompt {args.prompt_len} new {args.new_tokens} beta {args.beta} | "
+        f"{fast['cuda_settings']}\n"
     )
     print(f"{'phase':<16}{'fast (s)':>12}{'plain (s)':>12}{'plain/fast':>12}")
     ratios = {}

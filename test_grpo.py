@@ -5,6 +5,7 @@ many chat models) in a temporary folder, so nothing is downloaded. The integrati
 when GRPO_TEST_MODEL (a model folder) and GRPO_TEST_DATA (a dataset path) are set.
 """
 
+import argparse
 import ast
 import builtins
 import dataclasses
@@ -167,6 +168,16 @@ def cpu_seconds(fn, *args):
 def read_metrics(cfg) -> list[dict]:
     with open(os.path.join(cfg.output_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
+
+
+# The tests that hold a fast path equal to its plain form run on GRPO_TEST_DEVICE (cpu unless set): .ci/gpu runs
+# them on CUDA, whose kernels (attention, matmuls, the chunked head) compute differently from the CPU's.
+DEVICE = torch.device(os.environ.get("GRPO_TEST_DEVICE", "cpu"))
+
+
+def to_device(*items):
+    """Models and tensors moved to DEVICE, in order."""
+    return tuple(x.to(DEVICE) for x in items)
 
 
 def load(path):
@@ -849,6 +860,7 @@ def test_fast_rollout_equals_generate_greedy(tiny_model):
     ids, mask = grpo.tokenize_prompts(
         tok, [grpo.build_prompt(tok, q) for q in ["1+1?", "what is 12 + 30?", "9?"]], "cpu"
     )
+    model, ids, mask = to_device(model, ids, mask)
     eos = grpo.eos_ids(model, tok)
     out, lengths, ended, _, _ = grpo.rollout(model, ids, mask, 2, 12, 0.0, eos, tok.pad_token_id)
     with torch.no_grad():
@@ -905,13 +917,17 @@ def test_micro_batched_gradient_equals_full_batch(tiny_model):
     model.train()
     prompts = [grpo.build_prompt(tok, q) for q in ["1+1?", "22+3?", "7?"]]
     ids, mask = grpo.tokenize_prompts(tok, prompts, "cpu")
+    model, ids, mask = to_device(model, ids, mask)
     G = 2
     out, lengths, _, _, _ = grpo.rollout(model, ids, mask, G, 8, 1.0, grpo.eos_ids(model, tok), tok.pad_token_id)
     lengths[0] = 2  # make lengths differ so every normalization is exercised
-    adv = torch.randn(6, generator=torch.Generator().manual_seed(1))
+    adv = torch.randn(6, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     with torch.no_grad():
-        logp = grpo.token_logprobs(model, ids, mask, out, torch.arange(6) // G, 1.0)
-        ref, old = logp + 0.1 * torch.randn(out.shape), logp + 0.1 * torch.randn(out.shape)
+        logp = grpo.token_logprobs(model, ids, mask, out, torch.arange(6, device=DEVICE) // G, 1.0)
+        ref, old = (
+            logp + 0.1 * torch.randn(out.shape, device=DEVICE),
+            logp + 0.1 * torch.randn(out.shape, device=DEVICE),
+        )
     for loss_type in grpo.LOSS_TYPES:
         cfg = grpo.Config(loss_type=loss_type, beta=0.04, max_new_tokens=8)
         grads = []
@@ -984,10 +1000,14 @@ def test_accumulated_gradient_equals_one_plain_backward(tiny_model, loss_type):
     adv = torch.tensor([1.0, -1.0, 0.5, -0.5, 1.5, -1.5])
     # log-ratios cycling through every region of the clip: rho = 0.61, 0.90, 1, 1.11, 1.23, 1.65
     shifts = torch.tensor([-0.5, -0.1, 0.0, 0.1, 0.21, 0.5]).repeat(10)[: 6 * L].view(6, L)
+    noise = 0.3 * torch.randn(6, L, generator=torch.Generator().manual_seed(1))
+    model, ids, pmask, index, out, lengths, by_env, mask, adv, shifts, noise = to_device(
+        model, ids, pmask, index, out, lengths, by_env, mask, adv, shifts, noise
+    )
     with torch.no_grad():
         logp0 = plain_logprobs(model, ids, pmask, out, index, 0.7)
     old = logp0 - shifts
-    ref = logp0 + 0.3 * torch.randn(6, L, generator=torch.Generator().manual_seed(1))
+    ref = logp0 + noise
     cfg = grpo.Config(loss_type=loss_type, **REFERENCE_CFG)
     band = (shifts > math.log(1 + cfg.clip_eps)) & (shifts < math.log(1 + cfg.clip_eps_high)) & (adv[:, None] > 0)
     assert (band & mask.bool()).any()  # tokens that only clip-higher keeps in the gradient
@@ -1232,6 +1252,7 @@ def test_fp32_head_logprobs_and_gradients_equal_the_plain_computation(tiny_qwen)
     completion = torch.randint(3, 90, (4, 6), generator=torch.Generator().manual_seed(0))
     index = torch.tensor([0, 0, 1, 1])
     weights = torch.linspace(-1, 1, completion.numel()).view(completion.shape)
+    model, ids, mask, completion, index, weights = to_device(model, ids, mask, completion, index, weights)
     ours = grpo.token_logprobs(model, ids, mask, completion, index, 0.8, chunk=5)
     (ours * weights).sum().backward()
     ours_grads = [p.grad.clone() for p in model.parameters()]
@@ -3007,6 +3028,11 @@ def test_bench_gpu_checks_run_on_cpu(tiny_qwen):
     result = subprocess.run([*run, *args], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads(result.stdout.strip().splitlines()[-1])["decode_ms_per_step"] > 0
+    args = ["--cuda_checks", "--prompts", "2", "--group_size", "2", "--prompt_len", "12", "--new_tokens", "6"]
+    result = subprocess.run([*run, *args], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    checks = json.loads(result.stdout.strip().splitlines()[-1])
+    assert checks["forced_kernel"] == "MATH" and checks["logprobs_finite"] and checks["gradients_finite"]
     bench.check_job_step(1, {"skipped_updates": 0.0, "loss": 0.5})
     for metrics in ({"skipped_updates": 1.0, "loss": 0.5}, {"skipped_updates": 0.0, "loss": float("nan")}):
         with pytest.raises(SystemExit, match="step 3"):
@@ -3047,6 +3073,26 @@ def test_kernel_seconds_counts_each_kernel_once():
     events = [row(DeviceType.CPU, 300.0), row(DeviceType.CUDA, 300.0), row(DeviceType.CPU, 200.0),
               row(DeviceType.CUDA, 200.0), row(DeviceType.CPU, 0.0), row(DeviceType.CUDA, 1000.0, note=True)]  # fmt: skip
     assert bench.kernel_seconds(events) == pytest.approx(500e-6)
+
+
+def test_every_bench_part_on_cuda_starts_with_grpos_cuda_settings(monkeypatch):
+    """Each bench.py part that runs on CUDA calls grpo.setup_cuda before anything else (its first CUDA
+    allocation included): the phase table's fast and plain paths, TRL's job, the decode profile and the CUDA
+    checks then run with cuDNN attention off and the allocator grpo.py trains with, so their figures compare like
+    with like. (grpo.py's own job sets them in main.) Stopped at the call: nothing else runs."""
+    bench = importlib.import_module("bench")
+
+    class SetUp(Exception):
+        pass
+
+    def setup_cuda(device):
+        raise SetUp(device)
+
+    monkeypatch.setattr(grpo, "setup_cuda", setup_cuda)
+    args = argparse.Namespace(device="cuda")  # a part that read anything else first would fail on it instead
+    for part in (bench.run_path, bench.run_trl_job, bench.decode_profile, bench.cuda_checks):
+        with pytest.raises(SetUp):
+            part(args)
 
 
 # ----------------------------------------------------------------------------- LoRA
@@ -3325,11 +3371,13 @@ def test_fast_logprobs_equal_the_plain_ones_with_gradients(tiny_qwen):
     ids, mask = prompts_of(tok, ["1+1?", "what is 12 + 30?"])
     completion = torch.randint(3, 90, (6, 7), generator=torch.Generator().manual_seed(0))
     weights = torch.linspace(-1, 1, completion.numel()).view(completion.shape)
+    model, ids, mask, completion, weights = to_device(model, ids, mask, completion, weights)
     for bf16, atol in ((False, 1e-5), (True, 3e-2)):
         results = []
         for fn in (grpo.sequence_logprobs, grpo.token_logprobs):
-            args = (model, ids, mask, completion) + ((torch.arange(6) // 3,) if fn is grpo.token_logprobs else ())
-            with grpo.autocast(torch.device("cpu"), bf16):
+            index = torch.arange(6, device=DEVICE) // 3
+            args = (model, ids, mask, completion) + ((index,) if fn is grpo.token_logprobs else ())
+            with grpo.autocast(DEVICE, bf16):
                 logp = fn(*args, 0.7)
             (grad,) = torch.autograd.grad((logp * weights).sum(), model.model.layers[0].self_attn.q_proj.weight)
             results.append((logp.detach(), grad))
@@ -3344,7 +3392,7 @@ def test_fast_rollout_equals_the_plain_one(tiny_qwen):
     whole sequence through the model every token): greedy, the same tokens, lengths and log-probs; sampling,
     both sample_logp are the log-probs of what they drew (sequence_logprobs, the plain log-probs)."""
     model, tok = load(tiny_qwen)
-    ids, mask = prompts_of(tok, ["1+1?", "what is 12 + 30?"])
+    model, (ids, mask) = model.to(DEVICE), to_device(*prompts_of(tok, ["1+1?", "what is 12 + 30?"]))
     eos = grpo.eos_ids(model, tok)
     fast = grpo.rollout(model, ids, mask, 2, 12, 0.0, eos, tok.pad_token_id)
     plain = grpo.sample_plainly(model, ids, mask, 2, 12, 0.0, eos)
