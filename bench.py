@@ -76,15 +76,16 @@ def machine_name(device: torch.device) -> str:
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
 
 
-def cuda_setup(device: torch.device) -> str:
+def cuda_setup(device: torch.device, precision: str = "auto") -> str:
     """grpo.py's CUDA settings (grpo.setup_cuda: cuDNN attention off, expandable allocator segments, the current
-    device) for a part of this benchmark, before its first CUDA allocation, so that every figure is measured as
-    grpo.py trains; returns what is in effect, which each part prints beside its figures."""
+    device, TF32 under bf16) for a part of this benchmark, before its first CUDA allocation, so that every figure
+    is measured as grpo.py trains; returns what is in effect, which each part prints beside its figures."""
     if device.type != "cuda":
         return "cpu"
-    grpo.setup_cuda(device)
+    grpo.setup_cuda(device, grpo.Config(precision=precision))
     allocator = os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or "default"
-    return f"cuDNN attention {'on' if torch.backends.cuda.cudnn_sdp_enabled() else 'off'}, allocator {allocator}"
+    return (f"cuDNN attention {'on' if torch.backends.cuda.cudnn_sdp_enabled() else 'off'}, allocator {allocator}, "
+            f"fp32 matmuls {torch.backends.cuda.matmul.fp32_precision}")  # fmt: skip
 
 
 def build(args, device):
@@ -116,7 +117,7 @@ def padded_prompts(N: int, P: int, vocab: int, gen) -> tuple[torch.Tensor, torch
 def run_path(args) -> dict:
     """Time every phase of one step, args.repeats times after a warmup; medians of each phase."""
     device = torch.device(args.device)
-    settings = cuda_setup(device)  # both paths run with grpo.py's CUDA settings: like against like
+    settings = cuda_setup(device, args.precision)  # both paths run with grpo.py's CUDA settings: like against like
     model, ref, config, bf16 = build(args, device)
     sampler = grpo.bf16_copy(model) if bf16 and args.path == "fast" else model
     if args.gradient_checkpointing:
@@ -257,7 +258,7 @@ def sdpa_check(args) -> dict:
 
     torch_default = non_finite_grad_q()
     if device.type == "cuda":
-        grpo.setup_cuda(device)
+        grpo.setup_cuda(device, grpo.Config(precision="bf16"))
     result = {"machine": machine_name(device), "keys": L, "non_finite_grad_q_torch_default": torch_default,
               "non_finite_grad_q_grpo": non_finite_grad_q()}  # fmt: skip
     print(f"SDPA backward, bf16, {L} keys, explicit mask: non-finite grad_q {torch_default} with torch's default "
@@ -276,7 +277,7 @@ def cuda_checks(args) -> dict:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     device = torch.device(args.device)
-    settings = cuda_setup(device)
+    settings = cuda_setup(device, args.precision)
     result = {"machine": machine_name(device), "cuda_settings": settings}
     if device.type == "cuda":
         block = torch.empty(64 * 2**20, dtype=torch.uint8, device=device)  # the first allocation of the process
@@ -313,7 +314,7 @@ def decode_profile(args) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     device = torch.device(args.device)
-    settings = cuda_setup(device)
+    settings = cuda_setup(device, args.precision)
     config = AutoConfig.from_pretrained(args.model)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).to(device)
@@ -400,6 +401,51 @@ def decode_ops(config, lora_rank: int = 16) -> dict[str, int]:
     with contextlib.redirect_stdout(sys.stderr):  # add_lora's line
         grpo.add_lora(model, grpo.Config(lora_rank=lora_rank), None)
     return {"layers": config.num_hidden_layers, "full": full, "lora": per_token(model)}
+
+
+def round_to_tf32(x: torch.Tensor) -> torch.Tensor:
+    """x (fp32) rounded to TF32's 10-bit mantissa (to nearest), as tensor cores read fp32 matmul inputs under TF32:
+    the low 13 of fp32's 23 mantissa bits dropped."""
+    bits = x.contiguous().view(torch.int32)
+    return ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
+
+
+@torch.no_grad()
+def head_precision(args) -> dict:
+    """The LM head's log-probs three ways, on a real model and its own completions to real questions: exact fp32
+    (grpo.py's head_logprobs), TF32 (inputs rounded to a 10-bit mantissa, fp32 accumulation, emulated on the CPU)
+    and a bf16 head (bf16 inputs, logits rounded to bf16, as the model's own head under autocast). The hidden states
+    come from the body in fp32 and under bf16 autocast (grpo.py's default on CUDA). Errors in nats against exact."""
+    model, tok = grpo.load_model(args.model, grpo.Config(), torch.device("cpu"))
+    rows = grpo.load_rows(grpo.Config(dataset=args.dataset), "train")[: args.prompts]
+    torch.manual_seed(0)
+    ro = grpo.generate(model, tok, [r["question"] for r in rows], args.group_size, 1.0,
+                       grpo.Config(max_new_tokens=args.new_tokens), torch.device("cpu"))  # fmt: skip
+    mask = grpo.completion_mask(ro.lengths, ro.completion_ids.shape[1]).bool()  # (B, L)
+    head = model.get_output_embeddings().weight  # (V, H) fp32
+    index = torch.arange(len(ro.texts)) // args.group_size
+    result = {"model": args.model, "tokens": int(mask.sum())}
+    for body in ("fp32", "bf16"):
+        hidden = []
+        hook = model.base_model.register_forward_hook(lambda m, a, out, seen=hidden: seen.append(out.last_hidden_state))
+        with grpo.autocast(torch.device("cpu"), body == "bf16"):
+            exact = grpo.token_logprobs(model, ro.prompt_ids, ro.prompt_mask, ro.completion_ids, index, 1.0)
+        hook.remove()
+        # hidden[1] predicts completion tokens 1.. (the prompt's pass, hidden[0], predicts token 0)
+        h = torch.cat([hidden[0][:, -1:][index], hidden[1][:, :-1]], 1).float()  # (B, L, H)
+        ids = ro.completion_ids
+        for name, logits in (("tf32", lambda x: round_to_tf32(x) @ round_to_tf32(head).T),
+                             ("bf16", lambda x: (x.bfloat16() @ head.bfloat16().T).float())):  # fmt: skip
+            logp = torch.stack([torch.log_softmax(logits(h[b]), -1).gather(-1, ids[b][:, None])[:, 0]
+                                for b in range(len(ids))])  # fmt: skip
+            error = (logp - exact)[mask].abs()
+            result[f"{body}_body_{name}_head"] = {"max": error.max().item(), "mean": error.mean().item(),
+                                                  "p99": error.quantile(0.99).item()}  # fmt: skip
+    for key, e in result.items():
+        if isinstance(e, dict):
+            print(f"{key:<24} |log-prob error| against the exact fp32 head: mean {e['mean']:.2e}, 99th percentile "
+                  f"{e['p99']:.2e}, max {e['max']:.2e} nats")  # fmt: skip
+    return result
 
 
 # ----------------------------------------------------------------------------- --memory
@@ -767,7 +813,7 @@ def run_trl_job(args) -> None:
     from transformers import AutoTokenizer, TrainerCallback
 
     device = torch.device(args.device)
-    settings = cuda_setup(device)  # TRL trains with grpo.py's CUDA settings, so the two figures compare like with like
+    settings = cuda_setup(device, args.precision)  # TRL trains with grpo.py's CUDA settings: like against like
     print(json.dumps({"trainer": f"TRL {trl.__version__}", "cuda_settings": settings}), flush=True)
     tok = AutoTokenizer.from_pretrained(args.job_model)
     rows, _ = job_rows(args, tok)
@@ -952,6 +998,7 @@ def main() -> None:
     p.add_argument("--sdpa_check", action="store_true", help="the cuDNN attention NaN, torch's backends vs grpo.py's")
     p.add_argument("--decode_profile", action="store_true", help="decode ms per step and the host-bound share")
     p.add_argument("--decode_ops", action="store_true", help="ATen ops per decode token, full and LoRA, on CPU")
+    p.add_argument("--head_precision", action="store_true", help="the LM head's log-probs: fp32, TF32, bf16 (CPU)")
     p.add_argument(
         "--cuda_checks", action="store_true", help="the allocator in effect; attention forced onto mem-efficient"
     )
@@ -995,6 +1042,9 @@ def main() -> None:
         return
     if args.decode_profile:
         print(json.dumps(decode_profile(args)))
+        return
+    if args.head_precision:
+        print(json.dumps(head_precision(args)))
         return
     if args.cuda_checks:
         result = cuda_checks(args)

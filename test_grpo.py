@@ -2817,6 +2817,7 @@ def fake_cuda(monkeypatch, capability=(9, 0), gpus: int = 2) -> list:
     monkeypatch.setattr(torch.cuda, "get_device_capability", get_device_capability)
     monkeypatch.setattr(torch._C, "_cuda_setDevice", set_device_in_driver, raising=False)  # absent in a CPU build
     monkeypatch.setattr(torch.backends.cuda, "enable_cudnn_sdp", enable_cudnn_sdp)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "fp32_precision", "ieee")  # torch's own flag, restored after
     for name in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"):
         monkeypatch.delenv(name, raising=False)
     return calls
@@ -2824,20 +2825,28 @@ def fake_cuda(monkeypatch, capability=(9, 0), gpus: int = 2) -> list:
 
 def test_setup_cuda_makes_every_cuda_setting(monkeypatch):
     """One function holds the CUDA-only settings: expandable segments (unless the user set the allocator), the
-    current device, and cuDNN attention off (its backward's NaN grad_q, pytorch/pytorch#196678)."""
+    current device, cuDNN attention off (its backward's NaN grad_q, pytorch/pytorch#196678), and TF32 for fp32
+    matmuls under bf16 only (then the LM head's alone; --precision fp32 stays exact)."""
     calls = fake_cuda(monkeypatch)
-    grpo.setup_cuda(torch.device("cuda", 1))
+    capability, seen = torch.cuda.get_device_capability, []  # the allocator is set before CUDA is first asked
+    monkeypatch.setattr(
+        torch.cuda, "get_device_capability", lambda d=None: seen.append(os.environ.copy()) or capability(d)
+    )
+    grpo.setup_cuda(torch.device("cuda", 1), grpo.Config(precision="auto"))
+    assert seen and all("expandable_segments" in env.get("PYTORCH_ALLOC_CONF", "") for env in seen)
     assert calls == [("set_device", torch.device("cuda", 1)), ("cudnn_sdp", False)]
+    assert torch.backends.cuda.matmul.fp32_precision == "tf32"  # bf16: the fp32 matmuls are the LM head's
     calls.clear()
-    grpo.setup_cuda(torch.device("cuda"))  # no index (bench.py --device cuda): the current device, as torch means it
+    grpo.setup_cuda(torch.device("cuda"), grpo.Config(precision="fp32"))  # no index: the current device, as in torch
     assert calls == [("set_device", torch.device("cuda", 1)), ("cudnn_sdp", False)]
+    assert torch.backends.cuda.matmul.fp32_precision == "ieee"  # --precision fp32: every matmul exact
     with pytest.raises(ValueError, match="specified index"):  # the mock refuses what torch refuses
         torch.cuda.set_device(torch.device("cuda"))
     assert os.environ["PYTORCH_ALLOC_CONF"] == "expandable_segments:True"
     for name in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"):  # a user's own setting, under either name, wins
         fake_cuda(monkeypatch)
         monkeypatch.setenv(name, "max_split_size_mb:256")
-        grpo.setup_cuda(torch.device("cuda", 0))
+        grpo.setup_cuda(torch.device("cuda", 0), grpo.Config())
         assert os.environ[name] == "max_split_size_mb:256" and "expandable" not in os.environ.get(
             "PYTORCH_ALLOC_CONF", ""
         )
@@ -3085,11 +3094,11 @@ def test_every_bench_part_on_cuda_starts_with_grpos_cuda_settings(monkeypatch):
     class SetUp(Exception):
         pass
 
-    def setup_cuda(device):
+    def setup_cuda(device, cfg):
         raise SetUp(device)
 
     monkeypatch.setattr(grpo, "setup_cuda", setup_cuda)
-    args = argparse.Namespace(device="cuda")  # a part that read anything else first would fail on it instead
+    args = argparse.Namespace(device="cuda", precision="auto")  # a part that read more first would fail on it
     for part in (bench.run_path, bench.run_trl_job, bench.decode_profile, bench.cuda_checks):
         with pytest.raises(SetUp):
             part(args)
