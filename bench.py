@@ -24,16 +24,16 @@ the live bytes of each kind. Only the model's config is read. Sizes default to g
 
     python bench.py --job --model qwen-shape --random_init --tokenizer TOK --dataset DATA --device cuda
 
-    python bench.py --decode_ops --model qwen2.5-0.5b-shape   # ATen ops per decode token, full and LoRA
-    python bench.py --head_precision --model M --dataset D     # the LM head's log-probs: fp32, TF32, bf16
-    python bench.py --cuda_checks --model qwen-shape --device cuda  # allocator in effect, forced attention kernel
-
 --job trains --steps steps of the default job (sizes as --memory) twice, each in its own process:
 grpo.py's main, and TRL's GRPOTrainer (its transformers generation path) on the same random-weight
 model, questions, prompts, rewards, batch and micro-batch, every completion forced to full length in
 both. Reports seconds per step and completion tokens per second from the second step on, the peak
 memory of each step, and grpo.py's measured peak against --memory's prediction for the same flags.
 .ci/gpu runs this and the phase table on a GPU in one go.
+
+    python bench.py --decode_ops --model qwen2.5-0.5b-shape   # ATen ops per decode token, full and LoRA
+    python bench.py --head_precision --model M --dataset D     # the LM head's log-probs: fp32, TF32, bf16
+    python bench.py --cuda_checks --model qwen-shape --device cuda  # allocator in effect, forced attention kernel
 """
 
 import argparse
