@@ -30,6 +30,10 @@ model, questions, prompts, rewards, batch and micro-batch, every completion forc
 both. Reports seconds per step and completion tokens per second from the second step on, the peak
 memory of each step, and grpo.py's measured peak against --memory's prediction for the same flags.
 .ci/gpu runs this and the phase table on a GPU in one go.
+
+    python bench.py --decode_ops --model qwen2.5-0.5b-shape   # ATen ops per decode token, full and LoRA
+    python bench.py --head_precision --model M --dataset D     # the LM head's log-probs: fp32, TF32, bf16
+    python bench.py --cuda_checks --model qwen-shape --device cuda  # allocator in effect, forced attention kernel
 """
 
 import argparse
@@ -50,6 +54,7 @@ from unittest import mock
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed._tools.mem_tracker import MemTracker
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
 import grpo
@@ -73,6 +78,18 @@ def machine_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+
+
+def cuda_setup(device: torch.device, precision: str = "auto") -> str:
+    """grpo.py's CUDA settings (grpo.setup_cuda: cuDNN attention off, expandable allocator segments, the current
+    device, TF32 under bf16) for a part of this benchmark, before its first CUDA allocation, so that every figure
+    is measured as grpo.py trains; returns what is in effect, which each part prints beside its figures."""
+    if device.type != "cuda":
+        return "cpu"
+    grpo.setup_cuda(device, grpo.Config(precision=precision))
+    allocator = os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or "default"
+    return (f"cuDNN attention {'on' if torch.backends.cuda.cudnn_sdp_enabled() else 'off'}, allocator {allocator}, "
+            f"fp32 matmuls {torch.backends.cuda.matmul.fp32_precision}")  # fmt: skip
 
 
 def build(args, device):
@@ -104,6 +121,7 @@ def padded_prompts(N: int, P: int, vocab: int, gen) -> tuple[torch.Tensor, torch
 def run_path(args) -> dict:
     """Time every phase of one step, args.repeats times after a warmup; medians of each phase."""
     device = torch.device(args.device)
+    settings = cuda_setup(device, args.precision)  # both paths run with grpo.py's CUDA settings: like against like
     model, ref, config, bf16 = build(args, device)
     sampler = grpo.bf16_copy(model) if bf16 and args.path == "fast" else model
     if args.gradient_checkpointing:
@@ -171,7 +189,7 @@ def run_path(args) -> dict:
         model.train()
         with ac, torch.no_grad():
             if args.path == "fast":
-                frozen = lambda m: grpo.frozen_logprobs(m, prompt_ids, prompt_mask, completion, mb, 1.0, bf16)  # noqa: E731
+                frozen = lambda m: grpo.frozen_logprobs(m, prompt_ids, prompt_mask, completion, lengths, mb, 1.0, bf16)  # noqa: E731
             else:
                 frozen = lambda m: plain_logprobs(m, seq, completion, prompt_mask)  # noqa: E731
             ref_logp = clock("ref_logp", lambda: frozen(ref)) if ref is not None else None
@@ -217,6 +235,7 @@ def run_path(args) -> dict:
         "peak_mem_gib": peak,
         "decode_tokens_per_s": B * (L - 1) / median["decode"],
         "params": n_params,
+        "cuda_settings": settings,
     }
 
 
@@ -243,11 +262,52 @@ def sdpa_check(args) -> dict:
 
     torch_default = non_finite_grad_q()
     if device.type == "cuda":
-        grpo.setup_cuda(device)
+        grpo.setup_cuda(device, grpo.Config(precision="bf16"))
     result = {"machine": machine_name(device), "keys": L, "non_finite_grad_q_torch_default": torch_default,
               "non_finite_grad_q_grpo": non_finite_grad_q()}  # fmt: skip
     print(f"SDPA backward, bf16, {L} keys, explicit mask: non-finite grad_q {torch_default} with torch's default "
           f"backends, {result['non_finite_grad_q_grpo']} with grpo.py's (cuDNN attention off on CUDA)")  # fmt: skip
+    return result
+
+
+def cuda_checks(args) -> dict:
+    """What grpo.py's first CUDA minutes rely on, checked after grpo.setup_cuda as grpo.py starts: the allocator
+    settings in effect (the segments of a first allocation: expandable or not), and grpo.py's attention calls forced
+    onto the memory-efficient kernel, which is what serves them with cuDNN attention off (flash attention takes no
+    mask): token_logprobs with its 4-D boolean masks, forward and backward under bf16 autocast, then decode steps of
+    rollout with its additive mask. torch raises if the kernel cannot take a call; unforced, it would fall back to
+    the math kernel and its (B, heads, Q, K) scores, slow and above --memory's prediction. On a CPU (a rehearsal) the
+    math kernel is forced instead, the one a CPU build has for every call."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    device = torch.device(args.device)
+    settings = cuda_setup(device, args.precision)
+    result = {"machine": machine_name(device), "cuda_settings": settings}
+    if device.type == "cuda":
+        block = torch.empty(64 * 2**20, dtype=torch.uint8, device=device)  # the first allocation of the process
+        result["expandable_segments"] = [seg.get("is_expandable") for seg in torch.cuda.memory._snapshot()["segments"]]
+        del block
+    config = AutoConfig.from_pretrained(args.model)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).to(device).train()
+    bf16 = grpo.use_bf16(grpo.Config(precision=args.precision), device)
+    N, G, L = args.prompts, args.group_size, args.new_tokens
+    gen = torch.Generator().manual_seed(1)
+    ids, mask = (t.to(device) for t in padded_prompts(N, args.prompt_len, config.vocab_size, gen))
+    completion = torch.randint(1, config.vocab_size, (N * G, L), generator=gen).to(device)
+    kernel = SDPBackend.EFFICIENT_ATTENTION if device.type == "cuda" else SDPBackend.MATH
+    with sdpa_kernel(kernel):
+        with grpo.autocast(device, bf16):
+            logp = grpo.token_logprobs(model, ids, mask, completion, torch.arange(N * G, device=device) // G, 1.0)
+        logp.sum().backward()
+        sampler = grpo.bf16_copy(model) if bf16 else model
+        grpo.rollout(sampler, ids, mask, G, 4, 1.0, [config.vocab_size - 1], 0, ignore_eos=True)
+    result.update(forced_kernel=kernel.name, logprobs_finite=bool(torch.isfinite(logp).all()),
+                  gradients_finite=all(bool(torch.isfinite(p.grad).all()) for p in model.parameters()))  # fmt: skip
+    print(f"after grpo.setup_cuda: {result['cuda_settings']}"
+          + (f"; a first allocation's segments expandable: {result['expandable_segments']}" if device.type == "cuda" else "")
+          + f"\ntoken_logprobs (forward, backward) and 3 decode steps forced onto {kernel.name}: took them, log-probs "
+          f"finite {result['logprobs_finite']}, gradients finite {result['gradients_finite']}")  # fmt: skip
     return result
 
 
@@ -258,8 +318,7 @@ def decode_profile(args) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     device = torch.device(args.device)
-    if device.type == "cuda":
-        grpo.setup_cuda(device)
+    settings = cuda_setup(device, args.precision)
     config = AutoConfig.from_pretrained(args.model)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).to(device)
@@ -283,17 +342,113 @@ def decode_profile(args) -> dict:
         with profile(activities=activities) as prof:
             rollout(tokens)
             sync(device)
-        return sum(e.self_device_time_total for e in prof.key_averages()) / 1e6
+        return kernel_seconds(prof.key_averages())
 
     rollout(steps + 1)  # warm up: the first kernels, allocations
     decode_wall = min(wall(steps + 1) for _ in range(3)) - min(wall(1) for _ in range(3))
     decode_gpu = gpu_seconds(steps + 1) - gpu_seconds(1) if device.type == "cuda" else float("nan")
     result = {"machine": machine_name(device), "rows": args.prompts * args.group_size, "prompt_len": args.prompt_len,
               "decode_ms_per_step": decode_wall / steps * 1e3, "gpu_busy_ms_per_step": decode_gpu / steps * 1e3,
-              "host_bound_share": 1 - decode_gpu / decode_wall if device.type == "cuda" else None}  # fmt: skip
+              "host_bound_share": 1 - decode_gpu / decode_wall if device.type == "cuda" else None,
+              "cuda_settings": settings}  # fmt: skip
     print(f"decode, {steps} steps of {result['rows']} rows: {result['decode_ms_per_step']:.2f} ms per step"
           + (f", GPU busy {result['gpu_busy_ms_per_step']:.2f} ms: host-bound share {result['host_bound_share']:.1%}"
              if device.type == "cuda" else " (no GPU: the host-bound share needs one)"))  # fmt: skip
+    return result
+
+
+def kernel_seconds(events) -> float:
+    """The GPU's busy time in a profile: self device time summed over the device's own rows (its kernels and
+    copies). key_averages() also has a row for each op that launched them, whose self device time repeats its
+    kernels': summing every row counts each kernel twice. torch's own table sums as here (profiler_util.py)."""
+    from torch.autograd import DeviceType
+
+    return sum(e.self_device_time_total for e in events
+               if e.device_type == DeviceType.CUDA and not e.is_user_annotation) / 1e6  # fmt: skip
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the ATen ops dispatched (each one a kernel launch on a GPU, but for views) while it is active."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def decode_ops(config, lora_rank: int = 16) -> dict[str, int]:
+    """ATen ops per decode token of grpo.rollout, as grpo.py samples under bf16 (the default on CUDA): full fine-tuning
+    (the bf16 sampler copy) and LoRA (the policy itself: a bf16 base with fp32 adapters). On a GPU each op is a kernel
+    launch of some microseconds on the CPU, so this bounds how fast decoding can go whatever the GPU. One token is
+    the difference of a 3-token and a 2-token rollout of 2 prompts x 2 samples, each from a fresh start."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    ids = torch.randint(1, config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding, as in training
+
+    def per_token(sampler) -> int:
+        counts = []
+        for tokens in (2, 3):
+            for layer in grpo.lora_layers(sampler):  # each rollout from a fresh start: the adapters cast anew
+                layer.__dict__.pop("lora_cast", None)
+            with OpCounter() as ops:
+                grpo.rollout(sampler, ids, mask, 2, tokens, 1.0, [config.vocab_size - 1], 0, ignore_eos=True)
+            counts.append(ops.count)
+        return counts[1] - counts[0]
+
+    full = per_token(grpo.bf16_copy(model))
+    grpo.bf16_weights(model)  # as load_model leaves a LoRA base under bf16
+    with contextlib.redirect_stdout(sys.stderr):  # add_lora's line
+        grpo.add_lora(model, grpo.Config(lora_rank=lora_rank), None)
+    return {"layers": config.num_hidden_layers, "full": full, "lora": per_token(model)}
+
+
+def round_to_tf32(x: torch.Tensor) -> torch.Tensor:
+    """x (fp32) rounded to TF32's 10-bit mantissa (to nearest), as tensor cores read fp32 matmul inputs under TF32:
+    the low 13 of fp32's 23 mantissa bits dropped."""
+    bits = x.contiguous().view(torch.int32)
+    return ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
+
+
+@torch.no_grad()
+def head_precision(args) -> dict:
+    """The LM head's log-probs three ways, on a real model and its own completions to real questions: exact fp32
+    (grpo.py's head_logprobs), TF32 (inputs rounded to a 10-bit mantissa, fp32 accumulation, emulated on the CPU)
+    and a bf16 head (bf16 inputs, logits rounded to bf16, as the model's own head under autocast). The hidden states
+    come from the body in fp32 and under bf16 autocast (grpo.py's default on CUDA). Errors in nats against exact."""
+    model, tok = grpo.load_model(args.model, grpo.Config(), torch.device("cpu"))
+    rows = grpo.load_rows(grpo.Config(dataset=args.dataset), "train")[: args.prompts]
+    torch.manual_seed(0)
+    ro = grpo.generate(model, tok, [r["question"] for r in rows], args.group_size, 1.0,
+                       grpo.Config(max_new_tokens=args.new_tokens), torch.device("cpu"))  # fmt: skip
+    mask = grpo.completion_mask(ro.lengths, ro.completion_ids.shape[1]).bool()  # (B, L)
+    head = model.get_output_embeddings().weight  # (V, H) fp32
+    index = torch.arange(len(ro.texts)) // args.group_size
+    result = {"model": args.model, "tokens": int(mask.sum())}
+    for body in ("fp32", "bf16"):
+        hidden = []
+        hook = model.base_model.register_forward_hook(lambda m, a, out, seen=hidden: seen.append(out.last_hidden_state))
+        with grpo.autocast(torch.device("cpu"), body == "bf16"):
+            exact = grpo.token_logprobs(model, ro.prompt_ids, ro.prompt_mask, ro.completion_ids, index, 1.0)
+        hook.remove()
+        # hidden[1] predicts completion tokens 1.. (the prompt's pass, hidden[0], predicts token 0)
+        h = torch.cat([hidden[0][:, -1:][index], hidden[1][:, :-1]], 1).float()  # (B, L, H)
+        ids = ro.completion_ids
+        for name, logits in (("tf32", lambda x: round_to_tf32(x) @ round_to_tf32(head).T),
+                             ("bf16", lambda x: (x.bfloat16() @ head.bfloat16().T).float())):  # fmt: skip
+            logp = torch.stack([torch.log_softmax(logits(h[b]), -1).gather(-1, ids[b][:, None])[:, 0]
+                                for b in range(len(ids))])  # fmt: skip
+            error = (logp - exact)[mask].abs()
+            result[f"{body}_body_{name}_head"] = {"max": error.max().item(), "mean": error.mean().item(),
+                                                  "p99": error.quantile(0.99).item()}  # fmt: skip
+    for key, e in result.items():
+        if isinstance(e, dict):
+            print(f"{key:<24} |log-prob error| against the exact fp32 head: mean {e['mean']:.2e}, 99th percentile "
+                  f"{e['p99']:.2e}, max {e['max']:.2e} nats")  # fmt: skip
     return result
 
 
@@ -467,12 +622,12 @@ def predict_memory(args) -> dict:
         model.train()
         tracker.phase = "ref_logp"
         rows, prompts = slice(0, n), slice(0, n // G)  # the micro-batches that run (views: nothing allocated)
-        args_ = (prompt_ids[prompts], prompt_mask[prompts], completion[rows], mb, 1.0, bf16)
-        ref_logp = grpo.frozen_logprobs(ref, *args_) if ref is not None else None
+        args_ = (prompt_ids[prompts], prompt_mask[prompts], completion[rows], lengths[rows])
+        ref_logp = grpo.frozen_logprobs(ref, *args_, mb, 1.0, bf16) if ref is not None else None
         tracker.phase = "policy_fwd_bwd"
         optimizer.zero_grad(set_to_none=True)
-        stats = grpo.accumulate_gradients(policy, *args_[:3], lengths[rows], by_env[rows], advantages[rows],
-                                          sample_logp[rows], ref_logp, cfg, mb, 1)  # fmt: skip
+        stats = grpo.accumulate_gradients(policy, *args_, by_env[rows], advantages[rows], sample_logp[rows], ref_logp,
+                                          cfg, mb, 1)  # fmt: skip
         tracker.phase = "optimizer"
         grpo.clip_and_step(model, optimizer, stats["loss"][0], cfg.max_grad_norm, 1)
         grpo.refresh_sampler(sampler, model)
@@ -481,6 +636,7 @@ def predict_memory(args) -> dict:
             "sampler": param_bytes(sampler) if sampler is not model else 0,
             "reference": param_bytes(ref) if ref is not model else 0,
             "optimizer_state": sum(t.nbytes for state in optimizer.state.values() for t in state.values()),
+            "gradients": sum(p.nbytes for p in model.parameters() if p.requires_grad),  # fp32, as the weights
         }
         n_params = sum(p.numel() for p in model.parameters())
     seconds = time.perf_counter() - t0
@@ -576,11 +732,23 @@ def report_memory(args, result: dict) -> None:
         "allocated, more so as the KV cache grows a token at a time; grpo.py sets PYTORCH_ALLOC_CONF=expandable_segments:True\n"
         "helps); the CUDA context (~0.3-0.5 GiB) and kernel workspaces (cuBLAS, attention); CPU kernels and CPU\n"
         "autocast stand in for CUDA's and can allocate differently (attention here is CPU flash attention: it keeps no\n"
-        "(L, L) scores, as CUDA's flash / memory-efficient kernels); DDP buffers are not modelled.\n"
+        "(L, L) scores, as CUDA's flash / memory-efficient kernels); under torchrun, DDP's buckets as above.\n"
         f"Host reads were answered, not computed (lengths L, finite checks true, metrics 1). Ran in {result['seconds']:.0f} s.\n"
     )
+    # torchrun: DDP keeps the gradients in its buckets (gradient_as_bucket_view), which exist from the first step on,
+    # so a rank holds them in every phase, the rollout and reference pass included, where one process holds none
+    grads = result["sizes"]["gradients"]
+    rank = {name: p["Total"] - p["GRAD"] + grads for name, p in peaks.items() if name != "setup"}
+    rank_phase = max(rank, key=rank.get)
+    first = peaks["policy_fwd_bwd"]["Total"] + grads  # step 1: fresh gradients beside the buckets, until the last
+    print(  # micro-batch's reduction makes them views
+        f"torchrun, per rank: DDP's gradient buckets ({grads / GiB:.2f} GiB) live through every phase: peak "
+        f"{rank[rank_phase] / GiB:.2f} GiB ({rank_phase}); the first step, before the gradients become views of the "
+        f"buckets, {first / GiB:.2f} GiB. DDP's own small state (its bucket index, communication buffers) not modelled"
+    )  # fmt: skip
     summary = {
         "peak_gib": total / GiB, "peak_bytes": total, "peak_phase": peak_phase,
+        "torchrun_rank_peak_gib": rank[rank_phase] / GiB, "torchrun_first_step_peak_gib": first / GiB,
         "breakdown_bytes": parts, "phase_peak_gib": {name: peaks[name]["Total"] / GiB for name in peaks},
         "phase_kv_cache_bytes": {name: peaks[name]["KV"] for name in peaks},
         "kv_cache_analytic_bytes": result["kv_cache_analytic_bytes"], "params": result["params"],
@@ -619,7 +787,7 @@ def run_grpo_job(args) -> None:
                       max_new_tokens=args.new_tokens, beta=args.beta, micro_batch_size=args.micro_batch_size,
                       precision=args.precision, gradient_checkpointing=args.gradient_checkpointing, eval_size=0,
                       save_every=0, sample_every=0, device=args.device)  # fmt: skip
-    print(json.dumps({"trainer": "grpo.py"}), flush=True)
+    print(json.dumps({"trainer": "grpo.py", "cuda_settings": "grpo.py's own (setup_cuda)"}), flush=True)
 
     def on_step(step, model, metrics, sums):
         print_mark(device, metrics["completion_len"])
@@ -631,7 +799,8 @@ def run_grpo_job(args) -> None:
 
 def check_job_step(step: int, metrics: dict) -> None:
     """A measurement of a broken run is no measurement: stop at once, loudly, on a skipped update or a
-    non-finite metric (on a GPU, the cuDNN attention NaN would show here)."""
+    non-finite metric. (With random weights the job cannot meet the cuDNN attention NaN, which needs Qwen's
+    real activations: --sdpa_check is that check.)"""
     bad = sorted(k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v))
     if metrics.get("skipped_updates") or bad:
         sys.exit(f"error: grpo.py's step {step}: {metrics.get('skipped_updates', 0):.0f} updates skipped as "
@@ -647,8 +816,9 @@ def run_trl_job(args) -> None:
     import trl
     from transformers import AutoTokenizer, TrainerCallback
 
-    print(json.dumps({"trainer": f"TRL {trl.__version__}"}), flush=True)
     device = torch.device(args.device)
+    settings = cuda_setup(device, args.precision)  # TRL trains with grpo.py's CUDA settings: like against like
+    print(json.dumps({"trainer": f"TRL {trl.__version__}", "cuda_settings": settings}), flush=True)
     tok = AutoTokenizer.from_pretrained(args.job_model)
     rows, _ = job_rows(args, tok)
     data = datasets.Dataset.from_list(
@@ -697,9 +867,10 @@ def job_result(stdout: str, args, timed_out: bool, trainer: str) -> dict:
     lines = [m for m in lines if isinstance(m, dict)]
     marks = [m for m in lines if "t" in m]
     name = next((m["trainer"] for m in lines if "trainer" in m), trainer)
+    settings = next((m["cuda_settings"] for m in lines if "cuda_settings" in m), "")
     seconds = [b["t"] - a["t"] for a, b in zip(marks, marks[1:])]
     median = statistics.median(seconds) if seconds else float("nan")
-    return {"trainer": name, "steps_done": len(marks), "timed_out": timed_out, "step_seconds": seconds,
+    return {"trainer": name, "cuda_settings": settings, "steps_done": len(marks), "timed_out": timed_out, "step_seconds": seconds,
             "median_step_seconds": median, "completion_tokens_per_s": args.prompts * args.group_size * args.new_tokens / median,
             "peak_gib": max((m["peak_gib"] for m in marks[1:]), default=float("nan")),
             "mean_completion_length": [m["length"] for m in marks]}  # fmt: skip
@@ -760,7 +931,12 @@ def run_jobs(args) -> None:
         results[trainer] = job_result(out, args, timed_out, trainer) | {"failed": failed}
     predicted = None
     if predict is not None:
-        out, err = predict.communicate()
+        try:  # it ran beside the jobs; it takes under a minute on a CPU
+            out, err = predict.communicate(timeout=max(60, args.job_timeout))
+        except subprocess.TimeoutExpired:
+            predict.kill()
+            out, err = predict.communicate()
+            err += "\ntimed out"
         if predict.returncode == 0:
             predicted = json.loads(out.strip().splitlines()[-1])["peak_gib"]
         else:  # the measurements stand without it
@@ -778,6 +954,8 @@ def run_jobs(args) -> None:
         done = f"{r['steps_done']}{' (timed out)' if r['timed_out'] else ' (failed)' if r['failed'] else ''}"
         print(f"{r['trainer']:<14}{r['median_step_seconds']:>10.2f}{r['completion_tokens_per_s']:>12.0f}"
               f"{r['peak_gib']:>10.2f}  {done:<16}{lengths}")  # fmt: skip
+    for r in results.values():
+        print(f"{r['trainer']} CUDA settings: {r['cuda_settings'] or 'not reported'}")
     summary = {"machine": machine, "prompt_len_longest": longest, "predicted_peak_gib": predicted, **results,
                "args": {k: v for k, v in vars(args).items() if k != "path"}}  # fmt: skip
     if predicted is not None and "grpo" in results:
@@ -823,6 +1001,11 @@ def main() -> None:
     p.add_argument("--lora_rank", type=int, default=0, help="--memory: as grpo.py's (0 = full fine-tuning)")
     p.add_argument("--sdpa_check", action="store_true", help="the cuDNN attention NaN, torch's backends vs grpo.py's")
     p.add_argument("--decode_profile", action="store_true", help="decode ms per step and the host-bound share")
+    p.add_argument("--decode_ops", action="store_true", help="ATen ops per decode token, full and LoRA, on CPU")
+    p.add_argument("--head_precision", action="store_true", help="the LM head's log-probs: fp32, TF32, bf16 (CPU)")
+    p.add_argument(
+        "--cuda_checks", action="store_true", help="the allocator in effect; attention forced onto mem-efficient"
+    )
     p.add_argument(
         "--decode_steps", type=int, default=16, help="--memory: decode steps run; the rest are counted; -1 = all"
     )
@@ -855,8 +1038,24 @@ def main() -> None:
         if result["non_finite_grad_q_grpo"]:
             sys.exit("error: grpo.py's attention setting gives a non-finite grad_q")
         return
+    if args.decode_ops:
+        ops = decode_ops(model_config(args.model))
+        print(f"ATen ops per decode token, {args.model} ({ops['layers']} layers, bf16 sampling as on CUDA): full "
+              f"fine-tuning {ops['full']}, LoRA rank 16 {ops['lora']} ({ops['lora'] / ops['full']:.2f}x)")  # fmt: skip
+        print(json.dumps(ops))
+        return
     if args.decode_profile:
         print(json.dumps(decode_profile(args)))
+        return
+    if args.head_precision:
+        print(json.dumps(head_precision(args)))
+        return
+    if args.cuda_checks:
+        result = cuda_checks(args)
+        print(json.dumps(result))
+        expandable = all(result.get("expandable_segments") or [True])  # on CUDA, every segment
+        if not (result["logprobs_finite"] and result["gradients_finite"] and expandable):
+            sys.exit("error: a CUDA check failed (above)")
         return
     if args.path in ("job_grpo", "job_trl"):
         run_grpo_job(args) if args.path == "job_grpo" else run_trl_job(args)
@@ -880,7 +1079,8 @@ def main() -> None:
     machine = machine_name(device)
     print(
         f"\nmachine {machine} | model {args.model} ({fast['params'] / 1e6:.1f}M params{', random init' if args.random_init else ''}) | "
-        f"P={args.prompts} G={args.group_size} prompt {args.prompt_len} new {args.new_tokens} beta {args.beta}\n"
+        f"P={args.prompts} G={args.group_size} prompt {args.prompt_len} new {args.new_tokens} beta {args.beta} | "
+        f"{fast['cuda_settings']}\n"
     )
     print(f"{'phase':<16}{'fast (s)':>12}{'plain (s)':>12}{'plain/fast':>12}")
     ratios = {}

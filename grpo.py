@@ -516,14 +516,20 @@ def setup_training(model, cfg: Config, resume_from: str | None, world: int, devi
 
 # ----------------------------------------------------------------------------- Fast paths: what training runs, each tested equal to its plain form above
 @torch.no_grad()
-def frozen_logprobs(model, prompt_ids, prompt_mask, completion_ids, micro_batch_size: int, temperature: float,
-                    bf16: bool = False):  # fmt: skip
-    """token_logprobs (B, L) of a model that is not being trained (pi_ref)."""
+def frozen_logprobs(model, prompt_ids, prompt_mask, completion_ids, lengths, micro_batch_size: int, temperature: float,
+                    bf16: bool = False) -> torch.Tensor:  # fmt: skip
+    """token_logprobs (B, L) of a model that is not being trained (pi_ref), each micro-batch trimmed to its own
+    longest completion, as accumulate_gradients trims them (past a completion's length: 0, masked by length)."""
     B, G = completion_ids.shape[0], completion_ids.shape[0] // prompt_ids.shape[0]
+    slices = micro_batches(B, micro_batch_size, G, prompt_ids.device)
+    trims = torch.stack([lengths[s].max() for s, _, _ in slices]).tolist()  # one host read, before the loop
+    logp = torch.zeros(completion_ids.shape, device=completion_ids.device)  # (B, L)
     with autocast(prompt_ids.device, bf16), adapters_off(model):  # with LoRA, pi_ref is the policy, adapters off
-        parts = [token_logprobs(model, prompt_ids[p], prompt_mask[p], completion_ids[s], index, temperature)
-                 for s, p, index in micro_batches(B, micro_batch_size, G, prompt_ids.device)]  # fmt: skip
-    return torch.cat(parts)
+        for (s, p, index), Lm in zip(slices, trims):
+            logp[s, :Lm] = token_logprobs(
+                model, prompt_ids[p], prompt_mask[p], completion_ids[s, :Lm], index, temperature
+            )
+    return logp
 
 
 def micro_batches(B: int, size: int, group_size: int, device) -> list[tuple[slice, slice, torch.Tensor]]:
@@ -579,7 +585,7 @@ def accumulate_gradients(policy, prompt_ids, prompt_mask, completion_ids, length
 def fast_update(policy, optimizer, ro, mask, advantages, ref_logp, cfg: Config, world: int = 1):
     """plain_update's fast form: the gradient accumulated a micro-batch at a time (accumulate_gradients, which builds
     its own mask), then the step unless it is not finite on some rank (clip_and_step). The same return."""
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad(set_to_none=world == 1)  # torchrun: zeroed in place, DDP's buckets (clip_and_step)
     stats = accumulate_gradients(policy, ro.prompt_ids, ro.prompt_mask, ro.completion_ids, ro.lengths, ro.by_env,
                                  advantages, ro.sample_logp, ref_logp, cfg, cfg.micro_batch_size, world)  # fmt: skip
     model = getattr(policy, "module", policy)  # the model inside DDP
@@ -589,8 +595,8 @@ def fast_update(policy, optimizer, ro, mask, advantages, ref_logp, cfg: Config, 
 
 def fast_reference_logprobs(ref_model, ro, cfg: Config) -> torch.Tensor:
     """plain_reference_logprobs' fast form: frozen_logprobs, a micro-batch at a time."""
-    return frozen_logprobs(ref_model, ro.prompt_ids, ro.prompt_mask, ro.completion_ids, cfg.micro_batch_size,
-                           cfg.temperature, use_bf16(cfg, ro.prompt_ids.device))  # fmt: skip
+    return frozen_logprobs(ref_model, ro.prompt_ids, ro.prompt_mask, ro.completion_ids, ro.lengths,
+                           cfg.micro_batch_size, cfg.temperature, use_bf16(cfg, ro.prompt_ids.device))  # fmt: skip
 
 
 @torch.no_grad()
@@ -619,6 +625,7 @@ def rollout(model, prompt_ids, prompt_mask, group_size, max_new_tokens, temperat
     logits = out.logits[:, -1].float()[row_prompt]  # (B, V)
     cache.batch_select_indices(row_prompt)  # (n, ...) -> (B, ...)
     keep = torch.cat([prompt_mask.bool()[row_prompt], prompt_mask.new_ones(B, max_new_tokens, dtype=torch.bool)], 1)
+    bias = attention_bias(keep, model)  # (B, 1, 1, P + max_new_tokens): one mask for the decode, a slice per step
     next_position = position[row_prompt, -1:] + 1  # (B, 1)
     tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=dev)
     sample_logp = torch.zeros(B, max_new_tokens, device=dev)
@@ -643,7 +650,7 @@ def rollout(model, prompt_ids, prompt_mask, group_size, max_new_tokens, temperat
         if t == max_new_tokens - 1:
             break
         # token t sits at slot P + t and may see the prompt (less its padding) and the tokens so far
-        mask = attention_mask_4d(keep[:, : P + t + 1], model)
+        mask = bias[..., : P + t + 1]
         out = model(input_ids=tokens[:, t : t + 1], attention_mask=mask, position_ids=next_position, cache=cache,
                     use_cache=True)  # fmt: skip
         logits = out.logits[:, -1].float()  # (B, V)
@@ -682,6 +689,14 @@ def attention_mask_4d(keep: torch.Tensor, model) -> torch.Tensor:
     if model.config._attn_implementation == "eager":  # eager attention adds the mask to the scores
         return torch.zeros(keep.shape, dtype=model.dtype, device=keep.device).masked_fill(~keep, -1e9)[:, None]
     return keep[:, None]  # sdpa and flex: True = attend
+
+
+def attention_bias(keep: torch.Tensor, model) -> torch.Tensor:
+    """keep (R, K), bool, True where the one query may attend -> the additive mask (R, 1, 1, K), 0 or -inf, in the
+    dtype the model computes in (run it outside autocast). SDPA turns a boolean mask into this in every layer, 3
+    ops each: 72 of a decode token's ~1,970 on 24 layers (bench.py --decode_ops), against one slice per step."""
+    dtype = model.get_input_embeddings().weight.dtype
+    return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill_(~keep, float("-inf"))[:, None, None]
 
 
 def causal_keep(key_mask: torch.Tensor, Q: int) -> torch.Tensor:
@@ -861,9 +876,9 @@ def clip_and_step(model, optimizer, loss: float, max_grad_norm: float, world: in
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # every rank takes the same decision
     if finite.item() == 1.0:
         optimizer.step()
-    else:
-        optimizer.zero_grad(set_to_none=True)
-    return finite.item() == 1.0, grad_norm.item()
+    else:  # under DDP (gradient_as_bucket_view) the gradients are views of its buckets, which always exist: zeroed
+        optimizer.zero_grad(set_to_none=world == 1)  # in place, the next micro-batches add into them; set to None,
+    return finite.item() == 1.0, grad_norm.item()  # they would be fresh tensors, a second copy, until the last one
 
 
 def check_skipped(applied: list[bool], bad_in_a_row: int, skipped: int, step: int, cfg: Config, log) -> int:
@@ -1204,8 +1219,22 @@ def lora_forward(linear, args, out):
     if not linear.lora_on:
         return out
     x = args[0]  # (.., in)
+    if not torch.is_grad_enabled():  # sampling: 4 ops, not 12 (bench.py --decode_ops); the same sum
+        A_t, B_t = sampling_adapters(linear, x.dtype)  # (in, r), (r, out)
+        out.view(-1, out.shape[-1]).addmm_(x.reshape(-1, x.shape[-1]) @ A_t, B_t)  # in place: no graph to keep
+        return out
     down = torch.nn.functional.linear(x, linear.lora_A.to(x.dtype))  # (.., r)
     return out + linear.lora_scale * torch.nn.functional.linear(down, linear.lora_B.to(x.dtype))  # (.., out)
+
+
+def sampling_adapters(linear, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """A^T and (alpha / r) B^T in `dtype`, cast once and reused until an optimizer step or a load changes A or B
+    (their in-place updates move the tensors' version counters): a rollout casts them once, not at every token."""
+    key = (dtype, linear.lora_A._version, linear.lora_B._version)
+    if getattr(linear, "lora_cast", (None,))[0] != key:
+        with torch.no_grad():
+            linear.lora_cast = (key, linear.lora_A.to(dtype).t(), (linear.lora_scale * linear.lora_B).to(dtype).t())
+    return linear.lora_cast[1], linear.lora_cast[2]
 
 
 def lora_layers(model) -> list:
@@ -1228,12 +1257,14 @@ def adapters_off(model):
 
 @torch.no_grad()
 def merge_lora(model) -> None:
-    """W <- W + (alpha / r) B A in every adapted layer (in fp32, then the base dtype), and the adapters and
+    """W <- W + (alpha / r) B A in every adapted layer (B A in fp64, the sum in fp32, then the base dtype), and the adapters and
     their hooks go: a plain model that from_pretrained loads and any inference server serves."""
-    for linear in lora_layers(model):
-        linear.weight.copy_(linear.weight.float() + linear.lora_scale * (linear.lora_B @ linear.lora_A))  # (out, in)
+    for linear in lora_layers(model):  # fp64: exact whatever the matmul precision (TF32 on CUDA under bf16)
+        delta = (linear.lora_B.double() @ linear.lora_A.double()).float()  # (out, in)
+        linear.weight.copy_(linear.weight.float() + linear.lora_scale * delta)
         linear.lora_hook.remove()
         del linear.lora_A, linear.lora_B, linear.lora_hook, linear.lora_scale, linear.lora_on
+        linear.__dict__.pop("lora_cast", None)
 
 
 def save_adapters(model, path: str) -> None:
@@ -1598,18 +1629,25 @@ def describe_precision(cfg, device) -> str:
     return what
 
 
-def setup_cuda(device: torch.device) -> None:
+def setup_cuda(device: torch.device, cfg: Config) -> None:
     """Every CUDA-only setting, in one place (a CPU test calls it with a CUDA device and the CUDA calls mocked).
     - The allocator grows its segments instead of carving fixed blocks, which the KV cache, growing a token at a
       time, fragments. Read once, at the first CUDA allocation; a user's own setting (either name) wins.
-    - The current device is `device`: allocations and syncs that name no device go to it, not to GPU 0.
+    - The current device is `device`: allocations and syncs that name no device go to it, not to GPU 0. A device
+      without an index (--device cuda) means the current one: torch.cuda.set_device refuses it (torch/cuda/_utils.py).
     - No cuDNN attention. Since torch 2.11 it is SDPA's first choice on sm90+, and its backward returns NaN
       grad_q for an explicit mask with a key length of 64 mod 128 (pytorch/pytorch#196678; Qwen2.5 hits it,
-      huggingface/trl#7181). Flash and memory-efficient attention serve instead."""
+      huggingface/trl#7181). Flash and memory-efficient attention serve instead.
+    - Under bf16, TF32 for fp32 matmuls, which are then the LM head's alone (head_logprobs): ~8x faster on tensor
+      cores than true fp32 (torch's default), whose head would take ~1.4 s of a default-job step on an H100, 3x the
+      bf16 body, by arithmetic. Measured on a CPU, emulated (bench.py --head_precision, SmolLM2-135M on GSM8K): log-
+      prob error against exact fp32 0.0005 nats on average, 0.005 at most; a bf16 head's 0.022 and 0.19. Under
+      --precision fp32 every matmul stays exact."""
     if "PYTORCH_CUDA_ALLOC_CONF" not in os.environ:  # the older name, which torch still reads (with a warning)
         os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
-    torch.cuda.set_device(device)
+    torch.cuda.set_device(torch.cuda.current_device() if device.index is None else device.index)
     torch.backends.cuda.enable_cudnn_sdp(False)
+    torch.backends.cuda.matmul.fp32_precision = "tf32" if use_bf16(cfg, device) else "ieee"  # after the allocator
 
 
 def autocast(device, bf16: bool):
@@ -1751,7 +1789,7 @@ def setup_distributed(cfg: Config) -> tuple[int, int, torch.device]:
         fail(f"--device {cfg.device}: CUDA is not available here; use --device cpu or install a CUDA build of torch")
     if device.type == "cuda":
         device = torch.device("cuda", local_rank if world > 1 else device.index or 0)
-        setup_cuda(device)
+        setup_cuda(device, cfg)
     if world > 1 and not dist.is_initialized():
         # transformers imports torch.distributed.nn when it loads its first model, and that module's functions take
         # the default process group as a default argument: imported after init, they would keep the group alive past

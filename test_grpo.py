@@ -5,6 +5,7 @@ many chat models) in a temporary folder, so nothing is downloaded. The integrati
 when GRPO_TEST_MODEL (a model folder) and GRPO_TEST_DATA (a dataset path) are set.
 """
 
+import argparse
 import ast
 import builtins
 import dataclasses
@@ -167,6 +168,16 @@ def cpu_seconds(fn, *args):
 def read_metrics(cfg) -> list[dict]:
     with open(os.path.join(cfg.output_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
+
+
+# The tests that hold a fast path equal to its plain form run on GRPO_TEST_DEVICE (cpu unless set): .ci/gpu runs
+# them on CUDA, whose kernels (attention, matmuls, the chunked head) compute differently from the CPU's.
+DEVICE = torch.device(os.environ.get("GRPO_TEST_DEVICE", "cpu"))
+
+
+def to_device(*items):
+    """Models and tensors moved to DEVICE, in order."""
+    return tuple(x.to(DEVICE) for x in items)
 
 
 def load(path):
@@ -855,6 +866,7 @@ def test_fast_rollout_equals_generate_greedy(tiny_model):
     ids, mask = grpo.tokenize_prompts(
         tok, [grpo.build_prompt(tok, q) for q in ["1+1?", "what is 12 + 30?", "9?"]], "cpu"
     )
+    model, ids, mask = to_device(model, ids, mask)
     eos = grpo.eos_ids(model, tok)
     out, lengths, ended, _, _ = grpo.rollout(model, ids, mask, 2, 12, 0.0, eos, tok.pad_token_id)
     with torch.no_grad():
@@ -911,13 +923,17 @@ def test_micro_batched_gradient_equals_full_batch(tiny_model):
     model.train()
     prompts = [grpo.build_prompt(tok, q) for q in ["1+1?", "22+3?", "7?"]]
     ids, mask = grpo.tokenize_prompts(tok, prompts, "cpu")
+    model, ids, mask = to_device(model, ids, mask)
     G = 2
     out, lengths, _, _, _ = grpo.rollout(model, ids, mask, G, 8, 1.0, grpo.eos_ids(model, tok), tok.pad_token_id)
     lengths[0] = 2  # make lengths differ so every normalization is exercised
-    adv = torch.randn(6, generator=torch.Generator().manual_seed(1))
+    adv = torch.randn(6, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     with torch.no_grad():
-        logp = grpo.token_logprobs(model, ids, mask, out, torch.arange(6) // G, 1.0)
-        ref, old = logp + 0.1 * torch.randn(out.shape), logp + 0.1 * torch.randn(out.shape)
+        logp = grpo.token_logprobs(model, ids, mask, out, torch.arange(6, device=DEVICE) // G, 1.0)
+        ref, old = (
+            logp + 0.1 * torch.randn(out.shape, device=DEVICE),
+            logp + 0.1 * torch.randn(out.shape, device=DEVICE),
+        )
     for loss_type in grpo.LOSS_TYPES:
         cfg = grpo.Config(loss_type=loss_type, beta=0.04, max_new_tokens=8)
         grads = []
@@ -990,10 +1006,14 @@ def test_accumulated_gradient_equals_one_plain_backward(tiny_model, loss_type):
     adv = torch.tensor([1.0, -1.0, 0.5, -0.5, 1.5, -1.5])
     # log-ratios cycling through every region of the clip: rho = 0.61, 0.90, 1, 1.11, 1.23, 1.65
     shifts = torch.tensor([-0.5, -0.1, 0.0, 0.1, 0.21, 0.5]).repeat(10)[: 6 * L].view(6, L)
+    noise = 0.3 * torch.randn(6, L, generator=torch.Generator().manual_seed(1))
+    model, ids, pmask, index, out, lengths, by_env, mask, adv, shifts, noise = to_device(
+        model, ids, pmask, index, out, lengths, by_env, mask, adv, shifts, noise
+    )
     with torch.no_grad():
         logp0 = plain_logprobs(model, ids, pmask, out, index, 0.7)
     old = logp0 - shifts
-    ref = logp0 + 0.3 * torch.randn(6, L, generator=torch.Generator().manual_seed(1))
+    ref = logp0 + noise
     cfg = grpo.Config(loss_type=loss_type, **REFERENCE_CFG)
     band = (shifts > math.log(1 + cfg.clip_eps)) & (shifts < math.log(1 + cfg.clip_eps_high)) & (adv[:, None] > 0)
     assert (band & mask.bool()).any()  # tokens that only clip-higher keeps in the gradient
@@ -1312,6 +1332,7 @@ def test_fp32_head_logprobs_and_gradients_equal_the_plain_computation(tiny_qwen)
     completion = torch.randint(3, 90, (4, 6), generator=torch.Generator().manual_seed(0))
     index = torch.tensor([0, 0, 1, 1])
     weights = torch.linspace(-1, 1, completion.numel()).view(completion.shape)
+    model, ids, mask, completion, index, weights = to_device(model, ids, mask, completion, index, weights)
     ours = grpo.token_logprobs(model, ids, mask, completion, index, 0.8, chunk=5)
     (ours * weights).sum().backward()
     ours_grads = [p.grad.clone() for p in model.parameters()]
@@ -2618,19 +2639,38 @@ def generate_by_question(generate):
     return run
 
 
+# Under torchrun: before each micro-batch's forward in training, the storages that the gradients live in
+GRAD_STORAGES = """
+real_token_logprobs, grad_storages = grpo.token_logprobs, []
+def token_logprobs(model, *args):
+    if torch.is_grad_enabled():  # the update pass, not the reference pass
+        grads = [p.grad for p in model.parameters() if p.requires_grad]
+        grad_storages.append(None if any(g is None for g in grads) else sorted({g.untyped_storage().data_ptr() for g in grads}))
+    return real_token_logprobs(model, *args)
+grpo.token_logprobs = token_logprobs
+"""
+
+
 def test_torchrun_averages_gradients_like_one_process_on_both_ranks_data(tiny_model, tiny_data, tmp_path, monkeypatch):
     """Two ranks under torchrun against one process that holds both ranks' questions (each question's
     completions drawn from its own stream, so both runs sample the same ones), with dapo and micro-batches
     of 3 (each micro-batch's share of the global token count): at every step the gradient that DDP leaves
     on the ranks equals the one process's gradient, and the weights equal its weights. Ranks that did not
-    average, or weighted by their own token count, would each follow their half of the batch."""
+    average, or weighted by their own token count, would each follow their half of the batch.
+    And from the second step on, every micro-batch adds into the gradients where DDP's buckets hold them
+    (gradient_as_bucket_view): zeroed in place, never set to None, which would make them fresh tensors, a
+    second gradient-sized copy per rank, until the last micro-batch copies them into the buckets."""
     script = tmp_path / "ddp_run.py"
     by_question = (
         "import zlib\n"
         + inspect.getsource(generate_by_question)
         + "grpo.generate = generate_by_question(grpo.generate)\n"
+        + GRAD_STORAGES
     )
-    script.write_text(DDP_SCRIPT.format(here=HERE).replace("grpo.main(cfg,", by_question + "grpo.main(cfg,"))
+    script.write_text(
+        DDP_SCRIPT.format(here=HERE).replace("grpo.main(cfg,", by_question + "grpo.main(cfg,")
+        + "json.dump(grad_storages, open(os.path.join(cfg.output_dir, f'storages{os.environ[\"RANK\"]}.json'), 'w'))\n"
+    )
     cfg = dataclasses_asdict(tiny_config(tiny_model, tiny_data, tmp_path, steps=2, prompts_per_step=4, eval_size=0,
                                          loss_type="dapo", micro_batch_size=3, max_grad_norm=1e9))  # fmt: skip
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
@@ -2640,6 +2680,12 @@ def test_torchrun_averages_gradients_like_one_process_on_both_ranks_data(tiny_mo
     assert result.returncode == 0, result.stderr[-8000:]
     ranks = [torch.load(tmp_path / "out" / f"rank{r}.pt") for r in range(2)]
     counts = [[s["sums"]["kl"][1] for s in json.load(open(tmp_path / "out" / f"rank{r}.json"))] for r in range(2)]
+    for r in range(2):  # 2 steps of 3 micro-batches (2 questions x G = 4 completions, 3 at a time): 6 forwards
+        storages = json.load(open(tmp_path / "out" / f"storages{r}.json"))
+        assert len(storages) == 6 and storages[0] is None  # before the first backward there is no gradient
+        # step 1's first reduction makes the gradients views of DDP's buckets (a few storages for all of them; the
+        # second iteration's first forward rebuilds the buckets once, in the order the gradients came)
+        assert all(s is not None and len(s) <= 4 for s in storages[3:]) and storages[5] == storages[4], storages
 
     monkeypatch.setattr(grpo, "REWARD_FUNCS", [(digit_share, 1.0)])  # the script's reward
     monkeypatch.setattr(grpo, "generate", generate_by_question(grpo.generate))
@@ -2861,13 +2907,35 @@ def test_bench_job_trains_grpo_and_trl_on_the_same_work(tiny_qwen, tiny_data, tm
 
 
 # ----------------------------------------------------------------------------- the first GPU run, decided on CPU
-def fake_cuda(monkeypatch, capability=(9, 0)) -> list:
-    """The CUDA calls grpo.py makes, mocked: a CPU test then runs the CUDA decisions. Returns the calls seen."""
-    calls = []
+def fake_cuda(monkeypatch, capability=(9, 0), gpus: int = 2) -> list:
+    """The CUDA calls grpo.py makes, mocked as strictly as torch: a CPU test then runs the CUDA decisions. Each
+    mock refuses what the real call refuses (a lax set_device once hid a crash on --device cuda): set_device is
+    torch's own, down to the C call that would reach the driver, so its argument checks run; the device index
+    checks are torch's (_get_device_index); enable_cudnn_sdp takes a bool only. Returns the calls seen."""
+    calls, current = [], [0]
+
+    def set_device_in_driver(index: int) -> None:  # what torch.cuda.set_device calls once its checks pass
+        assert type(index) is int and 0 <= index < gpus, index
+        current[0] = index
+        calls.append(("set_device", torch.device("cuda", index)))
+
+    def get_device_capability(device=None):
+        index = current[0] if device is None else torch.cuda._utils._get_device_index(device, optional=True)
+        assert 0 <= index < gpus, index
+        return capability
+
+    def enable_cudnn_sdp(on):
+        if type(on) is not bool:  # a pybind bool: 0 and 1 are refused
+            raise TypeError(f"enable_cudnn_sdp(): expected a bool, got {type(on).__name__}")
+        calls.append(("cudnn_sdp", on))
+
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("set_device", torch.device(device))))
-    monkeypatch.setattr(torch.backends.cuda, "enable_cudnn_sdp", lambda on: calls.append(("cudnn_sdp", on)))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
+    monkeypatch.setattr(torch.cuda, "get_device_capability", get_device_capability)
+    monkeypatch.setattr(torch._C, "_cuda_setDevice", set_device_in_driver, raising=False)  # absent in a CPU build
+    monkeypatch.setattr(torch.backends.cuda, "enable_cudnn_sdp", enable_cudnn_sdp)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "fp32_precision", "ieee")  # torch's own flag, restored after
     for name in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"):
         monkeypatch.delenv(name, raising=False)
     return calls
@@ -2875,15 +2943,28 @@ def fake_cuda(monkeypatch, capability=(9, 0)) -> list:
 
 def test_setup_cuda_makes_every_cuda_setting(monkeypatch):
     """One function holds the CUDA-only settings: expandable segments (unless the user set the allocator), the
-    current device, and cuDNN attention off (its backward's NaN grad_q, pytorch/pytorch#196678)."""
+    current device, cuDNN attention off (its backward's NaN grad_q, pytorch/pytorch#196678), and TF32 for fp32
+    matmuls under bf16 only (then the LM head's alone; --precision fp32 stays exact)."""
     calls = fake_cuda(monkeypatch)
-    grpo.setup_cuda(torch.device("cuda", 1))
+    capability, seen = torch.cuda.get_device_capability, []  # the allocator is set before CUDA is first asked
+    monkeypatch.setattr(
+        torch.cuda, "get_device_capability", lambda d=None: seen.append(os.environ.copy()) or capability(d)
+    )
+    grpo.setup_cuda(torch.device("cuda", 1), grpo.Config(precision="auto"))
+    assert seen and all("expandable_segments" in env.get("PYTORCH_ALLOC_CONF", "") for env in seen)
     assert calls == [("set_device", torch.device("cuda", 1)), ("cudnn_sdp", False)]
+    assert torch.backends.cuda.matmul.fp32_precision == "tf32"  # bf16: the fp32 matmuls are the LM head's
+    calls.clear()
+    grpo.setup_cuda(torch.device("cuda"), grpo.Config(precision="fp32"))  # no index: the current device, as in torch
+    assert calls == [("set_device", torch.device("cuda", 1)), ("cudnn_sdp", False)]
+    assert torch.backends.cuda.matmul.fp32_precision == "ieee"  # --precision fp32: every matmul exact
+    with pytest.raises(ValueError, match="specified index"):  # the mock refuses what torch refuses
+        torch.cuda.set_device(torch.device("cuda"))
     assert os.environ["PYTORCH_ALLOC_CONF"] == "expandable_segments:True"
     for name in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"):  # a user's own setting, under either name, wins
         fake_cuda(monkeypatch)
         monkeypatch.setenv(name, "max_split_size_mb:256")
-        grpo.setup_cuda(torch.device("cuda", 0))
+        grpo.setup_cuda(torch.device("cuda", 0), grpo.Config())
         assert os.environ[name] == "max_split_size_mb:256" and "expandable" not in os.environ.get(
             "PYTORCH_ALLOC_CONF", ""
         )
@@ -2896,7 +2977,13 @@ def test_the_cuda_device_is_set_in_every_process_and_nccl_is_given_it(monkeypatc
     calls = fake_cuda(monkeypatch)
     inits = []
     monkeypatch.setattr(grpo.dist, "is_initialized", lambda: False)
-    monkeypatch.setattr(grpo.dist, "init_process_group", lambda backend, **kw: inits.append((backend, kw)))
+
+    def init_process_group(backend, device_id=None, **kw):  # torch's own check of device_id (distributed_c10d.py)
+        if device_id is not None and (device_id.type != "cuda" or device_id.index is None):
+            raise ValueError("Please use a device_id with index.")
+        inits.append((backend, {"device_id": device_id, **kw}))
+
+    monkeypatch.setattr(grpo.dist, "init_process_group", init_process_group)
     monkeypatch.setattr(grpo.dist, "get_rank", lambda: 1)
     monkeypatch.setenv("WORLD_SIZE", str(world))
     monkeypatch.setenv("LOCAL_RANK", str(world - 1))
@@ -2949,9 +3036,9 @@ def count_host_reads(fn) -> int:
 
 
 def test_reference_and_update_passes_read_the_host_once_not_per_micro_batch(tiny_qwen):
-    """On a GPU each host read stops the CPU from queueing the next micro-batch. The reference pass reads
-    nothing and the update pass reads twice (every micro-batch's length before the loop, the metric sums
-    after it), however many micro-batches: 8 micro-batches of 1 cost what 1 of 8 costs. Before, about 9 a
+    """On a GPU each host read stops the CPU from queueing the next micro-batch. The reference pass reads once
+    (every micro-batch's length, before the loop) and the update pass twice (the lengths, and the metric sums
+    after the loop), however many micro-batches: 8 micro-batches of 1 cost what 1 of 8 costs. Before, about 9 a
     micro-batch (a length, five .item() calls, transformers' padding checks on a 2-D mask)."""
     model, tok = load(tiny_qwen)
     ids, mask, out, lengths, by_env, sample_logp = sampled_batch(model, tok, model, G=4, L=12)
@@ -2960,16 +3047,35 @@ def test_reference_and_update_passes_read_the_host_once_not_per_micro_batch(tiny
 
     def passes(mb: int) -> tuple[int, int]:
         cfg = grpo.Config(micro_batch_size=mb, beta=0.04, max_new_tokens=12)
-        ref_logp = grpo.frozen_logprobs(model, ids, mask, out, mb, 1.0)
+        ref_logp = grpo.frozen_logprobs(model, ids, mask, out, lengths, mb, 1.0)
         update = (model, ids, mask, out, lengths, by_env, adv, sample_logp, ref_logp, cfg, mb)
         return (
-            count_host_reads(lambda: grpo.frozen_logprobs(model, ids, mask, out, mb, 1.0)),
+            count_host_reads(lambda: grpo.frozen_logprobs(model, ids, mask, out, lengths, mb, 1.0)),
             count_host_reads(lambda: grpo.accumulate_gradients(*update)),
         )
 
     reads = {mb: passes(mb) for mb in (1, 8)}
-    assert reads[1] == reads[8] == (0, 2), reads
+    assert reads[1] == reads[8] == (1, 2), reads
     assert sum(reads[1]) / 8 < 1  # per micro-batch
+
+
+def test_reference_pass_trims_each_micro_batch_to_its_own_longest(tiny_qwen, monkeypatch):
+    """pi_ref's pass runs each micro-batch at its own longest completion, as the update pass does, not every one
+    at the rollout's longest; the log-probs within each completion's length are those of the untrimmed pass, and
+    past its micro-batch's longest 0 (masked by length)."""
+    model, tok = load(tiny_qwen)
+    ids, mask = prompts_of(tok, ["1+2?", "13+4?"])
+    completion = torch.randint(5, 90, (4, 9), generator=torch.Generator().manual_seed(0))
+    lengths = torch.tensor([3, 2, 9, 5])
+    real, widths = grpo.token_logprobs, []
+    monkeypatch.setattr(
+        grpo, "token_logprobs", lambda m, p, pm, c, *a: widths.append(c.shape[1]) or real(m, p, pm, c, *a)
+    )
+    trimmed = grpo.frozen_logprobs(model, ids, mask, completion, lengths, 2, 1.0)
+    assert widths == [3, 9]
+    full = grpo.frozen_logprobs(model, ids, mask, completion, torch.full((4,), 9), 4, 1.0)
+    within = torch.arange(9)[None, :] < lengths[:, None]
+    assert torch.allclose(trimmed[within], full[within], atol=1e-5) and (trimmed[:2, 3:] == 0).all()
 
 
 def test_padding_rows_see_themselves_and_real_rows_match_a_2d_mask(tiny_qwen):
@@ -3049,10 +3155,71 @@ def test_bench_gpu_checks_run_on_cpu(tiny_qwen):
     result = subprocess.run([*run, *args], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads(result.stdout.strip().splitlines()[-1])["decode_ms_per_step"] > 0
+    args = ["--cuda_checks", "--prompts", "2", "--group_size", "2", "--prompt_len", "12", "--new_tokens", "6"]
+    result = subprocess.run([*run, *args], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    checks = json.loads(result.stdout.strip().splitlines()[-1])
+    assert checks["forced_kernel"] == "MATH" and checks["logprobs_finite"] and checks["gradients_finite"]
     bench.check_job_step(1, {"skipped_updates": 0.0, "loss": 0.5})
     for metrics in ({"skipped_updates": 1.0, "loss": 0.5}, {"skipped_updates": 0.0, "loss": float("nan")}):
         with pytest.raises(SystemExit, match="step 3"):
             bench.check_job_step(3, metrics)
+
+
+def test_a_decode_token_dispatches_at_most_1900_ops_and_lora_at_most_1_5x(tiny_qwen):
+    """On a GPU the host launches every op of a decode token one by one (~5-10 us each), against ~1.3 ms of GPU work
+    per token for Qwen2.5-0.5B: the op count bounds decoding. Counted on the tiny Qwen2 with 1 and 2 layers (each
+    layer dispatches the same ops, whatever its width), so the 24-layer count is fixed + 24 x per layer: at most
+    1,900 for full fine-tuning (it was 1,968: SDPA turned the boolean mask into an additive one in every layer), and
+    LoRA at most 1.5x that (it was 2.02x: the adapters were cast in every layer at every token)."""
+    from transformers import AutoConfig
+
+    bench = importlib.import_module("bench")
+    config = AutoConfig.from_pretrained(tiny_qwen)
+    counts = []
+    for layers in (1, 2):
+        config.num_hidden_layers = layers
+        counts.append(bench.decode_ops(config, lora_rank=4))
+    at_24 = {k: 2 * counts[0][k] - counts[1][k] + 24 * (counts[1][k] - counts[0][k]) for k in ("full", "lora")}
+    assert at_24["full"] <= 1900 and at_24["lora"] <= 1.5 * at_24["full"], at_24
+
+
+def test_kernel_seconds_counts_each_kernel_once():
+    """The GPU's busy time from a profile: key_averages() lists a launching op (a CPU row whose self device time
+    is its kernels') and the kernel itself (a CUDA row); only the device rows count, or every kernel counts twice
+    and the host-bound share comes out wrong, even negative. A user annotation's range is not a kernel either."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    bench = importlib.import_module("bench")
+
+    def row(device, us, note=False):
+        return SimpleNamespace(device_type=device, self_device_time_total=us, is_user_annotation=note)
+
+    events = [row(DeviceType.CPU, 300.0), row(DeviceType.CUDA, 300.0), row(DeviceType.CPU, 200.0),
+              row(DeviceType.CUDA, 200.0), row(DeviceType.CPU, 0.0), row(DeviceType.CUDA, 1000.0, note=True)]  # fmt: skip
+    assert bench.kernel_seconds(events) == pytest.approx(500e-6)
+
+
+def test_every_bench_part_on_cuda_starts_with_grpos_cuda_settings(monkeypatch):
+    """Each bench.py part that runs on CUDA calls grpo.setup_cuda before anything else (its first CUDA
+    allocation included): the phase table's fast and plain paths, TRL's job, the decode profile and the CUDA
+    checks then run with cuDNN attention off and the allocator grpo.py trains with, so their figures compare like
+    with like. (grpo.py's own job sets them in main.) Stopped at the call: nothing else runs."""
+    bench = importlib.import_module("bench")
+
+    class SetUp(Exception):
+        pass
+
+    def setup_cuda(device, cfg):
+        raise SetUp(device)
+
+    monkeypatch.setattr(grpo, "setup_cuda", setup_cuda)
+    args = argparse.Namespace(device="cuda", precision="auto")  # a part that read more first would fail on it
+    for part in (bench.run_path, bench.run_trl_job, bench.decode_profile, bench.cuda_checks):
+        with pytest.raises(SetUp):
+            part(args)
 
 
 # ----------------------------------------------------------------------------- LoRA
@@ -3090,8 +3257,32 @@ def test_lora_adapters_off_is_the_base_model_exactly(tiny_qwen):
         assert torch.equal(some_logprobs(model, tok), expected)
     ids, mask = prompts_of(tok, ["1+2?", "13+4?"])
     completion = torch.randint(5, 90, (4, 6), generator=torch.Generator().manual_seed(0))
-    assert torch.equal(grpo.frozen_logprobs(model, ids, mask, completion, 4, 1.0), expected)  # pi_ref: adapters off
+    lengths = torch.full((4,), 6)
+    assert torch.equal(grpo.frozen_logprobs(model, ids, mask, completion, lengths, 4, 1.0), expected)  # adapters off
     assert (some_logprobs(model, tok) - expected).abs().max() > 1e-3  # and on again after
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_lora_sampling_adds_the_same_update_and_never_a_stale_one(tiny_qwen, bf16):
+    """Without gradients (sampling) an adapted layer adds (alpha / r) B A x with A and B cast once and reused, in
+    place: the same output as the training path (to rounding in bf16), and after an in-place update of A or B (an
+    optimizer step, a load) the new adapters, never the cached cast of the old ones."""
+    model, tok = lora_model(tiny_qwen, bf16=bf16)
+    layer = grpo.lora_layers(model)[0]
+    x = torch.randn(3, 5, layer.in_features, generator=torch.Generator().manual_seed(0))
+    x = x.to(torch.bfloat16) if bf16 else x
+    tol = dict(rtol=2e-2, atol=2e-2) if bf16 else dict(rtol=1e-6, atol=1e-6)
+    for update in range(3):
+        with torch.no_grad():  # an update as AdamW makes it: in place, under no_grad
+            (layer.lora_B if update != 1 else layer.lora_A).add_(
+                0.1 * torch.randn_like(layer.lora_B if update != 1 else layer.lora_A)
+            )
+        with torch.no_grad():
+            sampled = layer(x)
+        trained = layer(x).detach()  # the differentiable path
+        base = torch.nn.functional.linear(x, layer.weight, layer.bias)
+        assert torch.allclose(sampled, trained, **tol), update
+        assert not torch.allclose(trained, base, **tol)  # the adapters add something: the comparison can fail
 
 
 def test_lora_bf16_base_and_the_policy_samples(tiny_qwen, tiny_data, tmp_path):
@@ -3307,11 +3498,13 @@ def test_fast_logprobs_equal_the_plain_ones_with_gradients(tiny_qwen):
     ids, mask = prompts_of(tok, ["1+1?", "what is 12 + 30?"])
     completion = torch.randint(3, 90, (6, 7), generator=torch.Generator().manual_seed(0))
     weights = torch.linspace(-1, 1, completion.numel()).view(completion.shape)
+    model, ids, mask, completion, weights = to_device(model, ids, mask, completion, weights)
     for bf16, atol in ((False, 1e-5), (True, 3e-2)):
         results = []
         for fn in (grpo.sequence_logprobs, grpo.token_logprobs):
-            args = (model, ids, mask, completion) + ((torch.arange(6) // 3,) if fn is grpo.token_logprobs else ())
-            with grpo.autocast(torch.device("cpu"), bf16):
+            index = torch.arange(6, device=DEVICE) // 3
+            args = (model, ids, mask, completion) + ((index,) if fn is grpo.token_logprobs else ())
+            with grpo.autocast(DEVICE, bf16):
                 logp = fn(*args, 0.7)
             (grad,) = torch.autograd.grad((logp * weights).sum(), model.model.layers[0].self_attn.q_proj.weight)
             results.append((logp.detach(), grad))
@@ -3327,7 +3520,7 @@ def test_fast_rollout_equals_the_plain_one(tiny_qwen):
     from the same seed they return the same tokens, lengths, ended and by_env, and log-probs equal within float
     noise (both those of what they drew: sequence_logprobs), greedy, sampled, and with an environment writing."""
     model, tok = load(tiny_qwen)
-    ids, mask = prompts_of(tok, ["1+1?", "what is 12 + 30?"])
+    model, (ids, mask) = model.to(DEVICE), to_device(*prompts_of(tok, ["1+1?", "what is 12 + 30?"]))
     eos = grpo.eos_ids(model, tok)
     for T, env, n in ((0.0, None, 12), (0.8, None, 10), (0.8, frequent_env(tok, 2), 40)):
         outs = []
