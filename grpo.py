@@ -31,9 +31,9 @@ Where this departs from the paper (each is a deliberate, common choice):
  8. The k3 KL sits inside the loss, as in the paper: over samples from pi_theta its expected gradient is
     that of KL(pi_ref || pi_theta), not KL(pi_theta || pi_ref) (README, the objective).
 
-A first reading stops at the END OF THE ALGORITHM line: all of GRPO, each step in its plainest form. Below it,
-the fast paths training runs (each tested equal to its plain form above), then the machinery: answer parsing,
-tools, data, evaluation, setup, checkpoints, torchrun, logging, the command line.
+A first reading stops at the END OF THE ALGORITHM line: all of GRPO, each step in its plainest form, and --plain
+trains through exactly that code. Below it, the fast forms that run by default (each tested equal to its plain
+form), then the machinery: answer parsing, tools, data, evaluation, setup, checkpoints, torchrun, logging, the CLI.
 """
 
 import argparse

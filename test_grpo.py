@@ -1079,6 +1079,12 @@ def test_the_switch_picks_the_plain_forms_for_plain():
     assert grpo.paths(grpo.Config()) == (grpo.rollout, grpo.fast_reference_logprobs, grpo.fast_update)
 
 
+def test_plain_refuses_torchrun_in_one_line(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit, match="--plain trains in one process"):
+        grpo.check_config(grpo.Config(plain=True))
+
+
 def test_plain_mode_trains_evaluates_and_saves_through_the_plain_forms(tiny_model, tiny_data, tmp_path, monkeypatch):
     """python grpo.py --plain: training and evaluation run the plain forms above the END line, never a fast one
     (each is replaced by a function that fails), with tools, mu = 2 and a reference; the run saves final/. The same
