@@ -1079,6 +1079,17 @@ def test_the_switch_picks_the_plain_forms_for_plain():
     assert grpo.paths(grpo.Config()) == (grpo.rollout, grpo.fast_reference_logprobs, grpo.fast_update)
 
 
+def test_plain_mode_trains_lora_under_bf16(tiny_model, tiny_data, tmp_path, monkeypatch):
+    """--plain with LoRA (pi_ref: the policy with its adapters off) and bf16 (autocast over fp32 weights, a bf16
+    sampler): a finite step that moves the adapters."""
+    monkeypatch.setattr(grpo, "REWARD_FUNCS", [(shorter_is_better, 1.0)])
+    cfg = tiny_config(tiny_model, tiny_data, tmp_path, plain=True, lora_rank=4, precision="bf16", steps=1, eval_size=0)
+    seen = []
+    grpo.main(cfg, on_step=lambda step, model, metrics, sums: seen.append((metrics, grpo.lora_layers(model)[0].lora_B.abs().sum().item())))  # fmt: skip
+    ((metrics, moved),) = seen
+    assert all(math.isfinite(v) for v in metrics.values()) and metrics["frac_zero_std"] < 1 and moved > 0
+
+
 def test_plain_refuses_torchrun_in_one_line(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(SystemExit, match="--plain trains in one process"):
