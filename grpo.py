@@ -602,17 +602,11 @@ def fast_reference_logprobs(ref_model, ro, cfg: Config) -> torch.Tensor:
 @torch.no_grad()
 def rollout(model, prompt_ids, prompt_mask, group_size, max_new_tokens, temperature, eos, pad_id, ignore_eos=False,
             env=None):  # fmt: skip
-    """Sample group_size completions for each prompt (temperature 0 = greedy).
-
-    prompt_ids, prompt_mask: (N, P) left-padded prompts. The prompt is prefilled once and its
-    KV cache shared by its G samples, instead of running the same prompt through the model G times.
-    Returns completion ids (B, L) with B = N*G (row b belongs to prompt b // G), lengths (B,)
-    counting the EOS that ended a completion, ended (B,), False for cut-off completions, and
-    sample_logp (B, L): the log-prob under `model` at `temperature` of each sampled token, and
-    by_env (B, L): True for tokens that the environment wrote (tool results), all False without env.
-    Tokens after a completion's end are pad_id and must be masked by length, not by value.
-    The model computes in its own dtype (run it outside autocast): a bf16 model keeps a bf16 cache.
-    """
+    """sample_plainly's fast form: the same draws and returns (completion ids (B, L), row b answering prompt b // G;
+    lengths, ended, sample_logp, by_env), tokens past a completion's end pad_id, masked by length, not by value.
+    Each prompt (N, P, left-padded) is prefilled once and its KV cache shared by its G samples, instead of running
+    the same prompt through the model G times. The model computes in its own dtype (run it outside autocast): a
+    bf16 model keeps a bf16 cache."""
     n, P = prompt_ids.shape
     B, dev = n * group_size, prompt_ids.device
     row_prompt = torch.arange(B, device=dev) // group_size  # (B,) the prompt of each row
@@ -993,8 +987,7 @@ def tool_response(text: str, names: str = "") -> str | None:
     >>> tool_response("So 12 * 7 = <calc>12 * 7</calc>"), tool_response("<calc>1</calc><result>1</result>")
     ('<result>84</result>', None)
     """
-    for name in names.split(",") if names else TOOLS:
-        tool = TOOLS[name]
+    for tool in [TOOLS[name] for name in names.split(",")] if names else TOOLS.values():
         open_tag, close_tag = f"<{tool['tag']}>", f"</{tool['tag']}>"
         if not text.endswith(close_tag):
             continue
