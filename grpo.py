@@ -1505,6 +1505,7 @@ def lenient_correctness(completion: str, answer: str) -> float:
 
 # ----------------------------------------------------------------------------- Setup: config checks, model, precision, CUDA
 def check_config(cfg: Config) -> None:
+    """Stop with one line on a bad value or combination of flags, before anything is loaded."""
     if cfg.group_size < 2:
         fail(f"--group_size {cfg.group_size}: GRPO compares completions within a group, use 2 or more")
     if cfg.loss_type not in LOSS_TYPES:

@@ -1069,6 +1069,27 @@ def test_plain_update_equals_the_fast_one(tiny_model, loss_type):
         assert count == fast_stats[k][1] and total == pytest.approx(fast_stats[k][0], rel=1e-4, abs=1e-6), k
 
 
+def test_plain_reference_logprobs_equal_the_fast_ones(tiny_model):
+    """pi_ref's log-probs, plainly (sequence_logprobs, adapters off) and fast (frozen_logprobs: micro-batches of 3
+    that split a group, each trimmed to its longest completion), with LoRA adapters that moved: equal on every
+    completion token, and both those of the base model."""
+    model, tok = load(tiny_model)
+    ids, pmask = prompts_of(tok, ["1+1?", "what is 12 + 30?", "9?"])
+    out = torch.randint(3, 90, (6, 9), generator=torch.Generator().manual_seed(0))
+    lengths = torch.tensor([9, 3, 6, 1, 8, 5])
+    ro = grpo.Rollout(ids, pmask, out, lengths, lengths < 9, torch.zeros(6, 9), torch.zeros(6, 9, dtype=torch.bool), [])
+    with torch.no_grad():
+        base = grpo.sequence_logprobs(model, ids, pmask, out, 0.7)
+    grpo.add_lora(model, grpo.Config(lora_rank=4, lora_lr=1e-4), None)
+    with torch.no_grad():
+        for layer in grpo.lora_layers(model):
+            layer.lora_B.normal_()  # adapters that moved: the policy is no longer the base model
+    cfg = grpo.Config(micro_batch_size=3, temperature=0.7, precision="fp32")
+    plain, fast = grpo.plain_reference_logprobs(model, ro, cfg), grpo.fast_reference_logprobs(model, ro, cfg)
+    m = grpo.completion_mask(lengths, 9).bool()
+    assert torch.allclose(plain[m], fast[m], atol=1e-5) and torch.allclose(plain[m], base[m], atol=1e-5)
+
+
 def test_the_switch_picks_the_plain_forms_for_plain():
     """--plain trains through the forms a first reading reads; the default through their fast forms."""
     assert grpo.paths(grpo.Config(plain=True)) == (
