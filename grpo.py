@@ -396,7 +396,7 @@ def sample_plainly(model, prompt_ids, prompt_mask, group_size: int, max_new_toke
 def sequence_logprobs(model, prompt_ids, prompt_mask, completion_ids, temperature: float) -> torch.Tensor:
     """log pi(o_t | q, o_<t) for every completion token, plainly: each completion after its prompt, one forward
     of the whole sequences, logits -> log_softmax -> gather. (B, L), fp32. token_logprobs (Fast paths) computes
-    the same, and is what training runs: each prompt once, and never the (B, L, V) tensor this one holds."""
+    the same, and is what the default mode runs: each prompt once, and never the (B, L, V) tensor this one holds."""
     G = completion_ids.shape[0] // prompt_ids.shape[0]
     ids = torch.cat([prompt_ids.repeat_interleave(G, 0), completion_ids], 1)  # (B, P + L)
     mask = torch.cat([prompt_mask.repeat_interleave(G, 0), torch.ones_like(completion_ids)], 1)  # (B, P + L)
