@@ -961,7 +961,8 @@ def assert_same_gradient(ours: torch.Tensor, reference: torch.Tensor) -> None:
     assert (ours - reference).norm() <= 1e-4 * reference.norm(), ((ours - reference).norm(), reference.norm())
 
 
-REFERENCE_CFG = dict(beta=0.1, clip_eps=0.2, clip_eps_high=0.28, temperature=0.7, max_new_tokens=12)
+# every value away from its default, so that a setting the update ignored changes its gradient
+REFERENCE_CFG = dict(beta=0.1, clip_eps=0.25, clip_eps_high=0.32, temperature=0.7, max_new_tokens=12)
 
 
 @pytest.mark.parametrize("loss_type", grpo.LOSS_TYPES)
@@ -970,7 +971,8 @@ def test_accumulated_gradient_equals_one_plain_backward(tiny_model, loss_type):
     the NaN guard) gives the gradient of one plain backward of -J over the whole batch, with log-probs from
     full sequences. The batch has every case: ratios below 1 - eps, inside, between 1 + eps and 1 + eps_high
     (clipped only if eps_high is ignored) and above it; beta > 0 with a reference that differs; tokens the
-    environment wrote. The logged kl, clip_frac and logp_mismatch are the masked means computed by hand."""
+    environment wrote. The logged kl, clip_frac and logp_mismatch are the masked means computed by hand. Both
+    clip bounds are away from the default 0.2, with ratios between them and it (clipped only if one is ignored)."""
     model, tok = load(tiny_model)
     model.train()
     ids, pmask = prompts_of(tok, ["1+1?", "what is 12 + 30?", "9?"])
@@ -982,8 +984,8 @@ def test_accumulated_gradient_equals_one_plain_backward(tiny_model, loss_type):
     by_env[0, 2:4] = by_env[4, 4:6] = True  # context written by the environment, not actions
     mask = ((torch.arange(L)[None] < lengths[:, None]) & ~by_env).float()  # by hand, not completion_mask
     adv = torch.tensor([1.0, -1.0, 0.5, -0.5, 1.5, -1.5])
-    # log-ratios cycling through every region of the clip: rho = 0.61, 0.90, 1, 1.11, 1.23, 1.65
-    shifts = torch.tensor([-0.5, -0.1, 0.0, 0.1, 0.21, 0.5]).repeat(10)[: 6 * L].view(6, L)
+    # log-ratios cycling through every region of the clip: rho = 0.61, 0.78, 1, 1.11, 1.28, 1.65 with bounds 0.75, 1.32
+    shifts = torch.tensor([-0.5, -0.25, 0.0, 0.1, 0.25, 0.5]).repeat(10)[: 6 * L].view(6, L)
     with torch.no_grad():
         logp0 = plain_logprobs(model, ids, pmask, out, index, 0.7)
     old = logp0 - shifts
@@ -991,6 +993,8 @@ def test_accumulated_gradient_equals_one_plain_backward(tiny_model, loss_type):
     cfg = grpo.Config(loss_type=loss_type, **REFERENCE_CFG)
     band = (shifts > math.log(1 + cfg.clip_eps)) & (shifts < math.log(1 + cfg.clip_eps_high)) & (adv[:, None] > 0)
     assert (band & mask.bool()).any()  # tokens that only clip-higher keeps in the gradient
+    low = (shifts < math.log(1 - 0.2)) & (shifts > math.log(1 - cfg.clip_eps)) & (adv[:, None] < 0)
+    assert (low & mask.bool()).any()  # tokens that the default clip_eps 0.2 would clip, and 0.25 does not
 
     model.zero_grad()
     stats = grpo.accumulate_gradients(model, ids, pmask, out, lengths, by_env, adv, old, ref, cfg, 3)
@@ -1091,6 +1095,7 @@ def test_grpo_step_update_equals_one_plain_backward_per_pass(tiny_model, monkeyp
     assert sums["clip_frac"] == pytest.approx([sum(clip_counts), 2 * tokens])
     assert sums["kl"] == pytest.approx([sum(kl_sums), 2 * tokens], rel=1e-4)
     assert sums["logp_mismatch"][1] == tokens and sums["logp_mismatch"][0] == pytest.approx(mismatch, abs=1e-4)
+    assert mismatch / tokens < 1e-5  # the rollout sampled at the loss's temperature (0.7): pi_old is pi_theta
     norms = [g.norm().item() for _, g in optimizer.passes]
     assert sums["grad_norm"] == pytest.approx([sum(norms), 2], rel=1e-5)
 
@@ -3555,9 +3560,10 @@ def test_a_hub_dataset_is_loaded_with_its_config(monkeypatch):
 
 def test_save_eval_and_sample_every_n_steps(tiny_model, tiny_data, tmp_path, monkeypatch, capsys):
     """--save_every, --eval_every and --sample_every 2 over 3 steps: a checkpoint at step 2 and at the last, an
-    evaluation before training, at step 2 and at the last, and the best and worst completion printed at step 2
-    (the reward varies within groups at random init, so the group has a best and a worst). Each default is 10
-    or more, so a run that ignored the setting would do these at the last step (or never) only."""
+    evaluation of --eval_size problems before training, at step 2 and at the last, and the best and worst
+    completion printed at step 2 (the reward varies within groups at random init, so the group has a best and a
+    worst). Each default is 10 or more, so a run that ignored the setting would do these at the last step (or
+    never) only."""
     monkeypatch.setattr(grpo, "REWARD_FUNCS", [(digit_share, 1.0)])
     saved, save = [], grpo.save_checkpoint
     monkeypatch.setattr(grpo, "save_checkpoint", lambda cfg, m, t, o, s, step, *a: saved.append(step)
@@ -3566,6 +3572,9 @@ def test_save_eval_and_sample_every_n_steps(tiny_model, tiny_data, tmp_path, mon
     grpo.main(cfg)
     assert saved == [2, 3]
     assert [r["step"] for r in read_metrics(cfg) if "eval/accuracy_strict" in r] == [0, 2, 3]
+    for step in (0, 2, 3):  # --eval_size 2: the first 2 of the 6 test problems
+        with open(os.path.join(cfg.output_dir, f"eval_{step}.jsonl")) as f:
+            assert [json.loads(line)["index"] for line in f] == [0, 1]
     assert capsys.readouterr().out.count("--- question:") == 1
 
 
