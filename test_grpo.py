@@ -3514,18 +3514,20 @@ def test_evaluation_draws_eval_batch_size_problems_at_a_time_and_eval_samples_ea
     assert calls == [(3, 1, 0.0), (3, 2, 0.7), (3, 1, 0.0), (3, 2, 0.7), (1, 1, 0.0), (1, 2, 0.7)]
 
 
-def test_max_tool_calls_caps_the_answered_calls(tiny_model, monkeypatch):
-    """--max_tool_calls T with --tools: a completion gets at most T calls answered. frequent_env stands in for
-    the calculator (a random model writes no <calc>) and, like it, is given T; with T = 1 no completion has a
-    second reply, and with T = 3 (the same draws) some completion has more than one, so the cap is at work."""
+def test_tools_prompt_the_call_and_max_tool_calls_caps_the_answered_calls(tiny_model, monkeypatch):
+    """--tools: the prompt teaches the call, and the rollout's environment answers; --max_tool_calls T caps
+    a completion's answered calls at T. frequent_env stands in for the calculator (a random model writes no
+    <calc>) and, like it, is given T; with T = 1 no completion has a second reply, and with T = 3 (the same
+    draws) some completion has more than one, so the cap is at work."""
     monkeypatch.setattr(grpo, "calculator_env", frequent_env)
     model, tok = load(tiny_model)
 
     def most_replies(T: int) -> int:
         cfg = grpo.Config(tools="calculator", max_tool_calls=T, max_new_tokens=24)
         torch.manual_seed(0)
-        by_env = grpo.generate(model, tok, ["1+1?", "2+2?"], 4, 1.0, cfg, torch.device("cpu")).by_env  # (B, L)
-        starts = by_env & ~torch.nn.functional.pad(by_env, (1, 0))[:, :-1]  # the first token of each reply
+        ro = grpo.generate(model, tok, ["1+1?", "2+2?"], 4, 1.0, cfg, torch.device("cpu"))
+        assert "<calc>" in tok.decode(ro.prompt_ids[0])
+        starts = ro.by_env & ~torch.nn.functional.pad(ro.by_env, (1, 0))[:, :-1]  # (B, L) each reply's first token
         return int(starts.sum(1).max())
 
     assert most_replies(1) == 1 and most_replies(3) > 1
@@ -3603,3 +3605,16 @@ def test_beta_zero_loads_no_reference_model(tiny_model, lora):
     refs = [grpo.setup_training(load(tiny_model)[0], grpo.Config(beta=beta, **extra), None, 1, torch.device("cpu"),
                                 False)[1] for beta in (0.0, 0.04)]  # fmt: skip
     assert refs[0] is None and refs[1] is not None
+
+
+def test_every_setting_has_a_row_and_its_tests_exist():
+    """docs/tests.md's table names, for every Config field, the tests that fail when the program ignores it: a
+    new field needs a row (and a test), and a renamed test its new name there."""
+    with open(os.path.join(HERE, "docs", "tests.md")) as f:
+        rows = re.findall(r"^\| `(\w+)` \| .*? \| (.*) \|$", f.read(), re.M)
+    assert {field for field, _ in rows} == {f.name for f in dataclasses.fields(grpo.Config)}
+    with open(os.path.join(HERE, "test_grpo.py")) as f:
+        defined = set(re.findall(r"^def (test_\w+)", f.read(), re.M))
+    for field, tests in rows:
+        named = re.findall(r"`(test_\w+)", tests)
+        assert named and set(named) <= defined, (field, set(named) - defined)
