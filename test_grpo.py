@@ -2099,17 +2099,19 @@ def test_resume_takes_the_saved_config_and_each_flag_given(tiny_model, tiny_data
 
     with pytest.raises(SystemExit, match="changed --seed: the checkpoint's data order"):
         resume("--steps", "3", "--seed", "1")
-    # --lr takes effect (the restored optimizer and schedule held 1e-05); --max_new_tokens, --model and --dataset
-    # are not given: the saved 8, tiny model and data, not Config's 400 and Qwen on GSM8K
-    resume("--steps", "3", "--lr", "1e-3")
-    assert capsys.readouterr().out.splitlines()[0] == "resume: --steps 2 -> 3, --lr 1e-05 -> 0.001"
+    # --lr and --weight_decay take effect (the restored optimizer and schedule held 1e-05 and 0.0); --max_new_tokens,
+    # --model and --dataset are not given: the saved 8, tiny model and data, not Config's 400 and Qwen on GSM8K
+    resume("--steps", "3", "--lr", "1e-3", "--weight_decay", "0.01")
+    said = capsys.readouterr().out.splitlines()[0]
+    assert said == "resume: --steps 2 -> 3, --lr 1e-05 -> 0.001, --weight_decay 0.0 -> 0.01"
     records = read_metrics(cfg)
     assert [r["step"] for r in records] == [1, 2, 3]
     assert [r["lr"] for r in records] == [1e-5, 1e-5, 1e-3]
     assert records[2]["completion_len"] <= 8  # a random model's answers run to the cap: 8, not 400
     state = torch.load(os.path.join(cfg.output_dir, "checkpoint", "trainer_state.pt"), weights_only=True)
     assert state["config"]["lr"] == 1e-3 and state["config"]["max_new_tokens"] == 8  # the next resume goes on alike
-    assert state["optimizer"]["param_groups"][0]["lr"] == 1e-3
+    group = state["optimizer"]["param_groups"][0]
+    assert group["lr"] == 1e-3 and group["weight_decay"] == 0.01
     # a flag given with its saved value changes nothing and says nothing
     resume("--steps", "4", "--max_new_tokens", "8")
     assert capsys.readouterr().out.splitlines()[0] == "resume: --steps 3 -> 4"
@@ -3485,11 +3487,13 @@ def test_the_optimizer_takes_the_rate_decay_and_warmup_given(tiny_model, lora):
 
 
 def test_lora_update_is_scaled_by_alpha_over_rank(tiny_model):
-    """--lora_alpha with --lora_rank: an adapted layer computes W x + (alpha / r) B A x, here alpha 8 over r 2,
-    a scale of 4 (the default alpha would give 16). B starts at 0, so it is set here to give the update a value."""
+    """--lora_alpha with --lora_rank: an adapted layer computes W x + (alpha / r) B A x, with A (r, in) and
+    B (out, r); here alpha 8 over r 2, a scale of 4 (the default alpha would give 16). B starts at 0, so it is
+    set here to give the update a value."""
     model, _ = load(tiny_model)
     grpo.add_lora(model, grpo.Config(lora_rank=2, lora_alpha=8.0), None)
     layer = grpo.lora_layers(model)[0]
+    assert layer.lora_A.shape == (2, layer.in_features) and layer.lora_B.shape == (layer.out_features, 2)
     x = torch.randn(3, layer.in_features, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         layer.lora_B.normal_()
