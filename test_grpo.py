@@ -1098,6 +1098,7 @@ def test_grpo_step_update_equals_one_plain_backward_per_pass(tiny_model, monkeyp
     assert mismatch / tokens < 1e-5  # the rollout sampled at the loss's temperature (0.7): pi_old is pi_theta
     norms = [g.norm().item() for _, g in optimizer.passes]
     assert sums["grad_norm"] == pytest.approx([sum(norms), 2], rel=1e-5)
+    assert sums["frac_zero_std"] == [float((r.std(1) == 0).sum()), len(rows)]  # counted over groups of G
 
 
 def test_a_non_finite_old_logprob_where_the_model_did_not_sample_leaves_the_update_finite(tiny_model):
