@@ -3002,6 +3002,18 @@ def test_lora_bf16_base_and_the_policy_samples(tiny_qwen, tiny_data, tmp_path):
     assert optimizer.param_groups[0]["initial_lr"] == cfg.lora_lr != cfg.lr  # the adapters' rate, not --lr
 
 
+def test_main_with_lora_under_bf16_samples_from_the_policy(tiny_qwen, tiny_data, tmp_path, monkeypatch):
+    """--lora_rank under bf16 (a GPU's default) through main: no bf16 sampler copy is made (a copy of the base
+    would lack the adapters); the policy itself, adapters on, samples every rollout."""
+    samplers, generate = [], grpo.generate  # each rollout's sampler, and whether it had adapters then
+    monkeypatch.setattr(grpo, "generate", lambda sampler, *a: samplers.append((sampler, bool(grpo.lora_layers(sampler))))
+                        or generate(sampler, *a))  # fmt: skip
+    models = []
+    cfg = tiny_config(tiny_qwen, tiny_data, tmp_path, lora_rank=4, precision="bf16", steps=1, eval_size=0)
+    grpo.main(cfg, on_step=lambda step, model, metrics, sums: models.append(model))
+    assert samplers == [(models[0], True)]
+
+
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_lora_step_changes_only_the_adapters(tiny_model, tiny_data, tmp_path, monkeypatch, checkpointing):
     """One GRPO step with LoRA: only A and B get gradients, and B moves away from 0; every base weight
