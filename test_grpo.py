@@ -3008,6 +3008,7 @@ def test_main_with_lora_under_bf16_samples_from_the_policy(tiny_qwen, tiny_data,
     samplers, generate = [], grpo.generate  # each rollout's sampler, and whether it had adapters then
     monkeypatch.setattr(grpo, "generate", lambda sampler, *a: samplers.append((sampler, bool(grpo.lora_layers(sampler))))
                         or generate(sampler, *a))  # fmt: skip
+    monkeypatch.setattr(grpo, "plot_metrics", lambda output_dir: None)
     models = []
     cfg = tiny_config(tiny_qwen, tiny_data, tmp_path, lora_rank=4, precision="bf16", steps=1, eval_size=0)
     grpo.main(cfg, on_step=lambda step, model, metrics, sums: models.append(model))
@@ -3584,6 +3585,7 @@ def test_save_eval_and_sample_every_n_steps(tiny_model, tiny_data, tmp_path, mon
     worst). Each default is 10 or more, so a run that ignored the setting would do these at the last step (or
     never) only."""
     monkeypatch.setattr(grpo, "REWARD_FUNCS", [(digit_share, 1.0)])
+    monkeypatch.setattr(grpo, "plot_metrics", lambda output_dir: None)  # drawn at every save; its own test has it
     saved, save = [], grpo.save_checkpoint
     monkeypatch.setattr(grpo, "save_checkpoint", lambda cfg, m, t, o, s, step, *a: saved.append(step)
                         or save(cfg, m, t, o, s, step, *a))  # fmt: skip
