@@ -1095,7 +1095,7 @@ def test_grpo_step_update_equals_one_plain_backward_per_pass(tiny_model, monkeyp
     assert sums["clip_frac"] == pytest.approx([sum(clip_counts), 2 * tokens])
     assert sums["kl"] == pytest.approx([sum(kl_sums), 2 * tokens], rel=1e-4)
     assert sums["logp_mismatch"][1] == tokens and sums["logp_mismatch"][0] == pytest.approx(mismatch, abs=1e-4)
-    assert mismatch / tokens < 1e-5  # the rollout sampled at the loss's temperature (0.7): pi_old is pi_theta
+    assert mismatch / tokens < 1e-5  # sampled at the loss's temperature (0.7): pi_old is pi_theta, up to fp32 rounding
     norms = [g.norm().item() for _, g in optimizer.passes]
     assert sums["grad_norm"] == pytest.approx([sum(norms), 2], rel=1e-5)
     assert sums["frac_zero_std"] == [float((r.std(1) == 0).sum()), len(rows)]  # counted over groups of G
@@ -3474,11 +3474,11 @@ def test_no_scale_rewards_leaves_the_advantages_unscaled(tiny_model, monkeypatch
 
 
 def test_the_gradient_is_clipped_to_max_grad_norm(tiny_model, monkeypatch):
-    """--max_grad_norm: the optimizer steps with the gradient scaled down to norm max_grad_norm (torch's
-    clip_grad_norm_ scales by max / (norm + 1e-6)), while grad_norm logs the norm before clipping. The
-    bound 1e-4 is far below this step's gradient (asserted), so the clip is at work."""
+    """--max_grad_norm: the optimizer steps with the gradient scaled down to norm max_grad_norm, while grad_norm
+    logs the norm before clipping. torch's clip_grad_norm_ scales by max / (norm + 1e-6): for a norm above 1e-3
+    (asserted, so the clip is at work) the clipped norm is max_grad_norm = 1e-4 to a relative 1e-3."""
     _, grad, sums, _ = one_step(tiny_model, monkeypatch, max_grad_norm=1e-4)
-    assert sums["grad_norm"][0] > 1e-2
+    assert sums["grad_norm"][0] > 1e-3
     assert grad.norm().item() == pytest.approx(1e-4, rel=1e-3)
 
 
