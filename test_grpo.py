@@ -983,7 +983,8 @@ def assert_same_gradient(ours: torch.Tensor, reference: torch.Tensor) -> None:
     assert (ours - reference).norm() <= 1e-4 * reference.norm(), ((ours - reference).norm(), reference.norm())
 
 
-REFERENCE_CFG = dict(beta=0.1, clip_eps=0.2, clip_eps_high=0.28, temperature=0.7, max_new_tokens=12)
+# every value away from its default, so that a setting the update ignored changes its gradient
+REFERENCE_CFG = dict(beta=0.1, clip_eps=0.25, clip_eps_high=0.32, temperature=0.7, max_new_tokens=12)
 
 
 @pytest.mark.parametrize("loss_type", grpo.LOSS_TYPES)
@@ -992,7 +993,8 @@ def test_accumulated_gradient_equals_one_plain_backward(tiny_model, loss_type):
     the NaN guard) gives the gradient of one plain backward of -J over the whole batch, with log-probs from
     full sequences. The batch has every case: ratios below 1 - eps, inside, between 1 + eps and 1 + eps_high
     (clipped only if eps_high is ignored) and above it; beta > 0 with a reference that differs; tokens the
-    environment wrote. The logged kl, clip_frac and logp_mismatch are the masked means computed by hand."""
+    environment wrote. The logged kl, clip_frac and logp_mismatch are the masked means computed by hand. Both
+    clip bounds are away from the default 0.2, with ratios between them and it (clipped only if one is ignored)."""
     model, tok = load(tiny_model)
     model.train()
     ids, pmask = prompts_of(tok, ["1+1?", "what is 12 + 30?", "9?"])
@@ -1004,8 +1006,8 @@ def test_accumulated_gradient_equals_one_plain_backward(tiny_model, loss_type):
     by_env[0, 2:4] = by_env[4, 4:6] = True  # context written by the environment, not actions
     mask = ((torch.arange(L)[None] < lengths[:, None]) & ~by_env).float()  # by hand, not completion_mask
     adv = torch.tensor([1.0, -1.0, 0.5, -0.5, 1.5, -1.5])
-    # log-ratios cycling through every region of the clip: rho = 0.61, 0.90, 1, 1.11, 1.23, 1.65
-    shifts = torch.tensor([-0.5, -0.1, 0.0, 0.1, 0.21, 0.5]).repeat(10)[: 6 * L].view(6, L)
+    # log-ratios cycling through every region of the clip: rho = 0.61, 0.78, 1, 1.11, 1.28, 1.65 with bounds 0.75, 1.32
+    shifts = torch.tensor([-0.5, -0.25, 0.0, 0.1, 0.25, 0.5]).repeat(10)[: 6 * L].view(6, L)
     noise = 0.3 * torch.randn(6, L, generator=torch.Generator().manual_seed(1))
     model, ids, pmask, index, out, lengths, by_env, mask, adv, shifts, noise = to_device(
         model, ids, pmask, index, out, lengths, by_env, mask, adv, shifts, noise
@@ -1017,6 +1019,8 @@ def test_accumulated_gradient_equals_one_plain_backward(tiny_model, loss_type):
     cfg = grpo.Config(loss_type=loss_type, **REFERENCE_CFG)
     band = (shifts > math.log(1 + cfg.clip_eps)) & (shifts < math.log(1 + cfg.clip_eps_high)) & (adv[:, None] > 0)
     assert (band & mask.bool()).any()  # tokens that only clip-higher keeps in the gradient
+    low = (shifts < math.log(1 - 0.2)) & (shifts > math.log(1 - cfg.clip_eps)) & (adv[:, None] < 0)
+    assert (low & mask.bool()).any()  # tokens that the default clip_eps 0.2 would clip, and 0.25 does not
 
     model.zero_grad()
     stats = grpo.accumulate_gradients(model, ids, pmask, out, lengths, by_env, adv, old, ref, cfg, 3)
@@ -1229,8 +1233,10 @@ def test_grpo_step_update_equals_one_plain_backward_per_pass(tiny_model, monkeyp
     assert sums["clip_frac"] == pytest.approx([sum(clip_counts), 2 * tokens])
     assert sums["kl"] == pytest.approx([sum(kl_sums), 2 * tokens], rel=1e-4)
     assert sums["logp_mismatch"][1] == tokens and sums["logp_mismatch"][0] == pytest.approx(mismatch, abs=1e-4)
+    assert mismatch / tokens < 1e-5  # sampled at the loss's temperature (0.7): pi_old is pi_theta, up to fp32 rounding
     norms = [g.norm().item() for _, g in optimizer.passes]
     assert sums["grad_norm"] == pytest.approx([sum(norms), 2], rel=1e-5)
+    assert sums["frac_zero_std"] == [float((r.std(1) == 0).sum()), len(rows)]  # counted over groups of G
 
 
 def test_a_non_finite_old_logprob_where_the_model_did_not_sample_leaves_the_update_finite(tiny_model):
@@ -2271,17 +2277,19 @@ def test_resume_takes_the_saved_config_and_each_flag_given(tiny_model, tiny_data
 
     with pytest.raises(SystemExit, match="changed --seed: the checkpoint's data order"):
         resume("--steps", "3", "--seed", "1")
-    # --lr takes effect (the restored optimizer and schedule held 1e-05); --max_new_tokens, --model and --dataset
-    # are not given: the saved 8, tiny model and data, not Config's 400 and Qwen on GSM8K
-    resume("--steps", "3", "--lr", "1e-3")
-    assert capsys.readouterr().out.splitlines()[0] == "resume: --steps 2 -> 3, --lr 1e-05 -> 0.001"
+    # --lr and --weight_decay take effect (the restored optimizer and schedule held 1e-05 and 0.0); --max_new_tokens,
+    # --model and --dataset are not given: the saved 8, tiny model and data, not Config's 400 and Qwen on GSM8K
+    resume("--steps", "3", "--lr", "1e-3", "--weight_decay", "0.01")
+    said = capsys.readouterr().out.splitlines()[0]
+    assert said == "resume: --steps 2 -> 3, --lr 1e-05 -> 0.001, --weight_decay 0.0 -> 0.01"
     records = read_metrics(cfg)
     assert [r["step"] for r in records] == [1, 2, 3]
     assert [r["lr"] for r in records] == [1e-5, 1e-5, 1e-3]
     assert records[2]["completion_len"] <= 8  # a random model's answers run to the cap: 8, not 400
     state = torch.load(os.path.join(cfg.output_dir, "checkpoint", "trainer_state.pt"), weights_only=True)
     assert state["config"]["lr"] == 1e-3 and state["config"]["max_new_tokens"] == 8  # the next resume goes on alike
-    assert state["optimizer"]["param_groups"][0]["lr"] == 1e-3
+    group = state["optimizer"]["param_groups"][0]
+    assert group["lr"] == 1e-3 and group["weight_decay"] == 0.01
     # a flag given with its saved value changes nothing and says nothing
     resume("--steps", "4", "--max_new_tokens", "8")
     assert capsys.readouterr().out.splitlines()[0] == "resume: --steps 3 -> 4"
@@ -3341,6 +3349,19 @@ def test_lora_bf16_base_and_the_policy_samples(tiny_qwen, tiny_data, tmp_path):
     assert optimizer.param_groups[0]["initial_lr"] == cfg.lora_lr != cfg.lr  # the adapters' rate, not --lr
 
 
+def test_main_with_lora_under_bf16_samples_from_the_policy(tiny_qwen, tiny_data, tmp_path, monkeypatch):
+    """--lora_rank under bf16 (a GPU's default) through main: no bf16 sampler copy is made (a copy of the base
+    would lack the adapters); the policy itself, adapters on, samples every rollout."""
+    samplers, generate = [], grpo.generate  # each rollout's sampler, and whether it had adapters then
+    monkeypatch.setattr(grpo, "generate", lambda sampler, *a: samplers.append((sampler, bool(grpo.lora_layers(sampler))))
+                        or generate(sampler, *a))  # fmt: skip
+    monkeypatch.setattr(grpo, "plot_metrics", lambda output_dir: None)
+    models = []
+    cfg = tiny_config(tiny_qwen, tiny_data, tmp_path, lora_rank=4, precision="bf16", steps=1, eval_size=0)
+    grpo.main(cfg, on_step=lambda step, model, metrics, sums: models.append(model))
+    assert samplers == [(models[0], True)]
+
+
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_lora_step_changes_only_the_adapters(tiny_model, tiny_data, tmp_path, monkeypatch, checkpointing):
     """One GRPO step with LoRA: only A and B get gradients, and B moves away from 0; every base weight
@@ -3762,3 +3783,216 @@ def test_grounded_results_follow_results_from_call_to_call():
     assert grpo.grounded_results(chained, question) == [(36.0, 2), (31.0, 2)]
     assert grpo.answer_from_call_reward(chained, "31", question=question) == 1.0
     assert grpo.grounded_call_reward("<calc>36 - 5</calc><result>31</result>", "31", question=question) == 0.0
+
+
+# ----------------------------------------------------------------------------- every setting takes effect
+# Each test here fails when grpo.py ignores one Config field (uses its default or a constant instead of the value
+# given); docs/tests.md has the table of every field and the test that guards it, each breakage run.
+TWO_QUESTIONS = [{"question": "1+2?", "gold": "3"}, {"question": "what is 12 + 30?", "gold": "42"}]
+
+
+def one_step(tiny_model, monkeypatch, **kw):
+    """One grpo_step (2 questions x G = 4, fp32, no reference model) with a reward in [0, 1] that varies within
+    groups. Returns the rows and advantages of each grpo_loss call, the gradient the optimizer stepped with,
+    the step's metric sums and the rewards."""
+    monkeypatch.setattr(grpo, "REWARD_FUNCS", [(digit_share, 1.0)])
+    calls, loss = [], grpo.grpo_loss
+
+    def recording(logp, old_logp, ref_logp, advantages, mask, *args, **kwargs):
+        calls.append((logp.shape[0], advantages.detach().clone()))
+        return loss(logp, old_logp, ref_logp, advantages, mask, *args, **kwargs)
+
+    monkeypatch.setattr(grpo, "grpo_loss", recording)
+    model, tok = load(tiny_model)
+    cfg = grpo.Config(group_size=4, max_new_tokens=8, beta=0.0, precision="fp32", **kw)
+    optimizer = RecordingSGD(model, lr=0.1)
+    torch.manual_seed(0)
+    sums, applied, _, rewards = grpo.grpo_step(model, model, None, tok, optimizer, TWO_QUESTIONS, cfg)
+    assert applied == [True]
+    ((_, grad),) = optimizer.passes
+    return calls, grad, sums, rewards
+
+
+def test_micro_batch_size_sets_the_rows_of_each_forward(tiny_model, monkeypatch):
+    """--micro_batch_size: the update runs the batch's B = 8 completions 3 at a time (3, 3, 2), not all at once.
+    The gradient is the same either way (test_micro_batched_gradient_equals_full_batch), so only this sees it."""
+    calls, _, _, _ = one_step(tiny_model, monkeypatch, micro_batch_size=3)
+    assert [rows for rows, _ in calls] == [3, 3, 2]
+
+
+def test_no_scale_rewards_leaves_the_advantages_unscaled(tiny_model, monkeypatch):
+    """--no-scale_rewards (Dr. GRPO): the loss gets A = r - mean(r of the group), not divided by the group's std.
+    Rewards lie in [0, 1], so a group's std is at most 0.58 (two 0s and two 1s): dividing by it would change
+    every advantage that is not 0, and some are not."""
+    calls, _, _, rewards = one_step(tiny_model, monkeypatch, scale_rewards=False)
+    advantages = torch.cat([a for _, a in calls])
+    r = rewards.view(-1, 4)
+    expected = (r - r.mean(1, keepdim=True)).flatten()
+    assert expected.abs().max() > 0
+    assert torch.allclose(advantages, expected, rtol=1e-6, atol=1e-7), (advantages, expected)
+
+
+def test_the_gradient_is_clipped_to_max_grad_norm(tiny_model, monkeypatch):
+    """--max_grad_norm: the optimizer steps with the gradient scaled down to norm max_grad_norm, while grad_norm
+    logs the norm before clipping. torch's clip_grad_norm_ scales by max / (norm + 1e-6): for a norm above 1e-3
+    (asserted, so the clip is at work) the clipped norm is max_grad_norm = 1e-4 to a relative 1e-3."""
+    _, grad, sums, _ = one_step(tiny_model, monkeypatch, max_grad_norm=1e-4)
+    assert sums["grad_norm"][0] > 1e-3
+    assert grad.norm().item() == pytest.approx(1e-4, rel=1e-3)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_the_optimizer_takes_the_rate_decay_and_warmup_given(tiny_model, lora):
+    """--lr (with --lora_rank: --lora_lr), --weight_decay and --warmup_steps reach AdamW: update k runs at
+    rate * k / warmup_steps until warmup_steps, then at rate (setup_training's schedule; main logs this lr)."""
+    model, _ = load(tiny_model)
+    rate = 3e-4  # neither --lr's default nor --lora_lr's
+    lr = dict(lora_rank=2, lora_lr=rate) if lora else dict(lr=rate)
+    cfg = grpo.Config(beta=0.0, weight_decay=0.05, warmup_steps=4, **lr)
+    _, _, optimizer, scheduler = grpo.setup_training(model, cfg, None, 1, torch.device("cpu"), False)
+    rates = []
+    for _ in range(6):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()  # no gradients: nothing moves, and the schedule sees an update
+        scheduler.step()
+    assert rates == pytest.approx([rate / 4, rate / 2, rate * 3 / 4, rate, rate, rate])
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.05] * len(optimizer.param_groups)
+
+
+def test_lora_update_is_scaled_by_alpha_over_rank(tiny_model):
+    """--lora_alpha with --lora_rank: an adapted layer computes W x + (alpha / r) B A x, with A (r, in) and
+    B (out, r); here alpha 8 over r 2, a scale of 4 (the default alpha would give 16). B starts at 0, so it is
+    set here to give the update a value."""
+    model, _ = load(tiny_model)
+    grpo.add_lora(model, grpo.Config(lora_rank=2, lora_alpha=8.0), None)
+    layer = grpo.lora_layers(model)[0]
+    assert layer.lora_A.shape == (2, layer.in_features) and layer.lora_B.shape == (layer.out_features, 2)
+    x = torch.randn(3, layer.in_features, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        layer.lora_B.normal_()
+        with grpo.adapters_off(model):
+            base = layer(x)
+        update = layer(x) - base
+        expected = 4.0 * x @ layer.lora_A.T @ layer.lora_B.T
+    assert expected.abs().max() > 0
+    assert torch.allclose(update, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_evaluation_draws_eval_batch_size_problems_at_a_time_and_eval_samples_each(tiny_model, tmp_path, monkeypatch):
+    """--eval_batch_size problems per generation, each answered greedily and, with --eval_samples k, sampled k
+    times at --temperature: 7 problems in batches of 3 are 3, 3 and 1."""
+    calls, generate = [], grpo.generate
+    monkeypatch.setattr(grpo, "generate", lambda s, t, questions, G, T, *a: calls.append((len(questions), G, T))
+                        or generate(s, t, questions, G, T, *a))  # fmt: skip
+    model, tok = load(tiny_model)
+    cfg = grpo.Config(output_dir=str(tmp_path), eval_batch_size=3, eval_samples=2, temperature=0.7, max_new_tokens=4)
+    rows = [{"question": f"{i}+1?", "gold": str(i + 1)} for i in range(7)]
+    grpo.evaluate(model, tok, rows, cfg, 0, torch.device("cpu"))
+    assert calls == [(3, 1, 0.0), (3, 2, 0.7), (3, 1, 0.0), (3, 2, 0.7), (1, 1, 0.0), (1, 2, 0.7)]
+
+
+def test_tools_prompt_the_call_and_max_tool_calls_caps_the_answered_calls(tiny_model, monkeypatch):
+    """--tools: the prompt teaches the call, and the rollout's environment answers; --max_tool_calls T caps
+    a completion's answered calls at T. frequent_env stands in for the calculator (a random model writes no
+    <calc>) and, like it, is given T; with T = 1 no completion has a second reply, and with T = 3 (the same
+    draws) some completion has more than one, so the cap is at work."""
+    monkeypatch.setattr(grpo, "tool_env", frequent_env)
+    model, tok = load(tiny_model)
+
+    def most_replies(T: int) -> int:
+        cfg = grpo.Config(tools="calculator", max_tool_calls=T, max_new_tokens=24)
+        torch.manual_seed(0)
+        ro = grpo.generate(model, tok, ["1+1?", "2+2?"], 4, 1.0, cfg, torch.device("cpu"))
+        assert "<calc>" in tok.decode(ro.prompt_ids[0])
+        starts = ro.by_env & ~torch.nn.functional.pad(ro.by_env, (1, 0))[:, :-1]  # (B, L) each reply's first token
+        return int(starts.sum(1).max())
+
+    assert most_replies(1) == 1 and most_replies(3) > 1
+
+
+def test_trust_remote_code_reaches_both_loaders(tiny_model, monkeypatch):
+    """--trust_remote_code is given to the tokenizer's and the model's from_pretrained (off by default, so
+    transformers refuses a model that ships code of its own)."""
+    seen = []
+    for cls in (grpo.AutoTokenizer, grpo.AutoModelForCausalLM):
+        load_it = cls.from_pretrained
+        monkeypatch.setattr(cls, "from_pretrained", lambda *a, _load=load_it, **kw: seen.append(kw["trust_remote_code"])
+                            or _load(*a, **kw))  # fmt: skip
+    grpo.load_model(tiny_model, grpo.Config(trust_remote_code=True), torch.device("cpu"))
+    assert seen == [True, True]
+
+
+def test_a_hub_dataset_is_loaded_with_its_config(monkeypatch):
+    """--dataset_config names the hub dataset's configuration (GSM8K has main and socratic); datasets' loader is
+    replaced here, as the tests download nothing."""
+    datasets = pytest.importorskip("datasets")
+    calls = []
+
+    def load_dataset(path, name=None, split=None, **kwargs):
+        calls.append((path, name, split))
+        return datasets.Dataset.from_list([{"question": "1+1?", "answer": "so #### 2"}])
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    rows = grpo.load_rows(grpo.Config(dataset="openai/gsm8k", dataset_config="socratic"), "test")
+    assert calls == [("openai/gsm8k", "socratic", "test")] and rows[0]["gold"] == "2"
+
+
+def test_save_eval_and_sample_every_n_steps(tiny_model, tiny_data, tmp_path, monkeypatch, capsys):
+    """--save_every, --eval_every and --sample_every 2 over 3 steps: a checkpoint at step 2 and at the last, an
+    evaluation of --eval_size problems before training, at step 2 and at the last, and the best and worst
+    completion printed at step 2 (the reward varies within groups at random init, so the group has a best and a
+    worst). Each default is 10 or more, so a run that ignored the setting would do these at the last step (or
+    never) only."""
+    monkeypatch.setattr(grpo, "REWARD_FUNCS", [(digit_share, 1.0)])
+    monkeypatch.setattr(grpo, "plot_metrics", lambda output_dir: None)  # drawn at every save; its own test has it
+    saved, save = [], grpo.save_checkpoint
+    monkeypatch.setattr(grpo, "save_checkpoint", lambda cfg, m, t, o, s, step, *a: saved.append(step)
+                        or save(cfg, m, t, o, s, step, *a))  # fmt: skip
+    cfg = tiny_config(tiny_model, tiny_data, tmp_path, steps=3, save_every=2, eval_every=2, sample_every=2, eval_size=2)
+    grpo.main(cfg)
+    assert saved == [2, 3]
+    assert [r["step"] for r in read_metrics(cfg) if "eval/accuracy_strict" in r] == [0, 2, 3]
+    for step in (0, 2, 3):  # --eval_size 2: the first 2 of the 6 test problems
+        with open(os.path.join(cfg.output_dir, f"eval_{step}.jsonl")) as f:
+            assert [json.loads(line)["index"] for line in f] == [0, 1]
+    assert capsys.readouterr().out.count("--- question:") == 1
+
+
+def test_the_seed_picks_the_questions_and_the_samples(tiny_model, tiny_data, tmp_path, monkeypatch):
+    """--seed: runs with seeds 1 and 2 train on other questions and sample from other random states (each step
+    seeds itself from (seed, rank, step), the data order is a shuffle seeded by the seed; with the same seed the
+    two runs would be the same, test_each_step_draws_its_own_samples_and_a_resumed_step_the_same)."""
+    draws, rollout = [], grpo.rollout
+
+    def recording(model, prompt_ids, *args, **kwargs):
+        draws.append((prompt_ids.clone(), torch.get_rng_state()))
+        return rollout(model, prompt_ids, *args, **kwargs)
+
+    monkeypatch.setattr(grpo, "rollout", recording)
+    for seed in (1, 2):
+        grpo.main(tiny_config(tiny_model, tiny_data, tmp_path / str(seed), steps=1, eval_size=0, seed=seed))
+    (prompts_1, state_1), (prompts_2, state_2) = draws
+    assert not torch.equal(prompts_1, prompts_2) and not torch.equal(state_1, state_2)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_beta_zero_loads_no_reference_model(tiny_model, lora):
+    """--beta 0 drops the KL term, and with it pi_ref: no copy of the model (none of its memory) is made; with
+    beta > 0 there is one (with LoRA, the model itself with its adapters off)."""
+    extra = dict(lora_rank=2) if lora else {}
+    refs = [grpo.setup_training(load(tiny_model)[0], grpo.Config(beta=beta, **extra), None, 1, torch.device("cpu"),
+                                False)[1] for beta in (0.0, 0.04)]  # fmt: skip
+    assert refs[0] is None and refs[1] is not None
+
+
+def test_every_setting_has_a_row_and_its_tests_exist():
+    """docs/tests.md's table names, for every Config field, the tests that fail when the program ignores it: a
+    new field needs a row (and a test), and a renamed test its new name there."""
+    with open(os.path.join(HERE, "docs", "tests.md")) as f:
+        rows = re.findall(r"^\| `(\w+)` \| .*? \| (.*) \|$", f.read(), re.M)
+    assert {field for field, _ in rows} == {f.name for f in dataclasses.fields(grpo.Config)}
+    with open(os.path.join(HERE, "test_grpo.py")) as f:
+        defined = set(re.findall(r"^def (test_\w+)", f.read(), re.M))
+    for field, tests in rows:
+        named = re.findall(r"`(test_\w+)", tests)
+        assert named and set(named) <= defined, (field, set(named) - defined)
