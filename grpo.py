@@ -687,8 +687,7 @@ def attention_mask_4d(keep: torch.Tensor, model) -> torch.Tensor:
 
 def attention_bias(keep: torch.Tensor, model) -> torch.Tensor:
     """keep (R, K), bool, True where the one query may attend -> the additive mask (R, 1, 1, K), 0 or -inf, in the
-    dtype the model computes in (run it outside autocast). SDPA turns a boolean mask into this in every layer, 3
-    ops each: 72 of a decode token's ~1,970 on 24 layers (bench.py --decode_ops), against one slice per step."""
+    model's dtype (outside autocast). SDPA would convert a boolean one in every layer: 3 ops each (--decode_ops)."""
     dtype = model.get_input_embeddings().weight.dtype
     return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill_(~keep, float("-inf"))[:, None, None]
 
@@ -1632,11 +1631,9 @@ def setup_cuda(device: torch.device, cfg: Config) -> None:
     - No cuDNN attention. Since torch 2.11 it is SDPA's first choice on sm90+, and its backward returns NaN
       grad_q for an explicit mask with a key length of 64 mod 128 (pytorch/pytorch#196678; Qwen2.5 hits it,
       huggingface/trl#7181). Flash and memory-efficient attention serve instead.
-    - Under bf16, TF32 for fp32 matmuls, which are then the LM head's alone (head_logprobs): ~8x faster on tensor
-      cores than true fp32 (torch's default), whose head would take ~1.4 s of a default-job step on an H100, 3x the
-      bf16 body, by arithmetic. Measured on a CPU, emulated (bench.py --head_precision, SmolLM2-135M on GSM8K): log-
-      prob error against exact fp32 0.0005 nats on average, 0.005 at most; a bf16 head's 0.022 and 0.19. Under
-      --precision fp32 every matmul stays exact."""
+    - Under bf16, TF32 for fp32 matmuls, then the LM head's alone: ~8x true fp32's speed (~1.4 s of a default step
+      on an H100, by arithmetic), for 0.0005 nats of log-prob error on average (bench.py --head_precision, on a CPU:
+      docs/performance.md). Under --precision fp32 every matmul stays exact."""
     if "PYTORCH_CUDA_ALLOC_CONF" not in os.environ:  # the older name, which torch still reads (with a warning)
         os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
     torch.cuda.set_device(torch.cuda.current_device() if device.index is None else device.index)
