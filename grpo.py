@@ -1249,8 +1249,8 @@ def adapters_off(model):
 
 @torch.no_grad()
 def merge_lora(model) -> None:
-    """W <- W + (alpha / r) B A in every adapted layer (B A in fp64, the sum in fp32, then the base dtype), and the adapters and
-    their hooks go: a plain model that from_pretrained loads and any inference server serves."""
+    """W <- W + (alpha / r) B A in every adapted layer (B A in fp64, the sum in fp32, then the base dtype), and the
+    adapters and their hooks go: a plain model that from_pretrained loads and any inference server serves."""
     for linear in lora_layers(model):  # fp64: exact whatever the matmul precision (TF32 on CUDA under bf16)
         delta = (linear.lora_B.double() @ linear.lora_A.double()).float()  # (out, in)
         linear.weight.copy_(linear.weight.float() + linear.lora_scale * delta)
