@@ -7,7 +7,7 @@ and push the policy towards the better answers with a clipped objective and a KL
 Run it:  python grpo.py (one GPU) | torchrun --nproc_per_node 8 grpo.py (8 GPUs) | python grpo.py --help
     tiny CPU run: python grpo.py --model HuggingFaceTB/SmolLM2-135M-Instruct --device cpu --steps 10 \\
                   --prompts_per_step 2 --group_size 4 --max_new_tokens 64 --eval_size 8 --output_dir out-cpu
-    tests:        python -m pytest -q test_grpo.py   (offline, CPU, about 10 minutes on 2 cores)
+    tests:        python -m pytest -q test_grpo.py   (offline, CPU, about 5 minutes on 2 cores)
 
 The objective (maximized), for a question q with sampled answers o_1..o_G and old policy pi_old:
     J(theta) = 1/G sum_i 1/|o_i| sum_t [ min(rho_it A_i, clip(rho_it, 1-eps, 1+eps_high) A_i) - beta KL_it ]
