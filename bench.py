@@ -194,11 +194,12 @@ def run_path(args) -> dict:
                 frozen = lambda m: plain_logprobs(m, seq, completion, prompt_mask)  # noqa: E731
             ref_logp = clock("ref_logp", lambda: frozen(ref)) if ref is not None else None
         opt.zero_grad(set_to_none=True)
+        own = grpo.completion_mask(lengths, L)  # (B, L): every token is the model's (forced lengths, no tools)
         if args.path == "fast":
             clock(
                 "policy_fwd_bwd",
                 lambda: grpo.accumulate_gradients(
-                    model, prompt_ids, prompt_mask, completion, lengths, None, advantages, old_logp, ref_logp, cfg, mb
+                    model, prompt_ids, prompt_mask, completion, lengths, own, advantages, old_logp, ref_logp, cfg, mb
                 ),
             )
         else:
@@ -626,8 +627,8 @@ def predict_memory(args) -> dict:
         ref_logp = grpo.frozen_logprobs(ref, *args_, mb, 1.0, bf16) if ref is not None else None
         tracker.phase = "policy_fwd_bwd"
         optimizer.zero_grad(set_to_none=True)
-        stats = grpo.accumulate_gradients(policy, *args_, by_env[rows], advantages[rows], sample_logp[rows], ref_logp,
-                                          cfg, mb, 1)  # fmt: skip
+        own = grpo.completion_mask(lengths[rows], L, by_env[rows])  # (n, L) the model's own tokens
+        stats = grpo.accumulate_gradients(policy, *args_, own, advantages[rows], sample_logp[rows], ref_logp, cfg, mb, 1)  # fmt: skip
         tracker.phase = "optimizer"
         grpo.clip_and_step(model, optimizer, stats["loss"][0], cfg.max_grad_norm, 1)
         grpo.refresh_sampler(sampler, model)

@@ -423,8 +423,9 @@ def main(cfg: Config, on_step=None, given: set[str] | None = None) -> None:
     log(f"device {device} | dtype {describe_precision(cfg, device)} | ranks {world}")
 
     resume_from = check_output_dir(cfg)
-    warn_if_slow_on_cpu(cfg, resume_from or cfg.model, device, rank)  # a GPU-sized job on a CPU: one line, at once
-    model, tok = load_model(resume_from or cfg.model, cfg, device)
+    weights = cfg.model if cfg.lora_rank or not resume_from else resume_from  # LoRA saves adapters: --model, then them
+    warn_if_slow_on_cpu(cfg, weights, device, rank)  # a GPU-sized job on a CPU: one line, at once
+    model, tok = load_model(weights, cfg, device)
     sampler = bf16_copy(model) if bf16 and not cfg.lora_rank else model  # bf16 weights and cache; LoRA: the policy
     tracker = start_tracker(cfg, rank)  # --report_to: rank 0's run of wandb or trackio, None otherwise
     if cfg.eval_only:
@@ -520,47 +521,42 @@ def frozen_logprobs(model, prompt_ids, prompt_mask, completion_ids, lengths, mic
                     bf16: bool = False) -> torch.Tensor:  # fmt: skip
     """token_logprobs (B, L) of a model that is not being trained (pi_ref), each micro-batch trimmed to its own
     longest completion, as accumulate_gradients trims them (past a completion's length: 0, masked by length)."""
-    B, G = completion_ids.shape[0], completion_ids.shape[0] // prompt_ids.shape[0]
-    slices = micro_batches(B, micro_batch_size, G, prompt_ids.device)
-    trims = torch.stack([lengths[s].max() for s, _, _ in slices]).tolist()  # one host read, before the loop
-    logp = torch.zeros(completion_ids.shape, device=completion_ids.device)  # (B, L)
+    logp, G = torch.zeros(completion_ids.shape, device=completion_ids.device), len(completion_ids) // len(prompt_ids)
     with autocast(prompt_ids.device, bf16), adapters_off(model):  # with LoRA, pi_ref is the policy, adapters off
-        for (s, p, index), Lm in zip(slices, trims):
+        for s, p, index, Lm in micro_batches(lengths, micro_batch_size, G):  # logp (B, L)
             logp[s, :Lm] = token_logprobs(
                 model, prompt_ids[p], prompt_mask[p], completion_ids[s, :Lm], index, temperature
             )
     return logp
 
 
-def micro_batches(B: int, size: int, group_size: int, device) -> list[tuple[slice, slice, torch.Tensor]]:
-    """Rows [i, i + size) of the batch (size < 1: all), the prompt rows they use, and each row's index into those."""
-    out, size = [], size if size > 0 else B
-    for i in range(0, B, size):
-        rows = slice(i, min(i + size, B))
-        prompts = slice(rows.start // group_size, (rows.stop - 1) // group_size + 1)
-        index = torch.arange(rows.start, rows.stop, device=device) // group_size - prompts.start
-        out.append((rows, prompts, index))
-    return out
+def micro_batches(lengths: torch.Tensor, size: int, group_size: int) -> list[tuple[slice, slice, torch.Tensor, int]]:
+    """Rows [i, i + size) of the batch (size < 1: all), the prompt rows they use, each row's index into those, and
+    their longest completion: all read from the host at once, before the loop (nothing in it waits for the GPU)."""
+    B = lengths.shape[0]
+    rows = [slice(i, min(i + size, B)) for i in range(0, B, size if size > 0 else B)]
+    longest = torch.stack([lengths[s].max() for s in rows]).tolist()
+    prompts = [slice(s.start // group_size, (s.stop - 1) // group_size + 1) for s in rows]
+    index = [
+        torch.arange(s.start, s.stop, device=lengths.device) // group_size - p.start for s, p in zip(rows, prompts)
+    ]
+    return list(zip(rows, prompts, index, longest))
 
 
-def accumulate_gradients(policy, prompt_ids, prompt_mask, completion_ids, lengths, by_env, advantages, old_logp,
+def accumulate_gradients(policy, prompt_ids, prompt_mask, completion_ids, lengths, mask, advantages, old_logp,
                          ref_logp, cfg: Config, micro_batch_size: int, world: int = 1) -> dict[str, list[float]]:  # fmt: skip
     """Backward of the loss over the batch (B rows), micro_batch_size rows at a time. old_logp (B, L): log pi_old
-    (the rollout's sample_logp); tokens the environment wrote (by_env) condition the log-probs, in no sum. Each
+    (the rollout's sample_logp); mask (B, L): the model's own tokens (completion_mask), in every sum. Each
     micro-batch's loss is weighted by its share of the batch's normalizer (5): the accumulated gradient is the
     full batch's exactly (DDP averages over ranks, so dapo's share is of the global tokens times the world).
     Returns {"loss": [value, 1], "kl"/"clip_frac"/"logp_mismatch" (|old_logp - logp|): [token sum, tokens]}."""
-    B = completion_ids.shape[0]
-    mask = completion_mask(lengths, completion_ids.shape[1], by_env)  # (B, L): the model's own tokens
-    total_tokens = mask.sum()
+    B, total_tokens = completion_ids.shape[0], mask.sum()
     if world > 1 and cfg.loss_type == "dapo":
         dist.all_reduce(total_tokens)  # dapo normalizes by the tokens of the whole global batch
-    slices = micro_batches(B, micro_batch_size, B // prompt_ids.shape[0], prompt_ids.device)
-    # read from the host before the loop, in one go (nothing inside it waits for the GPU): each micro-batch's length
-    trims = torch.stack([lengths[s].max() for s, _, _ in slices]).tolist()
+    slices = micro_batches(lengths, micro_batch_size, B // prompt_ids.shape[0])
     sums = torch.zeros(5, dtype=torch.float64, device=prompt_ids.device)  # loss, kl, clip_frac, |log rho|, tokens
     bf16 = use_bf16(cfg, prompt_ids.device)
-    for j, ((s, p, index), Lm) in enumerate(zip(slices, trims)):
+    for j, (s, p, index, Lm) in enumerate(slices):
         m = mask[s, :Lm]  # (mb, Lm): the micro-batch trimmed to its longest completion
         last = j == len(slices) - 1
         with (
@@ -583,10 +579,10 @@ def accumulate_gradients(policy, prompt_ids, prompt_mask, completion_ids, length
 
 
 def fast_update(policy, optimizer, ro, mask, advantages, ref_logp, cfg: Config, world: int = 1):
-    """plain_update's fast form: the gradient accumulated a micro-batch at a time (accumulate_gradients, which builds
-    its own mask), then the step unless it is not finite on some rank (clip_and_step). The same return."""
+    """plain_update's fast form: the gradient accumulated a micro-batch at a time (accumulate_gradients), then the
+    step unless it is not finite on some rank (clip_and_step). The same return."""
     optimizer.zero_grad(set_to_none=world == 1)  # torchrun: zeroed in place, DDP's buckets (clip_and_step)
-    stats = accumulate_gradients(policy, ro.prompt_ids, ro.prompt_mask, ro.completion_ids, ro.lengths, ro.by_env,
+    stats = accumulate_gradients(policy, ro.prompt_ids, ro.prompt_mask, ro.completion_ids, ro.lengths, mask,
                                  advantages, ro.sample_logp, ref_logp, cfg, cfg.micro_batch_size, world)  # fmt: skip
     model = getattr(policy, "module", policy)  # the model inside DDP
     ok, grad_norm = clip_and_step(model, optimizer, stats["loss"][0], cfg.max_grad_norm, world)
@@ -710,18 +706,16 @@ def eos_ids(model, tok) -> list[int]:
 
 
 def bf16_copy(model):
-    """A frozen copy whose parameters are bf16 (half the memory, and bf16 compute with no autocast).
-    Buffers such as the rotary inv_freq stay fp32: in bf16 they would be off by up to ~0.5 rad at
-    position 600 for rope theta 1e6."""
-    twin = copy.deepcopy(model).requires_grad_(False).eval()
-    bf16_weights(twin)
-    return twin
+    """A frozen copy whose parameters are bf16 (half the memory, and bf16 compute with no autocast)."""
+    return bf16_weights(copy.deepcopy(model).requires_grad_(False).eval())
 
 
-def bf16_weights(model) -> None:
-    """The parameters to bf16, in place; buffers stay fp32."""
+def bf16_weights(model):
+    """The parameters to bf16, in place; returns the model. Buffers such as the rotary inv_freq stay fp32: in bf16
+    they would be off by up to ~0.5 rad at position 600 for rope theta 1e6."""
     for p in model.parameters():  # tied weights are one Parameter: converted once, still tied
         p.data = p.data.to(torch.bfloat16)
+    return model
 
 
 def refresh_sampler(sampler, model) -> None:
@@ -1281,31 +1275,6 @@ def load_adapters(model, path: str) -> None:
             model.get_parameter(name).copy_(t)
 
 
-def check_lora(cfg: Config) -> None:
-    if cfg.lora_rank < 0:
-        fail(f"--lora_rank {cfg.lora_rank}: use a positive rank such as 16, or 0 to fine-tune every weight")
-    if cfg.lora_rank and cfg.lr != Config.lr:  # one rate per run, named by what it trains
-        fail(
-            f"--lr sets full fine-tuning's learning rate; with --lora_rank pass --lora_lr (default {Config.lora_lr:g})"
-        )
-    if not cfg.lora_rank and cfg.lora_lr != Config.lora_lr:
-        fail("--lora_lr sets the adapters' learning rate, and --lora_rank is 0: add --lora_rank, or pass --lr")
-    if cfg.lora_rank and cfg.lora_alpha <= 0:
-        fail(f"--lora_alpha {cfg.lora_alpha}: the adapters' scale alpha / r must be positive; 32 is common")
-    if cfg.lora_rank and cfg.eval_only:
-        fail("--eval_only evaluates --model as it is, without adapters: drop --lora_rank (a LoRA run's final/ "
-             "is already merged)")  # fmt: skip
-
-
-def check_lora_resume(saved: dict, now: dict, given: set[str], resume_from: str) -> None:
-    """A checkpoint's adapters fit only the rank and scale they were trained with (rank 0: full fine-tuning)."""
-    for name in ("lora_rank", "lora_alpha"):
-        was = saved.get(name, 0 if name == "lora_rank" else now[name])  # older checkpoints: full fine-tuning
-        if name in given and was != now[name] and (name == "lora_rank" or saved.get("lora_rank")):
-            fail(f"--resume with --{name} {now[name]}: {resume_from} was trained with --{name} {was} "
-                 f"(--lora_rank 0: full fine-tuning); drop --{name}, or pass another --output_dir")  # fmt: skip
-
-
 # ----------------------------------------------------------------------------- Data: loading and checks, prompts
 def load_data(cfg: Config) -> tuple[list[dict], list[dict]]:
     """The train rows (none with --eval_only) and the first --eval_size test rows. A single data
@@ -1430,11 +1399,13 @@ def evaluate(sampler, tok, rows: list[dict], cfg: Config, step: int, device, ran
     for i in batches:
         index, batch = zip(*mine[i : i + cfg.eval_batch_size])
         questions = [r["question"] for r in batch]
+        k = cfg.eval_samples  # k > 0: also k samples per problem at the training temperature
         try:
             ro = generate(sampler, tok, questions, 1, 0.0, cfg, device)  # greedy
+            texts = generate(sampler, tok, questions, k, cfg.temperature, cfg, device).texts if k > 0 else []
         except torch.OutOfMemoryError:
-            fail(f"out of GPU memory evaluating at step {step}: lower --eval_batch_size (now {cfg.eval_batch_size}) "
-                 f"or --max_new_tokens; the checkpoint in {cfg.output_dir} is intact")  # fmt: skip
+            fail(f"out of GPU memory evaluating at step {step}: lower --eval_batch_size (now {cfg.eval_batch_size}), "
+                 f"--eval_samples or --max_new_tokens; the checkpoint in {cfg.output_dir} is intact")  # fmt: skip
         calls, errors = tool_use(tok, ro.completion_ids, ro.lengths, ro.by_env)
         for idx, r, text, c, e in zip(index, batch, ro.texts, calls, errors):
             gold = r["gold"]
@@ -1442,13 +1413,7 @@ def evaluate(sampler, tok, rows: list[dict], cfg: Config, step: int, device, ran
                             "extracted": extract_answer(text), "strict": correctness_reward(text, gold),
                             "lenient": lenient_correctness(text, gold), "format": format_reward(text, gold),
                             "tool_calls": c, "tool_errors": e})  # fmt: skip
-        if cfg.eval_samples > 0:  # k samples per problem at the training temperature
-            k = cfg.eval_samples
-            try:
-                texts = generate(sampler, tok, questions, k, cfg.temperature, cfg, device).texts
-            except torch.OutOfMemoryError:
-                fail(f"out of GPU memory sampling {k} answers per problem at step {step}: lower --eval_batch_size "
-                     f"(now {cfg.eval_batch_size}) or --eval_samples; the checkpoint in {cfg.output_dir} is intact")  # fmt: skip
+        if k > 0:
             for j, r in enumerate(records[-len(batch) :]):
                 samples = texts[j * k : (j + 1) * k]
                 votes = Counter(v for v in (stated_number(extract_answer(s) or "") for s in samples) if v is not None)
@@ -1530,7 +1495,20 @@ def check_config(cfg: Config) -> None:
         fail("--plain trains in one process, through the plain forms alone: run it with python, not torchrun")
     if cfg.report_to not in ("none", "wandb", "trackio"):  # the two trackers share init(), log() and finish()
         fail(f"unknown --report_to {cfg.report_to!r}: use none, wandb, trackio")
-    check_lora(cfg)
+    if cfg.lora_rank < 0:
+        fail(f"--lora_rank {cfg.lora_rank}: use a positive rank such as 16, or 0 to fine-tune every weight")
+    if cfg.lora_rank and cfg.lr != Config.lr:  # one rate per run, named by what it trains
+        fail(
+            f"--lr sets full fine-tuning's learning rate; with --lora_rank pass --lora_lr (default {Config.lora_lr:g})"
+        )
+    if not cfg.lora_rank and cfg.lora_lr != Config.lora_lr:
+        fail("--lora_lr sets the adapters' learning rate, and --lora_rank is 0: add --lora_rank, or pass --lr")
+    if cfg.lora_rank and cfg.lora_alpha <= 0:
+        fail(f"--lora_alpha {cfg.lora_alpha}: the adapters' scale alpha / r must be positive; 32 is common")
+    if cfg.lora_rank and cfg.eval_only:
+        fail(
+            "--eval_only evaluates --model as it is, without adapters: drop --lora_rank (a LoRA run's final/ is merged)"
+        )
     if cfg.report_to != "none" and importlib.util.find_spec(cfg.report_to) is None:  # an optional package
         fail(f"--report_to {cfg.report_to}: the {cfg.report_to} package is not installed; pip install "
              f"{cfg.report_to}, or drop --report_to")  # fmt: skip
@@ -1540,8 +1518,6 @@ def load_model(name: str, cfg: Config, device):
     """A causal LM in fp32 (the master weights; bf16 comes from autocast; with LoRA under bf16 the frozen base in
     bf16) on the device, and its tokenizer."""
     path = os.path.expanduser(name)
-    if os.path.isfile(os.path.join(path, ADAPTERS)):  # a LoRA checkpoint: the base from --model, then its adapters
-        path = os.path.expanduser(cfg.model)
     if not os.path.isdir(path) and looks_local(path):
         fail(f"model folder {name} does not exist: pass --model an existing folder or a hub id like "
              f"Qwen/Qwen2.5-0.5B-Instruct")  # fmt: skip
@@ -1576,8 +1552,6 @@ def warn_if_slow_on_cpu(cfg: Config, model_path: str, device: torch.device, rank
     memory, no weights read). What the user asked for is not changed."""
     if device.type != "cpu" or rank != 0:
         return
-    if os.path.isfile(os.path.join(os.path.expanduser(model_path), ADAPTERS)):  # a LoRA checkpoint: --model's size
-        model_path = cfg.model
     try:
         config = AutoConfig.from_pretrained(os.path.expanduser(model_path), trust_remote_code=cfg.trust_remote_code)
         with torch.device("meta"):
@@ -1674,7 +1648,11 @@ def read_checkpoint(cfg: Config, given: set[str] | None) -> tuple[Config, dict |
     if refused:
         fail(f"--resume with changed {', '.join(f'--{k}' for k in refused)}: the checkpoint's data order and "
              f"batches depend on them; use the original values or another --output_dir")  # fmt: skip
-    check_lora_resume(saved, now, given, resume_from)
+    for name in ("lora_rank", "lora_alpha"):  # adapters fit only the rank and scale they were trained with
+        was = saved.get(name, 0 if name == "lora_rank" else now[name])  # older checkpoints: full fine-tuning
+        if name in given and was != now[name] and (name == "lora_rank" or saved.get("lora_rank")):
+            fail(f"--resume with --{name} {now[name]}: {resume_from} was trained with --{name} {was} "
+                 f"(--lora_rank 0: full fine-tuning); drop --{name}, or pass another --output_dir")  # fmt: skip
     changed = [k for k in now if k in given and k in saved and saved[k] != now[k]]
     cfg = Config(**{**now, **{k: v for k, v in saved.items() if k not in given}})
     if state["step"] > cfg.steps:  # a larger --steps extends a run; a smaller one has nothing to do

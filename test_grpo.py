@@ -939,7 +939,8 @@ def test_micro_batched_gradient_equals_full_batch(tiny_model):
         grads = []
         for mb in (6, 4, 1):  # 4 splits a group across micro-batches
             model.zero_grad()
-            grpo.accumulate_gradients(model, ids, mask, out, lengths, None, adv, old, ref, cfg, mb)
+            grpo.accumulate_gradients(model, ids, mask, out, lengths, grpo.completion_mask(lengths, out.shape[1]), adv, old,
+                                      ref, cfg, mb)  # fmt: skip
             grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
         assert torch.allclose(grads[0], grads[1], atol=1e-6), loss_type
         assert torch.allclose(grads[0], grads[2], atol=1e-6), loss_type
@@ -1023,7 +1024,7 @@ def test_accumulated_gradient_equals_one_plain_backward(tiny_model, loss_type):
     assert (low & mask.bool()).any()  # tokens that the default clip_eps 0.2 would clip, and 0.25 does not
 
     model.zero_grad()
-    stats = grpo.accumulate_gradients(model, ids, pmask, out, lengths, by_env, adv, old, ref, cfg, 3)
+    stats = grpo.accumulate_gradients(model, ids, pmask, out, lengths, mask, adv, old, ref, cfg, 3)
     ours = flat_grad(model)
     model.zero_grad()
     logp = plain_logprobs(model, ids, pmask, out, index, 0.7)
@@ -1258,7 +1259,7 @@ def test_a_non_finite_old_logprob_where_the_model_did_not_sample_leaves_the_upda
     for bad in (None, -math.inf, -1e30):
         old = logp + 0.1 if bad is None else torch.where(unsampled, bad, logp + 0.1)
         model.zero_grad()
-        stats = grpo.accumulate_gradients(model, ids, pmask, out, lengths, by_env, adv, old, logp - 0.1,
+        stats = grpo.accumulate_gradients(model, ids, pmask, out, lengths, (~unsampled).float(), adv, old, logp - 0.1,
                                           grpo.Config(beta=0.04, max_new_tokens=6), 2)  # fmt: skip
         results.append((stats["loss"][0], flat_grad(model)))
         assert math.isfinite(stats["loss"][0]) and torch.isfinite(results[-1][1]).all(), bad
@@ -1429,7 +1430,8 @@ def sampled_batch(model, tok, sampler, G=4, L=10):
 def grads_with(model, batch, old_logp, cfg, adv):
     ids, mask, out, lengths, by_env, _ = batch
     model.zero_grad()
-    stats = grpo.accumulate_gradients(model, ids, mask, out, lengths, by_env, adv, old_logp, None, cfg, 4)
+    own = grpo.completion_mask(lengths, out.shape[1], by_env)
+    stats = grpo.accumulate_gradients(model, ids, mask, out, lengths, own, adv, old_logp, None, cfg, 4)
     return stats, torch.cat([p.grad.flatten() for p in model.parameters()])
 
 
@@ -1718,7 +1720,17 @@ def test_environment_tokens_do_not_change_the_loss_or_its_gradient(tiny_model):
             model.zero_grad()
             old, ref = logp + 0.1 + shift * noise, logp - 0.1 + shift * noise
             stats = grpo.accumulate_gradients(
-                model, prompt_ids, prompt_mask, out, lengths, by_env, adv, old, ref, cfg, 2
+                model,
+                prompt_ids,
+                prompt_mask,
+                out,
+                lengths,
+                grpo.completion_mask(lengths, out.shape[1], by_env),
+                adv,
+                old,
+                ref,
+                cfg,
+                2,
             )
             grads.append((stats["loss"][0], torch.cat([p.grad.flatten() for p in model.parameters()])))
         assert grads[0][0] == grads[1][0] and torch.equal(grads[0][1], grads[1][1]), loss_type
