@@ -510,9 +510,11 @@ def setup_training(model, cfg: Config, resume_from: str | None, world: int, devi
 #   rollout_metrics     the step's numbers to watch: accuracy, completion length, cut-off and zero-std shares, tools
 #   autocast, use_bf16  bf16 compute over the fp32 weights, when --precision (auto: CUDA) says so
 #   adapters_off        with LoRA, within it the policy computes as pi_ref; add_lora gives it the adapters
-#   main's bookkeeping, named for what it does: check_config, load_data, load_model (a bad flag or file stops in one
-#     line: fail); read_checkpoint, resume_state, save_checkpoint (--resume); setup_distributed, reduce_metrics
-#     (torchrun); evaluate (greedy pass@1); seed_everything, prompt_indices (the step's seed, its questions); logs.
+#   main's bookkeeping, each named for what it does: check_config, load_data, load_model, warn_if_slow_on_cpu (a bad
+#     flag or file stops in one line: fail); describe_precision, bf16_copy (the sampler's weights); read_checkpoint,
+#     check_output_dir, resume_state, save_checkpoint (--resume); setup_distributed, reduce_metrics (torchrun);
+#     evaluate, evaluate_only (greedy pass@1); seed_everything, prompt_indices (the step's seed and questions);
+#     check_skipped (non-finite updates); start_tracker, log_step, write_metrics, finish_run (the logs, final/).
 
 
 # ----------------------------------------------------------------------------- Fast paths: what training runs, each tested equal to its plain form above
@@ -533,13 +535,11 @@ def frozen_logprobs(model, prompt_ids, prompt_mask, completion_ids, lengths, mic
 def micro_batches(lengths: torch.Tensor, size: int, group_size: int) -> list[tuple[slice, slice, torch.Tensor, int]]:
     """Rows [i, i + size) of the batch (size < 1: all), the prompt rows they use, each row's index into those, and
     their longest completion: all read from the host at once, before the loop (nothing in it waits for the GPU)."""
-    B = lengths.shape[0]
+    B, dev = lengths.shape[0], lengths.device
     rows = [slice(i, min(i + size, B)) for i in range(0, B, size if size > 0 else B)]
     longest = torch.stack([lengths[s].max() for s in rows]).tolist()
     prompts = [slice(s.start // group_size, (s.stop - 1) // group_size + 1) for s in rows]
-    index = [
-        torch.arange(s.start, s.stop, device=lengths.device) // group_size - p.start for s, p in zip(rows, prompts)
-    ]
+    index = [torch.arange(s.start, s.stop, device=dev) // group_size - p.start for s, p in zip(rows, prompts)]
     return list(zip(rows, prompts, index, longest))
 
 
@@ -558,11 +558,8 @@ def accumulate_gradients(policy, prompt_ids, prompt_mask, completion_ids, length
     bf16 = use_bf16(cfg, prompt_ids.device)
     for j, (s, p, index, Lm) in enumerate(slices):
         m = mask[s, :Lm]  # (mb, Lm): the micro-batch trimmed to its longest completion
-        last = j == len(slices) - 1
-        with (
-            policy.no_sync() if world > 1 and not last else contextlib.nullcontext(),
-            autocast(prompt_ids.device, bf16),
-        ):
+        wait = world > 1 and j < len(slices) - 1  # DDP averages over ranks once, in the last micro-batch's backward
+        with policy.no_sync() if wait else contextlib.nullcontext(), autocast(prompt_ids.device, bf16):
             logp = token_logprobs(policy, prompt_ids[p], prompt_mask[p], completion_ids[s, :Lm], index, cfg.temperature)
             # rho = 1 where the model sampled nothing (tools, past the end): no exp(huge) * 0 = NaN in the masked sum
             old = torch.where(m.bool(), old_logp[s, :Lm], logp.detach())
