@@ -180,10 +180,12 @@ def to_device(*items):
     return tuple(x.to(DEVICE) for x in items)
 
 
-def load(path):
+def load(path, attention: str = "sdpa"):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attention)
+    assert model.config._attn_implementation == attention
+    return model.eval(), AutoTokenizer.from_pretrained(path)
 
 
 # ----------------------------------------------------------------------------- rewards
@@ -3560,11 +3562,13 @@ def test_a_lora_base_reaches_the_gpu_in_bf16(tiny_qwen, monkeypatch):
 
 
 # ----------------------------------------------------------------------------- the plain forms above the END line
-def test_fast_logprobs_equal_the_plain_ones_with_gradients(tiny_qwen):
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_fast_logprobs_equal_the_plain_ones_with_gradients(tiny_qwen, attention):
     """token_logprobs (each prompt once, its cache shared, an fp32 head a chunk at a time) computes what
     sequence_logprobs (the whole sequences, logits -> log_softmax -> gather) does: values and gradients, with
-    left padding, under bf16 autocast too (the CUDA path; bf16 rounding bounds the difference there)."""
-    model, tok = load(tiny_qwen)
+    left padding, under bf16 autocast too (the CUDA path; bf16 rounding bounds the difference there). With eager
+    attention too, which takes the 4-D mask as an additive one (attention_mask_4d)."""
+    model, tok = load(tiny_qwen, attention)
     model.train()
     ids, mask = prompts_of(tok, ["1+1?", "what is 12 + 30?"])
     completion = torch.randint(3, 90, (6, 7), generator=torch.Generator().manual_seed(0))
@@ -3585,12 +3589,14 @@ def test_fast_logprobs_equal_the_plain_ones_with_gradients(tiny_qwen):
         assert torch.allclose(plain_grad, fast_grad, atol=atol * 10, rtol=0.05), bf16
 
 
-def test_fast_rollout_equals_the_plain_one(tiny_qwen):
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_fast_rollout_equals_the_plain_one(tiny_qwen, attention):
     """rollout (a shared prefill, a KV cache, 4-D masks) against sample_plainly (the whole sequence through the
     model every token): both draw by the same exponential race, one (B, V) noise per token in the same order, so
     from the same seed they return the same tokens, lengths, ended and by_env, and log-probs equal within float
-    noise (both those of what they drew: sequence_logprobs), greedy, sampled, and with an environment writing."""
-    model, tok = load(tiny_qwen)
+    noise (both those of what they drew: sequence_logprobs), greedy, sampled, and with an environment writing;
+    under sdpa and eager attention (which adds its masks to the scores)."""
+    model, tok = load(tiny_qwen, attention)
     model, (ids, mask) = model.to(DEVICE), to_device(*prompts_of(tok, ["1+1?", "what is 12 + 30?"]))
     eos = grpo.eos_ids(model, tok)
     for T, env, n in ((0.0, None, 12), (0.8, None, 10), (0.8, frequent_env(tok, 2), 40)):
@@ -3695,6 +3701,35 @@ def test_a_first_reading_ends_by_line_500():
     assert longest[0] <= 80, longest
     with open(os.path.join(HERE, "README.md")) as f:
         assert f"END OF THE ALGORITHM line, line {end}**" in f.read()
+
+
+def test_the_glossary_names_every_function_the_first_reading_calls_from_below():
+    """A learner who stops at the END line never needs to jump below it: each function defined below that the code
+    above calls is named in the glossary at the line (a name a function assigns itself, as generate's `sample`, is
+    its own). Calling a new helper from the first reading means a glossary line for it."""
+    with open(grpo.__file__) as f:
+        source = f.read()
+    lines = source.splitlines()
+    end = next(i + 1 for i, line in enumerate(lines) if line.startswith("# ===") and "END OF THE ALGORITHM" in line)
+    tree = ast.parse(source)
+    below = {node.name for node in tree.body if hasattr(node, "name") and node.lineno > end}
+    called = set()
+    for node in (node for node in tree.body if node.lineno < end):
+        names = [x for x in ast.walk(node) if isinstance(x, ast.Name)]
+        own = {x.id for x in names if isinstance(x.ctx, ast.Store)}
+        called |= {x.id for x in names if x.id in below} - own
+    glossary = "\n".join(itertools.takewhile(lambda line: line.startswith("#"), lines[end:]))
+    missing = [name for name in sorted(called) if not re.search(rf"\b{name}\b", glossary)]
+    assert len(called) > 20 and not missing, missing
+
+
+def test_the_docstring_examples_hold():
+    """Every >>> example in grpo.py's docstrings returns what it shows: readers learn the rewards and the
+    calculator from them."""
+    import doctest
+
+    failed, attempted = doctest.testmod(grpo)
+    assert attempted > 0 and failed == 0
 
 
 # ----------------------------------------------------------------------------- Tools: partial credit, attacked
