@@ -525,10 +525,8 @@ def frozen_logprobs(model, prompt_ids, prompt_mask, completion_ids, lengths, mic
     longest completion, as accumulate_gradients trims them (past a completion's length: 0, masked by length)."""
     logp, G = torch.zeros(completion_ids.shape, device=completion_ids.device), len(completion_ids) // len(prompt_ids)
     with autocast(prompt_ids.device, bf16), adapters_off(model):  # with LoRA, pi_ref is the policy, adapters off
-        for s, p, index, Lm in micro_batches(lengths, micro_batch_size, G):  # logp (B, L)
-            logp[s, :Lm] = token_logprobs(
-                model, prompt_ids[p], prompt_mask[p], completion_ids[s, :Lm], index, temperature
-            )
+        for s, p, i, Lm in micro_batches(lengths, micro_batch_size, G):  # logp (B, L); i: each row's prompt in p
+            logp[s, :Lm] = token_logprobs(model, prompt_ids[p], prompt_mask[p], completion_ids[s, :Lm], i, temperature)
     return logp
 
 
@@ -597,9 +595,8 @@ def rollout(model, prompt_ids, prompt_mask, group_size, max_new_tokens, temperat
             env=None):  # fmt: skip
     """sample_plainly's fast form: the same draws and returns (completion ids (B, L), row b answering prompt b // G;
     lengths, ended, sample_logp, by_env), tokens past a completion's end pad_id, masked by length, not by value.
-    Each prompt (N, P, left-padded) is prefilled once and its KV cache shared by its G samples, instead of running
-    the same prompt through the model G times. The model computes in its own dtype (run it outside autocast): a
-    bf16 model keeps a bf16 cache."""
+    Each prompt (N, P, left-padded) is prefilled once and its KV cache shared by its G samples, not run G times.
+    The model computes in its own dtype (run it outside autocast): a bf16 model keeps a bf16 cache."""
     n, P = prompt_ids.shape
     B, dev = n * group_size, prompt_ids.device
     row_prompt = torch.arange(B, device=dev) // group_size  # (B,) the prompt of each row
@@ -612,17 +609,17 @@ def rollout(model, prompt_ids, prompt_mask, group_size, max_new_tokens, temperat
     logits = out.logits[:, -1].float()[row_prompt]  # (B, V)
     cache.batch_select_indices(row_prompt)  # (n, ...) -> (B, ...)
     keep = torch.cat([prompt_mask.bool()[row_prompt], prompt_mask.new_ones(B, max_new_tokens, dtype=torch.bool)], 1)
-    bias = attention_bias(keep, model)  # (B, 1, 1, P + max_new_tokens): one mask for the decode, a slice per step
-    next_position = position[row_prompt, -1:] + 1  # (B, 1)
+    # one mask (B, 1, 1, P + max_new_tokens) for the decode, a slice per step: additive (0 or -inf) in the model's
+    # dtype, as SDPA would convert a boolean one in every layer, 3 ops each (--decode_ops)
+    dtype = model.get_input_embeddings().weight.dtype
+    bias = torch.zeros(keep.shape, dtype=dtype, device=dev).masked_fill_(~keep, float("-inf"))[:, None, None]
+    next_position = position[row_prompt, -1:] + 1  # (B, 1): token t's position is next_position + t
     tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=dev)
-    sample_logp = torch.zeros(B, max_new_tokens, device=dev)
-    lengths = torch.full((B,), max_new_tokens, dtype=torch.long, device=dev)
-    ended = torch.zeros(B, dtype=torch.bool, device=dev)
-    by_env = torch.zeros(B, max_new_tokens, dtype=torch.bool, device=dev)
+    sample_logp, by_env = torch.zeros(B, max_new_tokens, device=dev), torch.zeros_like(tokens, dtype=torch.bool)
+    lengths, ended = torch.full((B,), max_new_tokens, device=dev), torch.zeros(B, dtype=torch.bool, device=dev)
     turns = {"ids": [[] for _ in range(B)], "queue": [[] for _ in range(B)], "calls": [0] * B, "eos": set(eos)}
     eos = torch.tensor(eos, device=dev)
-    # --- decode: one token per row per step. No line here waits for the GPU except the "all ended?"
-    # check every 8 tokens, so the CPU queues kernels ahead of the GPU.
+    # --- decode, a token per row per step: only the check below waits for the GPU, so the CPU queues kernels ahead
     for t in range(max_new_tokens):
         token, sample_logp[:, t] = sample(logits, temperature)
         if env is not None:  # tools: the environment may write this step's token instead of the model
@@ -630,18 +627,12 @@ def rollout(model, prompt_ids, prompt_mask, group_size, max_new_tokens, temperat
         tokens[:, t] = torch.where(ended, pad_id, token)
         if not ignore_eos:
             new_end = ~ended & ~by_env[:, t] & torch.isin(token, eos)  # only the model ends its completion
-            lengths = torch.where(new_end, t + 1, lengths)  # the EOS itself is part of the completion
-            ended = ended | new_end
-            if t % 8 == 7 and bool(ended.all()):  # the one host sync; tokens past the end are cut by length
-                break
-        if t == max_new_tokens - 1:
+            lengths, ended = torch.where(new_end, t + 1, lengths), ended | new_end  # the EOS counts in the length
+        if (not ignore_eos and t % 8 == 7 and bool(ended.all())) or t == max_new_tokens - 1:  # the one host sync
             break
         # token t sits at slot P + t and may see the prompt (less its padding) and the tokens so far
-        mask = bias[..., : P + t + 1]
-        out = model(input_ids=tokens[:, t : t + 1], attention_mask=mask, position_ids=next_position, cache=cache,
-                    use_cache=True)  # fmt: skip
-        logits = out.logits[:, -1].float()  # (B, V)
-        next_position = next_position + 1
+        logits = model(input_ids=tokens[:, t : t + 1], attention_mask=bias[..., : P + t + 1],
+                       position_ids=next_position + t, cache=cache, use_cache=True).logits[:, -1].float()  # fmt: skip
     L = max_new_tokens if ignore_eos else int(lengths.max())
     return tokens[:, :L], lengths, ended, sample_logp[:, :L], by_env[:, :L]
 
@@ -655,10 +646,9 @@ def check_cache_filled(cache, P: int) -> None:
 
 
 def sample(logits: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """One token per row from softmax(logits / T) (argmax when T = 0), and its log-prob: (R,), (R,).
-    argmax(p / q) with q ~ Exponential(1) is an exact draw from p (the smallest of independent
-    Exponential(p_i) clocks rings first, at index i with probability p_i), and unlike
-    torch.multinomial it never waits for the GPU."""
+    """One token per row from softmax(logits / T) (argmax when T = 0), and its log-prob: (R,), (R,). argmax(p / q)
+    with q ~ Exponential(1) is an exact draw from p (the smallest of independent Exponential(p_i) clocks rings first,
+    at index i with probability p_i), and unlike torch.multinomial it never waits for the GPU."""
     logp = torch.log_softmax(logits.float() / (temperature or 1.0), -1)  # (R, V)
     if temperature > 0:
         q = torch.empty_like(logp).exponential_().clamp_(min=torch.finfo(logp.dtype).tiny)  # no 0/0
@@ -676,13 +666,6 @@ def attention_mask_4d(keep: torch.Tensor, model) -> torch.Tensor:
     if model.config._attn_implementation == "eager":  # eager attention adds the mask to the scores
         return torch.zeros(keep.shape, dtype=model.dtype, device=keep.device).masked_fill(~keep, -1e9)[:, None]
     return keep[:, None]  # sdpa and flex: True = attend
-
-
-def attention_bias(keep: torch.Tensor, model) -> torch.Tensor:
-    """keep (R, K), bool, True where the one query may attend -> the additive mask (R, 1, 1, K), 0 or -inf, in the
-    model's dtype (outside autocast). SDPA would convert a boolean one in every layer: 3 ops each (--decode_ops)."""
-    dtype = model.get_input_embeddings().weight.dtype
-    return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill_(~keep, float("-inf"))[:, None, None]
 
 
 def causal_keep(key_mask: torch.Tensor, Q: int) -> torch.Tensor:
@@ -724,14 +707,11 @@ def refresh_sampler(sampler, model) -> None:
 
 def token_logprobs(model, prompt_ids, prompt_mask, completion_ids, prompt_index, temperature: float,
                    chunk: int = 1024) -> torch.Tensor:  # fmt: skip
-    """log pi(o_t | q, o_<t) for every completion token: (B, L), fp32.
-
-    prompt_ids, prompt_mask (N, P): the distinct prompts; completion_ids (B, L); prompt_index (B,):
-    the prompt row of each completion. Each prompt runs through the model once and its KV cache is
-    shared by its completions (G of them), as in the rollout, so the prompt is not recomputed G times;
-    gradients flow through the shared cache. The model returns hidden states, not logits, and
-    head_logprobs projects them with the fp32 LM head a chunk at a time: no (B, L, V) tensor exists.
-    """
+    """log pi(o_t | q, o_<t) for every completion token: (B, L), fp32. prompt_ids, prompt_mask (N, P): the distinct
+    prompts; completion_ids (B, L); prompt_index (B,): each completion's prompt row. As in the rollout, each prompt
+    runs through the model once and its KV cache is shared by its G completions (gradients flow through it). The
+    model returns hidden states, not logits; head_logprobs projects them with the fp32 LM head a chunk at a time,
+    so no (B, L, V) tensor exists."""
     (B, L), P = completion_ids.shape, prompt_ids.shape[1]
     inner = getattr(model, "module", model)  # the model inside DDP: only the last forward goes through DDP
     position = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)  # (N, P)
@@ -767,37 +747,33 @@ def final_hidden(model, inner, **inputs) -> torch.Tensor:
 
 
 def head_logprobs(inner, hidden: torch.Tensor, ids: torch.Tensor, temperature: float, chunk: int) -> torch.Tensor:
-    """log softmax(h W^T / T)[id] for hidden (B, L, H) and ids (B, L), with the fp32 LM head weight W and
-    autocast off: a bf16 head rounds logits near 20 to steps of 0.125, up to 0.06 nats in every
-    log-prob. `chunk` tokens at a time, each recomputed in backward instead of stored, so the largest
-    tensor is (chunk, V), whatever the batch. Returns (B, L) fp32."""
+    """log softmax(h W^T / T)[id] for hidden (B, L, H) and ids (B, L): (B, L) fp32, with the fp32 LM head weight W and
+    autocast off (a bf16 head rounds logits near 20 to steps of 0.125, up to 0.06 nats in every log-prob). `chunk`
+    tokens at a time, each recomputed in backward instead of stored: the largest tensor is (chunk, V), whatever B."""
     head = inner.get_output_embeddings()  # tied to the input embeddings in many models: the same Parameter
     weight = head.weight.float()  # (V, H): the master weight itself when fp32; one copy for a bf16 model
     bias = head.bias.float() if head.bias is not None else None
-    flat_h, flat_ids = hidden.flatten(0, 1), ids.flatten()  # (B*L, H), (B*L,)
 
     def chunk_logprobs(h, i):  # h (n, H), ids (n,) -> (n,)
         with torch.autocast(h.device.type, enabled=False):
             logits = torch.nn.functional.linear(h.float(), weight, bias) / temperature  # (n, V) fp32
             return logits.gather(-1, i[:, None]).squeeze(-1) - logits.logsumexp(-1)
 
-    # checkpointed: each chunk's logits are recomputed in backward, not stored (no randomness to replay);
-    # split, not a slice per chunk: backward concatenates the chunks' gradients once
+    # checkpointed (no randomness to replay); split, not sliced per chunk: backward concatenates the gradients once
     parts = [torch.utils.checkpoint.checkpoint(chunk_logprobs, h, i, use_reentrant=False, preserve_rng_state=False)
-             for h, i in zip(flat_h.split(chunk), flat_ids.split(chunk))]  # fmt: skip
+             for h, i in zip(hidden.flatten(0, 1).split(chunk), ids.flatten().split(chunk))]  # fmt: skip
     return torch.cat(parts).view(ids.shape)
 
 
 # ----------------------------------------------------------------------------- Rewards, machinery: scoring, and the number an answer states
 def score(completions: list[str], rows: list[dict], funcs=None, tokens: list[int] | None = None,
           max_tokens: int | None = None) -> tuple[torch.Tensor, dict[str, list[float]]]:  # fmt: skip
-    """Total rewards (B,) and each function's unweighted values; rows[i] is completion i's row. A function is
-    called as fn(completion, gold answer, **keywords): the row's other fields (question, ...), and when given,
-    tokens (the completion's own token count) and max_tokens (--max_new_tokens), e.g. for a length penalty.
-    funcs: (function, weight) pairs, REWARD_FUNCS by default."""
+    """Total rewards (B,) and each function's unweighted values; rows[i] is completion i's row; funcs: (function,
+    weight) pairs, REWARD_FUNCS by default. A function is called as fn(completion, gold answer, **keywords): the row's
+    other fields (question, ...), and when given, tokens (the completion's own token count) and max_tokens
+    (--max_new_tokens), e.g. for a length penalty."""
     funcs = REWARD_FUNCS if funcs is None else funcs
-    per_fn = {fn.__name__: [] for fn, _ in funcs}
-    total = []
+    per_fn, total = {fn.__name__: [] for fn, _ in funcs}, []
     for i, (c, row) in enumerate(zip(completions, rows)):
         extra = {k: v for k, v in row.items() if k not in ("answer", "gold")}  # e.g. question
         extra.update({} if tokens is None else {"tokens": tokens[i], "max_tokens": max_tokens})
@@ -823,9 +799,9 @@ def number_value(token: str) -> float | None:
 
 
 def stated_number(text: str) -> float | None:
-    """The one number `text` states, however it is wrapped (\\boxed{18}, **18**, $18$, 18%, 18 apples,
-    x = 18, +18, −18 with the unicode minus); None when it states no number or several ('18 or 19',
-    '2 + 16 = 18'). The rule for every answer check: rewards, lenient accuracy and the maj@k vote.
+    """The one number `text` states, however it is wrapped (\\boxed{18}, **18**, $18$, 18%, 18 apples, x = 18, +18,
+    −18 with the unicode minus); None when it states no number or several ('18 or 19', '2 + 16 = 18'). The rule for
+    every answer check: rewards, lenient accuracy and the maj@k vote.
 
     >>> stated_number("\\boxed{1,234}"), stated_number("**−18** apples"), stated_number("18 or 19")
     (1234.0, -18.0, None)
