@@ -869,10 +869,9 @@ CALC_SIGNS = str.maketrans({"\N{MULTIPLICATION SIGN}": "*", "\N{DIVISION SIGN}":
 
 
 def calculator(expression: str) -> str:
-    """Evaluate arithmetic: numbers, + - * / // % **, parentheses (the unicode multiplication, division
-    and minus signs read as * / -). Anything else, or anything too big, is 'error: ...', never an
-    exception. Integers are exact; other results are rounded to 6 decimals, zeros stripped. ^ is an
-    error with a hint rather than a power: one spelling to learn, and in Python ^ means XOR.
+    """Evaluate arithmetic: numbers, + - * / // % **, parentheses (unicode multiplication, division, minus signs read
+    as * / -). Anything else, or too big, is 'error: ...', never an exception. Integers are exact, others rounded to
+    6 decimals, zeros stripped. ^ is an error with a hint, not a power: one spelling to learn, and Python's ^ is XOR.
 
     >>> calculator("347 * 86"), calculator("(1 + 2) / 4"), calculator("6 / 3"), calculator("2 ^ 3")
     ('29842', '0.75', '2', 'error: ^ is not an operator here, use ** for powers')
@@ -896,10 +895,8 @@ def calculator(expression: str) -> str:
             a, b = walk(node.left, depth + 1), walk(node.right, depth + 1)
             if isinstance(node.op, ast.Pow) and abs(a) not in (0, 1) and b * math.log10(abs(a)) > 31:
                 raise ValueError("result too large")  # estimated before computing: 9**9**9 never starts
-            if isinstance(node.op, ast.Div) and type(a) is type(b) is int and b and a % b == 0:
-                x = a // b  # exact, where a float would round 10**30 / 10
-            else:
-                x = CALC_BINARY[type(node.op)](a, b)
+            exact = isinstance(node.op, ast.Div) and type(a) is type(b) is int and b and a % b == 0
+            x = a // b if exact else CALC_BINARY[type(node.op)](a, b)  # exact, where a float would round 10**30 / 10
         else:
             raise ValueError(f"{type(getattr(node, 'op', node)).__name__} is not allowed")
         if type(x) not in (int, float) or not abs(x) <= CALC_MAX_ABS:  # complex from (-8)**0.5; inf; nan
@@ -931,11 +928,10 @@ def has_operator(expression: str) -> bool:
     return any(isinstance(node, ast.BinOp) for node in ast.walk(tree))
 
 
-# The tools, by their --tools name: the tag of a call, the function that answers it, the line of the system prompt
+# FORK HERE: the tools. By --tools name: the tag of a call, the function that answers it, the system prompt's line
 # that teaches it, a worked example (an earlier chat turn, as EXAMPLE), and optionally computes(input) -> bool: does
 # an answered call do some work (the first rung of the rewards; by default, its output is not its input). Adding a
 # tool is a function and an entry here: the environment, the prompt, the rewards and check_config read this table.
-# FORK HERE: the tools.
 TOOLS = {
     "calculator": {
         "tag": "calc", "run": calculator, "computes": has_operator,
@@ -955,21 +951,16 @@ def tool_response(text: str, names: str = "") -> str | None:
     """
     for tool in [TOOLS[name] for name in names.split(",")] if names else TOOLS.values():
         open_tag, close_tag = f"<{tool['tag']}>", f"</{tool['tag']}>"
-        if not text.endswith(close_tag):
-            continue
         end = len(text) - len(close_tag)
-        previous = text.rfind(close_tag, 0, end)  # an earlier call's end: the opening tag must come after it
-        start = text.rfind(open_tag, previous + len(close_tag) if previous >= 0 else 0, end)
-        if start >= 0:
+        start = text.rfind(open_tag, 0, end)  # this call's, unless a closing tag follows it (it was an earlier call's)
+        if text.endswith(close_tag) and start >= 0 and close_tag not in text[start:end]:
             return f"{TOOL_RESULT[0]}{tool['run'](text[start + len(open_tag) : end])}{TOOL_RESULT[1]}"
     return None
 
 
 def answered_calls(completion: str) -> list[tuple[str, str, bool]]:
-    """(input, result, computes) for each call of a tool in TOOLS in this completion that the tool answered without
-    an error, with the result it really returns (so a <result> the model typed counts only if it is the tool's);
-    computes: the call did some work (the entry's computes; the calculator's: it has an operator, not just a
-    signed number). The first 16 calls, in the order written (bounded time).
+    """(input, result, computes: did it do work, see TOOLS) for each of the first 16 calls (bounded time) that its tool
+    answered without an error, with the result it really returns (a typed <result> counts only if it is the tool's).
 
     >>> answered_calls("<calc>6 * 7</calc><result>42</result> <calc>7</calc><result>7</result> <calc>1+</calc>")
     [('6 * 7', '42', True), ('7', '7', False)]
@@ -989,10 +980,9 @@ def answered_calls(completion: str) -> list[tuple[str, str, bool]]:
 
 
 def grounded_results(completion: str, question: str) -> list[tuple[float, int]]:
-    """(result, distinct numbers written) for each call in this completion that did arithmetic on numbers it
-    did not invent: an answered call (answered_calls) with an operator, whose result is not one of the
-    numbers written in it (1200 * 1), and every number written in it is in the question or is an earlier
-    such call's result. The rule every tool reward shares.
+    """The rule every tool reward shares: (result, distinct numbers written) for each call that did arithmetic on
+    numbers it did not invent: an answered call that computes, whose result is not a number written in it (1200 * 1),
+    and every number written in it is in the question or is an earlier such call's result.
 
     >>> grounded_results("<calc>6 * 7</calc><result>42</result> <calc>42</calc><result>42</result>", "6 boxes of 7")
     [(42.0, 2)]
@@ -1011,10 +1001,8 @@ def grounded_results(completion: str, question: str) -> list[tuple[float, int]]:
 
 
 def tool_reward(completion: str, answer: str, question: str = "", **kwargs) -> float:
-    """1 for a right answer (correctness_reward) that is the result of a grounded call in this completion
-    (grounded_results: arithmetic the calculator really did on numbers from the question or earlier
-    grounded results). A bonus for grounding a right answer in a real computation, never for calling:
-    <calc>1200</calc>, <calc>-(-1200)</calc> and <calc>1199+1</calc> pay nothing for a guessed 1200.
+    """1 for a right answer that a grounded call (grounded_results) computed: a bonus for a real computation, never
+    for calling, so <calc>1200</calc>, <calc>-(-1200)</calc> and <calc>1199+1</calc> pay nothing for a guessed 1200.
 
     >>> tool_reward("<calc>6 * 7</calc><result>42</result> <answer>42</answer>", "42", question="6 boxes of 7")
     1.0
@@ -1028,10 +1016,9 @@ def tool_reward(completion: str, answer: str, question: str = "", **kwargs) -> f
 
 
 def grounded_call_reward(completion: str, answer: str, question: str = "", **kwargs) -> float:
-    """Partial credit on the way: 1 for a grounded call (grounded_results) that combines two different
-    numbers, paid once per completion whatever the answer, so a group in which one sample computes with
-    the question's numbers has a spread to learn from before any answer is right. Calling more pays no
-    more; <calc>347 - 347</calc>, a bare or invented number, a typed result and a failed call pay nothing.
+    """1 for a grounded call that combines two different numbers, once per completion whatever the answer: a group
+    in which one sample computes with the question's numbers has a spread to learn from before any answer is right.
+    More calls pay no more; <calc>347 - 347</calc>, bare or invented numbers, typed results, failed calls pay nothing.
 
     >>> grounded_call_reward("<calc>6 + 7</calc><result>13</result>", "42", question="6 boxes of 7")
     1.0
@@ -1040,9 +1027,8 @@ def grounded_call_reward(completion: str, answer: str, question: str = "", **kwa
 
 
 def answer_from_call_reward(completion: str, answer: str, question: str = "", **kwargs) -> float:
-    """Partial credit on the way: 1 if the answer states the result of a grounded call that combined two
-    different numbers, right or wrong: it pays for carrying the tool's result into <answer> rather than
-    a guess. Wrong operations pay this and grounded_call_reward; only a right one adds correctness.
+    """1 if the answer states the result of a grounded call that combined two different numbers, right or wrong: it
+    pays for carrying the tool's result into <answer> rather than a guess (only a right one adds correctness).
 
     >>> answer_from_call_reward("<calc>6 + 7</calc><result>13</result> <answer>13</answer>", "42", question="6, 7")
     1.0
@@ -1052,10 +1038,9 @@ def answer_from_call_reward(completion: str, answer: str, question: str = "", **
 
 
 def well_formed_call_reward(completion: str, answer: str, **kwargs) -> float:
-    """The first rung: 1 for a call the calculator answered that computes (has an operator), whatever its
-    numbers and the answer, paid once per completion. It pays <calc>1 + 1</calc> too, by design: it teaches
-    the syntax that the grounded rewards need (a small model's first calls fail, as <calc>246 * 69 =
-    15812</calc>), and it weighs least, so computing with the question's numbers pays more.
+    """The first rung: 1 for an answered call that computes, whatever its numbers and the answer, once per completion.
+    It pays <calc>1 + 1</calc> too, by design: it teaches the syntax the grounded rewards need (a small model's first
+    calls fail, as <calc>246 * 69 = 15812</calc>), and it weighs least, so using the question's numbers pays more.
 
     >>> well_formed_call_reward("<calc>2 + 2</calc><result>4</result>", "42"), well_formed_call_reward("<calc>4</calc>", "4")
     (1.0, 0.0)
@@ -1073,10 +1058,9 @@ TOOL_REWARD_FUNCS = [(tool_reward, 0.5), (grounded_call_reward, 0.25), (answer_f
 
 
 def tool_env(tok, max_calls: int, names: str = "calculator"):
-    """--tools as the rollout's environment: step(ids, calls) takes the token ids that a completion has so far and
-    its calls so far, and returns the token ids of <result>...</result> to append when the model's last token has
-    just closed a call of one of the tools `names`, else None. It decodes only to read the call; only its own reply
-    is tokenized, and what the model wrote stays as sampled."""
+    """--tools as the rollout's environment: step(ids, calls), given a completion's token ids and calls so far, returns
+    the ids of <result>...</result> to append when its last token just closed a call of one of the tools `names`,
+    else None. It decodes only to read the call and tokenizes only its reply: what the model wrote stays as sampled."""
     closes = {}  # token id -> does its text hold a '>'? Only such a token can end a closing tag
     close_tags = [f"</{TOOLS[name]['tag']}>" for name in names.split(",")]
 
@@ -1087,26 +1071,21 @@ def tool_env(tok, max_calls: int, names: str = "calculator"):
             return None
         text, before = tok.decode(ids, skip_special_tokens=True), tok.decode(ids[:-1], skip_special_tokens=True)
         end = max((text.rfind(tag) + len(tag) for tag in close_tags if tag in text), default=-1)
-        if end <= len(before):  # no closing tag ends inside the last token
-            return None
-        reply = tool_response(text[:end], names)
+        reply = tool_response(text[:end], names) if end > len(before) else None  # a closing tag ends in the last token
         if reply is not None and calls >= max_calls:  # past the cap: an answer that says so, not silence
             reply = f"{TOOL_RESULT[0]}error: no calls left, at most {max_calls}{TOOL_RESULT[1]}"
         # '><' is one token in many vocabularies: the model may have begun the reply, write only the rest
-        tail = text[end:]
-        reply = reply[len(tail) :] if reply is not None and reply.startswith(tail) else reply
+        reply = reply and reply.removeprefix(text[end:])
         return tok(reply, add_special_tokens=False).input_ids if reply else None
 
     return step
 
 
 def environment_turn(env, token, ended, turns: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tools, at one decode step: each row's token, the model's sampled one or the environment's.
-    When a row's own token closes a call, env(its ids so far, its calls so far) returns the reply's
-    ids; they are queued and written one per step in place of sampled tokens, so they enter the same
-    KV cache as if sampled (token ids in, token ids out: nothing is decoded and re-tokenized) but are
-    marked as the environment's, and the loss skips them. Reading the tokens costs a host sync per
-    step, which only the tools path pays. Returns token (R,) and by_env (R,)."""
+    """Tools, at one decode step: each row's token (R,), sampled or the environment's, and by_env (R,). When a row's
+    own token closes a call, env(its ids, its calls so far) returns the reply's ids, queued and written one per step
+    in place of sampled tokens: they enter the KV cache as if sampled (ids in, ids out: nothing is re-tokenized) but
+    by_env marks them, and the loss skips them. Reading the tokens costs a host sync per step: only tools pay it."""
     sampled, done = token.tolist(), ended.tolist()
     chosen, by_env = [], []
     for b, own in enumerate(sampled):
@@ -1116,16 +1095,14 @@ def environment_turn(env, token, ended, turns: dict) -> tuple[torch.Tensor, torc
         if done[b]:
             continue
         turns["ids"][b].append(chosen[-1])
-        if not forced and own not in turns["eos"]:  # the model wrote it: did it just close a call?
-            reply = env(turns["ids"][b], turns["calls"][b])
-            if reply:
-                turns["queue"][b], turns["calls"][b] = list(reply), turns["calls"][b] + 1
+        # the model wrote it: did it just close a call?
+        if not forced and own not in turns["eos"] and (reply := env(turns["ids"][b], turns["calls"][b])):
+            turns["queue"][b], turns["calls"][b] = list(reply), turns["calls"][b] + 1
     return torch.tensor(chosen, device=token.device), torch.tensor(by_env, device=token.device)
 
 
 def tool_use(tok, completion_ids: torch.Tensor, lengths: torch.Tensor, by_env: torch.Tensor) -> tuple[list, list]:
-    """Tool calls and failed calls per completion, read from who wrote each token: every run of
-    environment tokens is one reply, and a reply that says 'error:' is a failed call."""
+    """Calls and failed calls per completion: each run of environment tokens is a reply, one saying 'error:' failed."""
     calls, errors = [], []
     for ids, n, env in zip(completion_ids.tolist(), lengths.tolist(), by_env.tolist()):
         runs = itertools.groupby(zip(ids[:n], env[:n]), key=lambda pair: pair[1])  # runs of one writer
@@ -1136,20 +1113,18 @@ def tool_use(tok, completion_ids: torch.Tensor, lengths: torch.Tensor, by_env: t
 
 
 # ----------------------------------------------------------------------------- LoRA (off by default): adapters, and pi_ref as adapters off
-# --lora_rank r trains, in place of each weight W (out, in) of the decoder blocks' linear layers, a low-rank
-# update (LoRA, arXiv 2106.09685):  y = W x + (alpha / r) B A x,  A (r, in) random, B (out, r) zero at the start,
-# so the policy starts as the base model. W, the embeddings and the LM head are frozen (bf16 under --precision
-# bf16); only A and B get gradients and AdamW state (fp32): rank 16 on Qwen2.5-7B trains 40M parameters, not 7.6B.
-# Two copies go as well: pi_ref is the same network with its adapters switched off (frozen_logprobs), and the
-# policy itself samples, with no bf16 copy. Each adapted nn.Linear keeps its name and weight, and a forward hook
-# adds the update, so the merged model saves exactly as the base model did.
+# --lora_rank r trains, in place of each weight W (out, in) of the decoder blocks' linear layers, a low-rank update
+# (LoRA, arXiv 2106.09685):  y = W x + (alpha / r) B A x,  A (r, in) random, B (out, r) zero at the start, so the policy
+# starts as the base model. W, the embeddings and the LM head are frozen (bf16 under --precision bf16); only A and B get
+# gradients and AdamW state (fp32): rank 16 on Qwen2.5-7B trains 40M parameters, not 7.6B. Two copies go as well: pi_ref
+# is the network with its adapters off (frozen_logprobs), and the policy itself samples (no bf16 copy). Each adapted
+# nn.Linear keeps its name and weight, and a forward hook adds the update: the merged model saves as the base model did.
 ADAPTERS = "adapters.safetensors"
 
 
 def add_lora(model, cfg: Config, resume_from: str | None):
-    """Freeze the model and give every linear layer of its decoder blocks (model.base_model: not the LM head)
-    rank-r adapters; with resume_from, the checkpoint's. The frozen weights stay as load_model made them (bf16
-    under bf16). Returns pi_ref: the model itself (frozen_logprobs turns its adapters off), or None when beta is 0."""
+    """Freeze the model and give every linear layer of its decoder blocks (model.base_model: not the LM head) rank-r
+    adapters (with resume_from, the checkpoint's). Returns pi_ref: the model itself, or None when beta is 0."""
     layers = [m for m in model.base_model.modules() if isinstance(m, torch.nn.Linear)]
     if not layers:
         fail(f"--lora_rank: {type(model).__name__} has no torch.nn.Linear layers in its decoder blocks to adapt "
