@@ -1225,9 +1225,8 @@ def load_adapters(model, path: str) -> None:
 
 # ----------------------------------------------------------------------------- Data: loading and checks, prompts
 def load_data(cfg: Config) -> tuple[list[dict], list[dict]]:
-    """The train rows (none with --eval_only) and the first --eval_size test rows. A single data
-    file is all training data, so evaluation is off; with --eval_only the file is what is evaluated."""
-    one_file = os.path.isfile(os.path.expanduser(cfg.dataset))
+    """The train rows (none with --eval_only) and the first --eval_size test rows (all of them if negative)."""
+    one_file = os.path.isfile(os.path.expanduser(cfg.dataset))  # its one split: training's, or --eval_only's
     train_rows = [] if cfg.eval_only else load_rows(cfg, "train")
     if cfg.eval_size == 0:
         return train_rows, []
@@ -1235,13 +1234,11 @@ def load_data(cfg: Config) -> tuple[list[dict], list[dict]]:
         print(f"evaluation off: {cfg.dataset} is one file, all of it for training; to evaluate, pass --dataset "
               f"a folder with train and test files (train.jsonl and test.jsonl)", file=sys.stderr)  # fmt: skip
         return train_rows, []
-    test_rows = load_rows(cfg, "train" if one_file else "test")  # a single file's rows are its only split
-    return train_rows, test_rows[: cfg.eval_size] if cfg.eval_size > 0 else test_rows
+    return train_rows, load_rows(cfg, "train" if one_file else "test")[: cfg.eval_size if cfg.eval_size > 0 else None]
 
 
 def load_rows(cfg: Config, split: str) -> list[dict]:
-    """Rows of one split, each with its parsed 'gold' answer: a local file, a local folder of train and
-    test files, or a hub dataset."""
+    """Rows of one split, each with its parsed 'gold' answer: from a local file or folder, or a hub dataset."""
     import datasets  # imported here: it is slow to import and only needed when loading data
 
     path, files = os.path.expanduser(cfg.dataset), None
@@ -1257,16 +1254,13 @@ def load_rows(cfg: Config, split: str) -> list[dict]:
         files = [path]
     elif looks_local(path):
         fail(f"dataset path {path} does not exist: pass an existing file or folder, or a hub id like openai/gsm8k")
-    try:
-        if files:
-            ds = datasets.load_dataset(loaders[os.path.splitext(files[0])[1]], data_files=files, split="train")
-        else:
-            ds = datasets.load_dataset(path, cfg.dataset_config or None, split=split)
+    try:  # local files through the loader for their extension (all rows in one "train" split), else the hub
+        ds = (datasets.load_dataset(loaders[os.path.splitext(files[0])[1]], data_files=files, split="train") if files
+              else datasets.load_dataset(path, cfg.dataset_config or None, split=split))  # fmt: skip
     except Exception as e:  # offline hub, bad file, unknown split: one line, not a traceback
         fail(f"could not load dataset {cfg.dataset!r} ({split}): {first_line(e)}. Check the path or hub id and your "
              f"network; offline, set HF_HUB_OFFLINE=1 and pass --dataset a local file or folder")  # fmt: skip
-    missing = {"question", "answer"} - set(ds.column_names)
-    if missing:
+    if missing := {"question", "answer"} - set(ds.column_names):
         fail(f"dataset {cfg.dataset} lacks column(s) {sorted(missing)}; it has {ds.column_names}. "
              f"Rename them to question/answer")  # fmt: skip
     rows, bad = [], 0
@@ -1307,11 +1301,9 @@ def looks_local(path: str) -> bool:
 def prompt_indices(n: int, start: int, count: int, seed: int) -> list[int]:
     """Row indices start..start+count of an endless stream of seeded shuffles of range(n).
     The stream is a pure function of the position, so resuming needs only the step number."""
-    order = []
-    for epoch in range(start // n, (start + count - 1) // n + 1):
-        order += torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-    offset = start - (start // n) * n
-    return order[offset : offset + count]
+    epochs = range(start // n, (start + count - 1) // n + 1)  # the seeded shuffles that hold the rows asked for
+    order = [i for e in epochs for i in torch.randperm(n, generator=torch.Generator().manual_seed(seed + e)).tolist()]
+    return order[start % n : start % n + count]
 
 
 def build_prompt(tok, question: str, tools: str = "") -> str:
@@ -1341,13 +1333,12 @@ def evaluate(sampler, tok, rows: list[dict], cfg: Config, step: int, device, ran
     Writes every completion to output_dir/<name>.jsonl (eval_<step>.jsonl by default) and returns eval/* metrics."""
     seed_everything(cfg.seed, rank, step, "eval")  # training steps seed themselves: evaluating changes nothing
     mine = list(enumerate(rows))[rank::world]
-    records = []
+    records, k = [], cfg.eval_samples  # k > 0: also k samples per problem, at the training temperature
     batches = tqdm(range(0, len(mine), cfg.eval_batch_size), desc=f"eval {step}", unit="batch", leave=False,
                    disable=rank != 0, dynamic_ncols=True)  # fmt: skip
     for i in batches:
         index, batch = zip(*mine[i : i + cfg.eval_batch_size])
         questions = [r["question"] for r in batch]
-        k = cfg.eval_samples  # k > 0: also k samples per problem at the training temperature
         try:
             ro = generate(sampler, tok, questions, 1, 0.0, cfg, device)  # greedy
             texts = generate(sampler, tok, questions, k, cfg.temperature, cfg, device).texts if k > 0 else []
@@ -1355,19 +1346,17 @@ def evaluate(sampler, tok, rows: list[dict], cfg: Config, step: int, device, ran
             fail(f"out of GPU memory evaluating at step {step}: lower --eval_batch_size (now {cfg.eval_batch_size}), "
                  f"--eval_samples or --max_new_tokens; the checkpoint in {cfg.output_dir} is intact")  # fmt: skip
         calls, errors = tool_use(tok, ro.completion_ids, ro.lengths, ro.by_env)
-        for idx, r, text, c, e in zip(index, batch, ro.texts, calls, errors):
+        for j, (idx, r, text, c, e) in enumerate(zip(index, batch, ro.texts, calls, errors)):
             gold = r["gold"]
             records.append({"index": idx, "question": r["question"], "gold": gold, "completion": text,
                             "extracted": extract_answer(text), "strict": correctness_reward(text, gold),
                             "lenient": lenient_correctness(text, gold), "format": format_reward(text, gold),
                             "tool_calls": c, "tool_errors": e})  # fmt: skip
-        if k > 0:
-            for j, r in enumerate(records[-len(batch) :]):
+            if k > 0:  # maj@k: the most common stated number (the first seen, on a tie); pass@k: any sample correct
                 samples = texts[j * k : (j + 1) * k]
                 votes = Counter(v for v in (stated_number(extract_answer(s) or "") for s in samples) if v is not None)
-                majority = votes.most_common(1)[0][0] if votes else None
-                r["maj"] = float(same_number(majority, stated_number(r["gold"])))
-                r["pass"] = float(any(correctness_reward(s, r["gold"]) for s in samples))
+                records[-1]["maj"] = float(same_number(max(votes, key=votes.get, default=None), stated_number(gold)))
+                records[-1]["pass"] = float(any(correctness_reward(s, gold) for s in samples))
     if world > 1:
         gathered = [None] * world
         dist.all_gather_object(gathered, records)
@@ -1380,8 +1369,8 @@ def evaluate(sampler, tok, rows: list[dict], cfg: Config, step: int, device, ran
                "eval/format": mean("format")}  # fmt: skip
     if cfg.tools:  # calls per problem, and the share of calls that failed
         metrics.update({"eval/tool_calls": mean("tool_calls"), "eval/tool_errors": mean("tool_errors", "tool_calls")})
-    if cfg.eval_samples > 0:
-        metrics.update({f"eval/maj@{cfg.eval_samples}": mean("maj"), f"eval/pass@{cfg.eval_samples}": mean("pass")})
+    if k > 0:
+        metrics.update({f"eval/maj@{k}": mean("maj"), f"eval/pass@{k}": mean("pass")})
     if rank == 0:
         with open(os.path.join(cfg.output_dir, f"{name or f'eval_{step}'}.jsonl"), "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
@@ -1389,8 +1378,7 @@ def evaluate(sampler, tok, rows: list[dict], cfg: Config, step: int, device, ran
 
 
 def evaluate_only(sampler, tok, test_rows, cfg: Config, device, rank: int, world: int, tracker, log) -> None:
-    """--eval_only: evaluate and write files of its own (evaluation.jsonl, evaluation.json), which
-    training never writes, so a run's folder is safe to evaluate into."""
+    """--eval_only: evaluate into evaluation.jsonl and .json, which training never writes: safe in a run's folder."""
     metrics = evaluate(sampler, tok, test_rows, cfg, 0, device, rank, world, "evaluation") if test_rows else {}
     log(" | ".join(f"{k} {v:.3f}" for k, v in metrics.items()) + f" | {len(test_rows)} problems")
     if rank == 0:
@@ -1404,14 +1392,12 @@ def evaluate_only(sampler, tok, test_rows, cfg: Config, device, rank: int, world
 
 
 def lenient_correctness(completion: str, answer: str) -> float:
-    """1 if the completion is correct (correctness_reward) or the last number anywhere in it is the
-    gold number (ignores the format). Never below correctness_reward, so lenient >= strict.
+    """1 if correctness_reward is 1 (so lenient >= strict) or the last number anywhere in the text is the gold one.
 
     >>> lenient_correctness("so the total is 1,234 apples", "1234")
     1.0
     """
-    numbers = NUMBER.findall(completion)
-    last = number_value(numbers[-1]) if numbers else None
+    last = next((number_value(n) for n in reversed(NUMBER.findall(completion))), None)  # the last number, if any
     return max(correctness_reward(completion, answer), float(same_number(last, stated_number(answer))))
 
 
@@ -1446,25 +1432,22 @@ def check_config(cfg: Config) -> None:
     if cfg.lora_rank < 0:
         fail(f"--lora_rank {cfg.lora_rank}: use a positive rank such as 16, or 0 to fine-tune every weight")
     if cfg.lora_rank and cfg.lr != Config.lr:  # one rate per run, named by what it trains
-        fail(
-            f"--lr sets full fine-tuning's learning rate; with --lora_rank pass --lora_lr (default {Config.lora_lr:g})"
-        )
+        fail(f"--lr sets full fine-tuning's learning rate; with --lora_rank pass --lora_lr "
+             f"(default {Config.lora_lr:g})")  # fmt: skip
     if not cfg.lora_rank and cfg.lora_lr != Config.lora_lr:
         fail("--lora_lr sets the adapters' learning rate, and --lora_rank is 0: add --lora_rank, or pass --lr")
     if cfg.lora_rank and cfg.lora_alpha <= 0:
         fail(f"--lora_alpha {cfg.lora_alpha}: the adapters' scale alpha / r must be positive; 32 is common")
     if cfg.lora_rank and cfg.eval_only:
-        fail(
-            "--eval_only evaluates --model as it is, without adapters: drop --lora_rank (a LoRA run's final/ is merged)"
-        )
+        fail("--eval_only evaluates --model as it is, without adapters: drop --lora_rank "
+             "(a LoRA run's final/ is merged)")  # fmt: skip
     if cfg.report_to != "none" and importlib.util.find_spec(cfg.report_to) is None:  # an optional package
         fail(f"--report_to {cfg.report_to}: the {cfg.report_to} package is not installed; pip install "
              f"{cfg.report_to}, or drop --report_to")  # fmt: skip
 
 
 def load_model(name: str, cfg: Config, device):
-    """A causal LM in fp32 (the master weights; bf16 comes from autocast; with LoRA under bf16 the frozen base in
-    bf16) on the device, and its tokenizer."""
+    """A causal LM on the device, in fp32 (the master weights: bf16 compute comes from autocast), and its tokenizer."""
     path = os.path.expanduser(name)
     if not os.path.isdir(path) and looks_local(path):
         fail(f"model folder {name} does not exist: pass --model an existing folder or a hub id like "
@@ -1481,9 +1464,8 @@ def load_model(name: str, cfg: Config, device):
         bf16_weights(model)  # so the GPU never holds the fp32 weights (28 GiB for 7B)
     model.to(device)
     if device.type == "cpu":  # own, aligned memory: CPU matmuls round by alignment, and resumes must be bit-exact
-        with torch.no_grad():
-            for t in [*model.parameters(), *model.buffers()]:
-                t.data = t.data.clone()
+        for t in [*model.parameters(), *model.buffers()]:
+            t.data = t.data.clone()  # .data: a swap autograd does not see
     return model, tok
 
 
@@ -1494,10 +1476,9 @@ CPU_SECONDS_PER_PARAM_TOKEN = 1.6e-10
 
 
 def warn_if_slow_on_cpu(cfg: Config, model_path: str, device: torch.device, rank: int = 0) -> None:
-    """On a CPU, a job sized for a GPU (the default: 0.5B parameters, 16 x 8 completions of up to 400 tokens)
-    would run for an hour before its first line of progress. Say so at once, before loading the weights, and
-    name the tiny CPU run. The model's size comes from its config alone (a model on the meta device: no
-    memory, no weights read). What the user asked for is not changed."""
+    """On a CPU, a job sized for a GPU (the default: 0.5B parameters, 16 x 8 completions of up to 400 tokens) would
+    run for an hour before its first line of progress: say so before loading the weights, name the tiny CPU run, and
+    change nothing. The size comes from the config alone (a model on the meta device: no memory, no weights read)."""
     if device.type != "cpu" or rank != 0:
         return
     try:
@@ -1518,18 +1499,16 @@ def warn_if_slow_on_cpu(cfg: Config, model_path: str, device: torch.device, rank
 
 
 def use_bf16(cfg, device) -> bool:
-    """--precision: auto is bf16 on CUDA cards of compute capability 8.0 and above (A100, RTX 30xx and later)
-    and fp32 elsewhere. bf16 matmuls are slow on most CPUs; and below 8.0 flash and memory-efficient attention
-    refuse bf16 (torch's sdp_utils.cpp), so attention would fall back to the math kernel and its full
-    (B, heads, L, L) scores: slow, and far above bench.py --memory's prediction."""
+    """--precision auto is bf16 on CUDA from compute capability 8.0 (A100, RTX 30xx and later), else fp32: bf16 matmuls
+    are slow on most CPUs, and below 8.0 flash and memory-efficient attention refuse bf16 (torch's sdp_utils.cpp),
+    leaving the math kernel's full (B, heads, L, L) scores: slow, and far above bench.py --memory's prediction."""
     if cfg.precision != "auto":
         return cfg.precision == "bf16"
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 def describe_precision(cfg, device) -> str:
-    """The device line's account of --precision: what it chose, and on CUDA why. Warns in one line when
-    bf16 was asked for on a card below compute capability 8.0 (it runs, slowly)."""
+    """The device line's account of --precision: what it chose, and on CUDA why; warns of bf16 below capability 8.0."""
     bf16 = use_bf16(cfg, device)
     what = "bf16 compute over fp32 weights, bf16 sampler" if bf16 else "fp32"
     what = "bf16 frozen base, fp32 adapters, the policy samples" if bf16 and cfg.lora_rank else what
@@ -1550,16 +1529,15 @@ def setup_cuda(device: torch.device, cfg: Config) -> None:
       time, fragments. Read once, at the first CUDA allocation; a user's own setting (either name) wins.
     - The current device is `device`: allocations and syncs that name no device go to it, not to GPU 0. A device
       without an index (--device cuda) means the current one: torch.cuda.set_device refuses it (torch/cuda/_utils.py).
-    - No cuDNN attention. Since torch 2.11 it is SDPA's first choice on sm90+, and its backward returns NaN
-      grad_q for an explicit mask with a key length of 64 mod 128 (pytorch/pytorch#196678; Qwen2.5 hits it,
-      huggingface/trl#7181). Flash and memory-efficient attention serve instead.
+    - No cuDNN attention, SDPA's first pick on sm90+ since torch 2.11: its backward returns NaN grad_q for an explicit
+      mask with a key length of 64 mod 128 (pytorch/pytorch#196678; Qwen2.5 hits it, huggingface/trl#7181).
     - Under bf16, TF32 for fp32 matmuls, then the LM head's alone: ~8x true fp32's speed (~1.4 s of a default step
       on an H100, by arithmetic), for 0.0005 nats of log-prob error on average (bench.py --head_precision, on a CPU:
       docs/performance.md). Under --precision fp32 every matmul stays exact."""
     if "PYTORCH_CUDA_ALLOC_CONF" not in os.environ:  # the older name, which torch still reads (with a warning)
         os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
     torch.cuda.set_device(torch.cuda.current_device() if device.index is None else device.index)
-    torch.backends.cuda.enable_cudnn_sdp(False)
+    torch.backends.cuda.enable_cudnn_sdp(False)  # flash and memory-efficient attention serve instead
     torch.backends.cuda.matmul.fp32_precision = "tf32" if use_bf16(cfg, device) else "ieee"  # after the allocator
 
 
