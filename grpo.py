@@ -1552,10 +1552,9 @@ NOT_RESUMED = ("output_dir", "resume", "eval_only", "device", "trust_remote_code
 
 
 def read_checkpoint(cfg: Config, given: set[str] | None) -> tuple[Config, dict | None]:
-    """With --resume, the run's configuration and the checkpoint's trainer state (plain data: step, optimizer
-    and schedule state, config); else (cfg, None). A resumed run is the saved configuration: each flag given
-    (main's `given`) takes effect, all of them named in one line, or is refused if it cannot (the data order);
-    none is ignored. A missing checkpoint is reported later (check_output_dir), once the data is checked."""
+    """With --resume, the saved configuration and the checkpoint's trainer state (plain data: step, optimizer and
+    schedule state, config), else (cfg, None); each flag given (main's `given`) takes effect, all named in one line,
+    or is refused if it cannot (the data order). check_output_dir reports no checkpoint, once the data is checked."""
     resume_from = latest_checkpoint(cfg.output_dir)
     if not cfg.resume or cfg.eval_only or resume_from is None:
         return cfg, None
@@ -1570,8 +1569,8 @@ def read_checkpoint(cfg: Config, given: set[str] | None) -> tuple[Config, dict |
     if given is None:  # main(Config(...)) from Python: a field set away from its default counts as given
         given = {f.name for f in dataclasses.fields(Config) if now[f.name] != f.default}
     saved = {k: v for k, v in state["config"].items() if k in now and k not in NOT_RESUMED}
-    refused = [k for k in RESUME_MUST_MATCH if k in given and k in saved and saved[k] != now[k]]
-    if refused:
+    changed = [k for k in now if k in given and k in saved and saved[k] != now[k]]
+    if refused := [k for k in RESUME_MUST_MATCH if k in changed]:
         fail(f"--resume with changed {', '.join(f'--{k}' for k in refused)}: the checkpoint's data order and "
              f"batches depend on them; use the original values or another --output_dir")  # fmt: skip
     for name in ("lora_rank", "lora_alpha"):  # adapters fit only the rank and scale they were trained with
@@ -1579,7 +1578,6 @@ def read_checkpoint(cfg: Config, given: set[str] | None) -> tuple[Config, dict |
         if name in given and was != now[name] and (name == "lora_rank" or saved.get("lora_rank")):
             fail(f"--resume with --{name} {now[name]}: {resume_from} was trained with --{name} {was} "
                  f"(--lora_rank 0: full fine-tuning); drop --{name}, or pass another --output_dir")  # fmt: skip
-    changed = [k for k in now if k in given and k in saved and saved[k] != now[k]]
     cfg = Config(**{**now, **{k: v for k, v in saved.items() if k not in given}})
     if state["step"] > cfg.steps:  # a larger --steps extends a run; a smaller one has nothing to do
         fail(f"--steps {cfg.steps} is below the checkpoint's step {state['step']}: pass a larger --steps to train on")
@@ -1600,10 +1598,9 @@ def check_output_dir(cfg: Config) -> str | None:
 
 
 def resume_state(state: dict | None, optimizer, scheduler, cfg: Config, rank: int) -> tuple[int, int]:
-    """(step, skipped updates) to start from. A new run starts at 0 with an empty metrics.jsonl; a
-    resumed one gets back the optimizer state and the schedule's position as saved, with the run's --lr
-    and --weight_decay, and forgets later logged steps. No random state is restored: every step seeds
-    itself from (seed, rank, step), on any number of ranks."""
+    """(step, skipped updates) to start from: 0 and an empty metrics.jsonl for a new run; a resumed one gets back the
+    optimizer state and schedule position as saved, with the run's --lr and --weight_decay, and forgets later logged
+    steps. No random state is restored: every step seeds itself from (seed, rank, step), on any number of ranks."""
     metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
     if state is None:
         if rank == 0:
@@ -1615,13 +1612,12 @@ def resume_state(state: dict | None, optimizer, scheduler, cfg: Config, rank: in
     scheduler.base_lrs = [lr for _ in optimizer.param_groups]
     for group, rate in zip(optimizer.param_groups, scheduler.lr_lambdas):
         group.update(lr=lr * rate(scheduler.last_epoch), initial_lr=lr, weight_decay=cfg.weight_decay)
-    start_step, skipped = state["step"], state["skipped"]
     if rank == 0 and os.path.exists(metrics_path):  # forget steps logged after the checkpoint
         with open(metrics_path) as f:
-            kept = [line for line in f if json.loads(line)["step"] <= start_step]
+            kept = [line for line in f if json.loads(line)["step"] <= state["step"]]
         with open(metrics_path, "w") as f:
             f.writelines(kept)
-    return start_step, skipped
+    return state["step"], state["skipped"]
 
 
 def save_checkpoint(cfg: Config, model, tok, optimizer, scheduler, step: int, skipped: int, rank: int):
@@ -1658,11 +1654,8 @@ def save_atomically(path: str, model, tok, trainer_state: dict | None = None) ->
 
 def latest_checkpoint(output_dir: str) -> str | None:
     """The complete checkpoint folder: 'checkpoint', or 'checkpoint.old' if a crash hit mid-swap."""
-    for name in ("checkpoint", "checkpoint.old"):
-        path = os.path.join(output_dir, name)
-        if os.path.isfile(os.path.join(path, "trainer_state.pt")):
-            return path
-    return None
+    paths = [os.path.join(output_dir, name) for name in ("checkpoint", "checkpoint.old")]
+    return next((path for path in paths if os.path.isfile(os.path.join(path, "trainer_state.pt"))), None)
 
 
 def seed_everything(*key) -> None:
@@ -1675,7 +1668,6 @@ def seed_everything(*key) -> None:
 def setup_distributed(cfg: Config) -> tuple[int, int, torch.device]:
     """(rank, world size, device). Under torchrun: one process per device, nccl on CUDA, gloo on CPU."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     try:
         device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError:
@@ -1683,7 +1675,7 @@ def setup_distributed(cfg: Config) -> tuple[int, int, torch.device]:
     if device.type == "cuda" and not torch.cuda.is_available():
         fail(f"--device {cfg.device}: CUDA is not available here; use --device cpu or install a CUDA build of torch")
     if device.type == "cuda":
-        device = torch.device("cuda", local_rank if world > 1 else device.index or 0)
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) if world > 1 else device.index or 0)
         setup_cuda(device, cfg)
     if world > 1 and not dist.is_initialized():
         # transformers imports torch.distributed.nn when it loads its first model, and that module's functions take
@@ -1691,10 +1683,8 @@ def setup_distributed(cfg: Config) -> tuple[int, int, torch.device]:
         # destroy_process_group, its threads running into interpreter exit (an abort there). So import it first.
         import transformers.modeling_utils  # noqa: F401
 
-        if device.type == "cuda":  # device_id: NCCL binds this rank's communicator to its GPU at once
-            dist.init_process_group("nccl", device_id=device)
-        else:
-            dist.init_process_group("gloo")
+        cuda = device.type == "cuda"  # device_id: NCCL binds this rank's communicator to its GPU at once
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
     return (dist.get_rank() if world > 1 else 0), world, device
 
 
@@ -1710,10 +1700,7 @@ def reduce_metrics(sums: dict[str, list[float]], world: int, device) -> dict[str
 def end_distributed() -> None:
     """Wait for every rank (rank 0 may still be saving), then take the process group down. On gloo
     with monitored_barrier: barrier() can free earlier collectives' tensors after exit has begun."""
-    if dist.get_backend() == "gloo":
-        dist.monitored_barrier()
-    else:
-        dist.barrier()
+    (dist.monitored_barrier if dist.get_backend() == "gloo" else dist.barrier)()
     dist.destroy_process_group()
 
 
@@ -1736,10 +1723,8 @@ def log_step(bar, m: dict, cfg: Config, bf16: bool, question: str, texts: list[s
         best, worst = int(group.argmax()), int(group.argmin())
         bar.write(f"--- question: {question}\n--- best (reward {group[best]:.2f}):\n{texts[best]}\n"
                   f"--- worst (reward {group[worst]:.2f}):\n{texts[worst]}\n---")  # fmt: skip
-    if any(k.startswith("eval/") for k in m):
-        bar.write(
-            f"eval step {m['step']} | " + " | ".join(f"{k} {v:.3f}" for k, v in m.items() if k.startswith("eval/"))
-        )
+    if evals := [f"{k} {v:.3f}" for k, v in m.items() if k.startswith("eval/")]:
+        bar.write(" | ".join([f"eval step {m['step']}", *evals]))
     write_metrics(cfg, m, tracker)
 
 
@@ -1762,8 +1747,7 @@ def rollout_metrics(ro, mask, rewards: torch.Tensor, per_fn: dict, rows: list[di
 
 
 def finish_run(cfg: Config, model, tok, rank: int, world: int, tracker, log) -> None:
-    """After the last step: the trained model to output_dir/final (rank 0), the plot, the tracker closed, and
-    the process group taken down."""
+    """After the last step: the model to output_dir/final and the plot (rank 0), the tracker closed, the group down."""
     if rank == 0:
         if cfg.lora_rank:  # the adapters alone (small), then final/ is the merged model: a plain one
             save_atomically(os.path.join(cfg.output_dir, "adapters"), model, tok)
@@ -1796,9 +1780,7 @@ def start_tracker(cfg: Config, rank: int):
 
 
 def plot_metrics(output_dir: str) -> None:
-    """metrics.png from metrics.jsonl against step: the weighted total reward, each reward function
-    (unweighted), accuracies, what to watch first (groups without signal, cut-off completions), KL and
-    completion length."""
+    """metrics.png: the panels below against step, from metrics.jsonl."""
     try:
         from matplotlib.figure import Figure  # not pyplot: no GUI backend, no global figure to close
         from matplotlib.ticker import MaxNLocator
@@ -1816,14 +1798,12 @@ def plot_metrics(output_dir: str) -> None:
         ("completion length (tokens)", ["completion_len"]),
     ]
     fig = Figure(figsize=(15, 7))
-    axes = fig.subplots(2, 3)
-    for ax, (title, keys) in zip(axes.flat, panels):
+    for ax, (title, keys) in zip(fig.subplots(2, 3).flat, panels):
         for k in keys:
             points = [(r["step"], r[k]) for r in records if k in r]
             if points:
                 ax.plot(*zip(*points), marker="o" if k.startswith("eval/") else None, ms=4, label=k)
-        ax.set_title(title)
-        ax.set_xlabel("step")
+        ax.set(title=title, xlabel="step")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers: no tick at step 1.5
         if "shares" in title:  # on the whole 0-1 scale, where 1 means no group has a signal, or every answer is cut off
             ax.set_ylim(-0.05, 1.05)
