@@ -60,6 +60,7 @@ from collections import Counter
 import torch
 import torch.distributed as dist
 import torch.utils.checkpoint
+from safetensors.torch import load_file, save_file  # safetensors and tqdm come with transformers
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
@@ -579,8 +580,7 @@ def fast_update(policy, optimizer, ro, mask, advantages, ref_logp, cfg: Config, 
     optimizer.zero_grad(set_to_none=world == 1)  # torchrun: zeroed in place, DDP's buckets (clip_and_step)
     stats = accumulate_gradients(policy, ro.prompt_ids, ro.prompt_mask, ro.completion_ids, ro.lengths, mask,
                                  advantages, ro.sample_logp, ref_logp, cfg, cfg.micro_batch_size, world)  # fmt: skip
-    model = getattr(policy, "module", policy)  # the model inside DDP
-    ok, grad_norm = clip_and_step(model, optimizer, stats["loss"][0], cfg.max_grad_norm, world)
+    ok, grad_norm = clip_and_step(policy, optimizer, stats["loss"][0], cfg.max_grad_norm, world)
     return {**stats, "grad_norm": [grad_norm, 1.0]}, ok
 
 
@@ -1162,12 +1162,11 @@ def lora_forward(linear, args, out):
 
 
 def sampling_adapters(linear, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """A^T and (alpha / r) B^T in `dtype`, cast once and reused until an optimizer step or a load changes A or B
-    (their in-place updates move the tensors' version counters): a rollout casts them once, not at every token."""
+    """A^T and (alpha / r) B^T in `dtype` (gradients are off here), cast once and reused until an optimizer step or a
+    load changes A or B (their in-place updates move the version counters): a rollout casts them once, not per token."""
     key = (dtype, linear.lora_A._version, linear.lora_B._version)
     if getattr(linear, "lora_cast", (None,))[0] != key:
-        with torch.no_grad():
-            linear.lora_cast = (key, linear.lora_A.to(dtype).t(), (linear.lora_scale * linear.lora_B).to(dtype).t())
+        linear.lora_cast = (key, linear.lora_A.to(dtype).t(), (linear.lora_scale * linear.lora_B).to(dtype).t())
     return linear.lora_cast[1], linear.lora_cast[2]
 
 
@@ -1203,8 +1202,6 @@ def merge_lora(model) -> None:
 
 def save_adapters(model, path: str) -> None:
     """path/adapters.safetensors: A and B of every layer under the layer's name, with r and alpha."""
-    from safetensors.torch import save_file  # a dependency of transformers
-
     os.makedirs(path, exist_ok=True)
     layer = lora_layers(model)[0]
     r = layer.lora_A.shape[0]
@@ -1213,14 +1210,10 @@ def save_adapters(model, path: str) -> None:
 
 
 def load_adapters(model, path: str) -> None:
-    from safetensors.torch import load_file
-
     saved, names = load_file(path), {name for name, _ in model.named_parameters() if ".lora_" in name}
     if set(saved) != names:
         fail(f"{path} holds adapters for other layers than this model's: resume with the run's --model")
-    with torch.no_grad():
-        for name, t in saved.items():
-            model.get_parameter(name).copy_(t)
+    model.load_state_dict(saved, strict=False)  # copies into A and B in place; the base weights are not in the file
 
 
 # ----------------------------------------------------------------------------- Data: loading and checks, prompts
