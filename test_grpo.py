@@ -9,6 +9,7 @@ import argparse
 import ast
 import builtins
 import dataclasses
+import functools
 import gc
 import glob
 import importlib.util
@@ -1129,8 +1130,26 @@ def test_plain_mode_trains_evaluates_and_saves_through_the_plain_forms(tiny_mode
     (each is replaced by a function that fails), with tools, mu = 2 and a reference; the run saves final/. The same
     seed without --plain gives the same metrics: the samplers draw the same tokens from the same noise, and the
     updates the same gradient up to float noise (loss, KL and gradient norm within 1e-3 relative; token counts,
-    rewards and accuracies equal, since the tokens are)."""
-    monkeypatch.setattr(grpo, "REWARD_FUNCS", grpo.REWARD_FUNCS + [(shorter_is_better, 1.0)])
+    rewards and accuracies equal, since the tokens are). Between them the two runs call every function defined
+    above the END line: what a first reading reads runs, in one mode or the other."""
+    with open(grpo.__file__) as f:
+        end = next(i + 1 for i, line in enumerate(f) if line.startswith("# ===") and "END OF THE ALGORITHM" in line)
+    first_reading = {name: fn for name, fn in vars(grpo).items()
+                     if inspect.isfunction(fn) and fn.__module__ == "grpo" and inspect.unwrap(fn).__code__.co_firstlineno < end}  # fmt: skip
+    called = set()
+
+    def spy(fn):
+        @functools.wraps(fn)
+        def recorded(*args, **kwargs):
+            called.add(fn.__name__)
+            return fn(*args, **kwargs)
+
+        return recorded
+
+    for name, fn in first_reading.items():
+        monkeypatch.setattr(grpo, name, spy(fn))
+    rewards = [(spy(fn), weight) for fn, weight in grpo.REWARD_FUNCS]  # the table holds the functions themselves
+    monkeypatch.setattr(grpo, "REWARD_FUNCS", rewards + [(shorter_is_better, 1.0)])
     monkeypatch.setattr(grpo, "tool_env", frequent_env)
     common = dict(steps=2, eval_size=2, mu=2, beta=0.04, tools="calculator", micro_batch_size=3)
     fast = tiny_config(tiny_model, tiny_data, tmp_path / "fast", **common)
@@ -1151,6 +1170,7 @@ def test_plain_mode_trains_evaluates_and_saves_through_the_plain_forms(tiny_mode
         for k in f:
             if k not in ("step_time", "tokens_per_s"):
                 assert p[k] == pytest.approx(f[k], rel=1e-3, abs=1e-5), (f["step"], k)
+    assert len(first_reading) > 15 and set(first_reading) <= called, set(first_reading) - called
 
 
 class RecordingSGD:
