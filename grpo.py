@@ -1247,9 +1247,11 @@ def load_rows(cfg: Config, split: str) -> list[dict]:
         files = [path]
     elif looks_local(path):
         fail(f"dataset path {path} does not exist: pass an existing file or folder, or a hub id like openai/gsm8k")
-    try:  # local files through the loader for their extension (all rows in one "train" split), else the hub
-        ds = (datasets.load_dataset(loaders[os.path.splitext(files[0])[1]], data_files=files, split="train") if files
-              else datasets.load_dataset(path, cfg.dataset_config or None, split=split))  # fmt: skip
+    try:
+        if files:  # the loader for their extension; all of their rows land in one "train" split
+            ds = datasets.load_dataset(loaders[os.path.splitext(files[0])[1]], data_files=files, split="train")
+        else:
+            ds = datasets.load_dataset(path, cfg.dataset_config or None, split=split)
     except Exception as e:  # offline hub, bad file, unknown split: one line, not a traceback
         fail(f"could not load dataset {cfg.dataset!r} ({split}): {first_line(e)}. Check the path or hub id and your "
              f"network; offline, set HF_HUB_OFFLINE=1 and pass --dataset a local file or folder")  # fmt: skip
@@ -1390,7 +1392,8 @@ def lenient_correctness(completion: str, answer: str) -> float:
     >>> lenient_correctness("so the total is 1,234 apples", "1234")
     1.0
     """
-    last = next((number_value(n) for n in reversed(NUMBER.findall(completion))), None)  # the last number, if any
+    numbers = NUMBER.findall(completion)
+    last = number_value(numbers[-1]) if numbers else None
     return max(correctness_reward(completion, answer), float(same_number(last, stated_number(answer))))
 
 
