@@ -306,8 +306,9 @@ def completion_mask(lengths: torch.Tensor, L: int, by_env: torch.Tensor | None =
 
 def plain_update(policy, optimizer, ro, mask, advantages, ref_logp, cfg: Config, world: int = 1):
     """One optimizer step on the whole batch, plainly: one forward of every sequence (pi_theta's log-probs), -J
-    (grpo_loss), backward, clip the gradient, step. mask (B, L): the model's own tokens. fast_update computes the
-    same, micro-batched. Returns the stats to log, {name: [total, count]}, and True (the update was applied)."""
+    (grpo_loss), backward, clip the gradient and step (clip_and_step: skipped if not finite). mask (B, L): the model's
+    own tokens. fast_update computes the same, micro-batched. Returns the stats to log, {name: [total, count]}, and
+    whether the update was applied."""
     optimizer.zero_grad(set_to_none=True)
     with autocast(ro.prompt_ids.device, use_bf16(cfg, ro.prompt_ids.device)):  # bf16 compute, fp32 weights
         logp = sequence_logprobs(policy, ro.prompt_ids, ro.prompt_mask, ro.completion_ids, cfg.temperature)  # (B, L)
@@ -316,12 +317,11 @@ def plain_update(policy, optimizer, ro, mask, advantages, ref_logp, cfg: Config,
     loss, stats = grpo_loss(logp, old_logp, ref_logp, advantages, mask, cfg.clip_eps, cfg.beta, cfg.loss_type,
                             cfg.max_new_tokens, cfg.clip_eps_high)  # fmt: skip
     loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
-    optimizer.step()
+    ok, grad_norm = clip_and_step(policy, optimizer, loss.item(), cfg.max_grad_norm, world)
     n = mask.sum().item()  # the token means below are logged as [token sum, tokens]
     mismatch = ((old_logp - logp.detach()).abs() * mask).sum().item()  # summed |log rho| before the step
     return {"loss": [loss.item(), 1.0], "kl": [stats["kl"].item() * n, n], "clip_frac": [stats["clip_frac"].item() * n, n],
-            "logp_mismatch": [mismatch, n], "grad_norm": [grad_norm.item(), 1.0]}, True  # fmt: skip
+            "logp_mismatch": [mismatch, n], "grad_norm": [grad_norm, 1.0]}, ok  # fmt: skip
 
 
 @torch.no_grad()
@@ -489,8 +489,9 @@ def setup_training(model, cfg: Config, resume_from: str | None, world: int, devi
     if cfg.gradient_checkpointing:
         model.activation_checkpointing_enable({"use_reentrant": False})
     policy = torch.nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True) if world > 1 else model
+    # fused: one kernel on CUDA; on a CPU too, so that the tests run the implementation a GPU runs
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lora_lr if cfg.lora_rank else cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                  weight_decay=cfg.weight_decay, fused=device.type == "cuda")  # fmt: skip  # fused: one kernel
+                                  weight_decay=cfg.weight_decay, fused=True)  # fmt: skip
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
     return policy, ref_model, optimizer, scheduler
 
@@ -515,7 +516,8 @@ def setup_training(model, cfg: Config, resume_from: str | None, world: int, devi
 #     flag or file stops in one line: fail); describe_precision, bf16_copy (the sampler's weights); read_checkpoint,
 #     check_output_dir, resume_state, save_checkpoint (--resume); setup_distributed, reduce_metrics (torchrun);
 #     evaluate, evaluate_only (greedy pass@1); seed_everything, prompt_indices (the step's seed and questions);
-#     check_skipped (non-finite updates); start_tracker, log_step, write_metrics, finish_run (the logs, final/).
+#     clip_and_step, check_skipped (a non-finite update is skipped, and counted); start_tracker, log_step,
+#     write_metrics, finish_run (the logs, final/).
 
 
 # ----------------------------------------------------------------------------- Fast paths: what training runs, each tested equal to its plain form above
@@ -597,44 +599,45 @@ def rollout(model, prompt_ids, prompt_mask, group_size, max_new_tokens, temperat
     lengths, ended, sample_logp, by_env), tokens past a completion's end pad_id, masked by length, not by value.
     Each prompt (N, P, left-padded) is prefilled once and its KV cache shared by its G samples, not run G times.
     The model computes in its own dtype (run it outside autocast): a bf16 model keeps a bf16 cache."""
-    n, P = prompt_ids.shape
-    B, dev = n * group_size, prompt_ids.device
-    row_prompt = torch.arange(B, device=dev) // group_size  # (B,) the prompt of each row
-    # --- prefill: each prompt once; its KV cache is then repeated for its G rows
-    position = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)  # (n, P): left padding shifts positions
-    cache = DynamicCache(config=model.config)
-    out = model(input_ids=prompt_ids, attention_mask=attention_mask_4d(causal_keep(prompt_mask, P), model),
-                position_ids=position, cache=cache, use_cache=True, logits_to_keep=1)  # fmt: skip
-    check_cache_filled(cache, P)
-    logits = out.logits[:, -1].float()[row_prompt]  # (B, V)
-    cache.batch_select_indices(row_prompt)  # (n, ...) -> (B, ...)
-    keep = torch.cat([prompt_mask.bool()[row_prompt], prompt_mask.new_ones(B, max_new_tokens, dtype=torch.bool)], 1)
-    # one mask (B, 1, 1, P + max_new_tokens) for the decode, a slice per step: additive (0 or -inf) in the model's
-    # dtype, as SDPA would convert a boolean one in every layer, 3 ops each (--decode_ops)
-    dtype = model.get_input_embeddings().weight.dtype
-    bias = torch.zeros(keep.shape, dtype=dtype, device=dev).masked_fill_(~keep, float("-inf"))[:, None, None]
-    next_position = position[row_prompt, -1:] + 1  # (B, 1): token t's position is next_position + t
-    tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=dev)
-    sample_logp, by_env = torch.zeros(B, max_new_tokens, device=dev), torch.zeros_like(tokens, dtype=torch.bool)
-    lengths, ended = torch.full((B,), max_new_tokens, device=dev), torch.zeros(B, dtype=torch.bool, device=dev)
-    turns = {"ids": [[] for _ in range(B)], "queue": [[] for _ in range(B)], "calls": [0] * B, "eos": set(eos)}
-    eos = torch.tensor(eos, device=dev)
-    # --- decode, a token per row per step: only the check below waits for the GPU, so the CPU queues kernels ahead
-    for t in range(max_new_tokens):
-        token, sample_logp[:, t] = sample(logits, temperature)
-        if env is not None:  # tools: the environment may write this step's token instead of the model
-            token, by_env[:, t] = environment_turn(env, token, ended, turns)
-        tokens[:, t] = torch.where(ended, pad_id, token)
-        if not ignore_eos:
-            new_end = ~ended & ~by_env[:, t] & torch.isin(token, eos)  # only the model ends its completion
-            lengths, ended = torch.where(new_end, t + 1, lengths), ended | new_end  # the EOS counts in the length
-        if (not ignore_eos and t % 8 == 7 and bool(ended.all())) or t == max_new_tokens - 1:  # the one host sync
-            break
-        # token t sits at slot P + t and may see the prompt (less its padding) and the tokens so far
-        logits = model(input_ids=tokens[:, t : t + 1], attention_mask=bias[..., : P + t + 1],
-                       position_ids=next_position + t, cache=cache, use_cache=True).logits[:, -1].float()  # fmt: skip
-    L = max_new_tokens if ignore_eos else int(lengths.max())
-    return tokens[:, :L], lengths, ended, sample_logp[:, :L], by_env[:, :L]
+    with sampling_adapters(model):  # LoRA: the adapters cast once for this rollout (nothing without LoRA)
+        n, P = prompt_ids.shape
+        B, dev = n * group_size, prompt_ids.device
+        row_prompt = torch.arange(B, device=dev) // group_size  # (B,) the prompt of each row
+        # --- prefill: each prompt once; its KV cache is then repeated for its G rows
+        position = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)  # (n, P): left padding shifts positions
+        cache = DynamicCache(config=model.config)
+        out = model(input_ids=prompt_ids, attention_mask=attention_mask_4d(causal_keep(prompt_mask, P), model),
+                    position_ids=position, cache=cache, use_cache=True, logits_to_keep=1)  # fmt: skip
+        check_cache_filled(cache, P)
+        logits = out.logits[:, -1].float()[row_prompt]  # (B, V)
+        cache.batch_select_indices(row_prompt)  # (n, ...) -> (B, ...)
+        keep = torch.cat([prompt_mask.bool()[row_prompt], prompt_mask.new_ones(B, max_new_tokens, dtype=torch.bool)], 1)
+        # one mask (B, 1, 1, P + max_new_tokens) for the decode, a slice per step: additive (0 or -inf) in the model's
+        # dtype, as SDPA would convert a boolean one in every layer, 3 ops each (--decode_ops)
+        dtype = model.get_input_embeddings().weight.dtype
+        bias = torch.zeros(keep.shape, dtype=dtype, device=dev).masked_fill_(~keep, float("-inf"))[:, None, None]
+        next_position = position[row_prompt, -1:] + 1  # (B, 1): token t's position is next_position + t
+        tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=dev)
+        sample_logp, by_env = torch.zeros(B, max_new_tokens, device=dev), torch.zeros_like(tokens, dtype=torch.bool)
+        lengths, ended = torch.full((B,), max_new_tokens, device=dev), torch.zeros(B, dtype=torch.bool, device=dev)
+        turns = {"ids": [[] for _ in range(B)], "queue": [[] for _ in range(B)], "calls": [0] * B, "eos": set(eos)}
+        eos = torch.tensor(eos, device=dev)
+        # --- decode, a token per row per step: only the check below waits for the GPU, so the CPU queues kernels ahead
+        for t in range(max_new_tokens):
+            token, sample_logp[:, t] = sample(logits, temperature)
+            if env is not None:  # tools: the environment may write this step's token instead of the model
+                token, by_env[:, t] = environment_turn(env, token, ended, turns)
+            tokens[:, t] = torch.where(ended, pad_id, token)
+            if not ignore_eos:
+                new_end = ~ended & ~by_env[:, t] & torch.isin(token, eos)  # only the model ends its completion
+                lengths, ended = torch.where(new_end, t + 1, lengths), ended | new_end  # the EOS counts in the length
+            if (not ignore_eos and t % 8 == 7 and bool(ended.all())) or t == max_new_tokens - 1:  # the one host sync
+                break
+            # token t sits at slot P + t and may see the prompt (less its padding) and the tokens so far
+            logits = model(input_ids=tokens[:, t : t + 1], attention_mask=bias[..., : P + t + 1],
+                           position_ids=next_position + t, cache=cache, use_cache=True).logits[:, -1].float()  # fmt: skip
+        L = max_new_tokens if ignore_eos else int(lengths.max())
+        return tokens[:, :L], lengths, ended, sample_logp[:, :L], by_env[:, :L]
 
 
 def check_cache_filled(cache, P: int) -> None:
@@ -1153,21 +1156,28 @@ def lora_forward(linear, args, out):
     if not linear.lora_on:
         return out
     x = args[0]  # (.., in)
-    if not torch.is_grad_enabled():  # sampling: 4 ops, not 12 (bench.py --decode_ops); the same sum
-        A_t, B_t = sampling_adapters(linear, x.dtype)  # (in, r), (r, out)
-        out.view(-1, out.shape[-1]).addmm_(x.reshape(-1, x.shape[-1]) @ A_t, B_t)  # in place: no graph to keep
+    if "lora_cast" in linear.__dict__:  # in rollout (sampling_adapters): 4 ops, not 12 (bench.py --decode_ops)
+        A_t, B_t = linear.lora_cast  # (in, r), (r, out): the same sum, in place (no gradients in a rollout)
+        out.view(-1, out.shape[-1]).addmm_(x.reshape(-1, x.shape[-1]) @ A_t, B_t)
         return out
     down = torch.nn.functional.linear(x, linear.lora_A.to(x.dtype))  # (.., r)
     return out + linear.lora_scale * torch.nn.functional.linear(down, linear.lora_B.to(x.dtype))  # (.., out)
 
 
-def sampling_adapters(linear, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """A^T and (alpha / r) B^T in `dtype` (gradients are off here), cast once and reused until an optimizer step or a
-    load changes A or B (their in-place updates move the version counters): a rollout casts them once, not per token."""
-    key = (dtype, linear.lora_A._version, linear.lora_B._version)
-    if getattr(linear, "lora_cast", (None,))[0] != key:
-        linear.lora_cast = (key, linear.lora_A.to(dtype).t(), (linear.lora_scale * linear.lora_B).to(dtype).t())
-    return linear.lora_cast[1], linear.lora_cast[2]
+@contextlib.contextmanager
+def sampling_adapters(model):
+    """Within one rollout, every adapted layer computes with A^T and (alpha / r) B^T cast once to its weights' dtype,
+    not at every token, and the casts are dropped at its end: made anew by each rollout, they hold the adapters as
+    they are (a cache kept across optimizer steps went stale: fused AdamW moves no tensor version counter)."""
+    layers = lora_layers(model)
+    for linear in layers:
+        dtype = linear.weight.dtype  # outside autocast, the layer's input dtype: bf16 for a bf16 base
+        linear.lora_cast = (linear.lora_A.to(dtype).t(), (linear.lora_scale * linear.lora_B).to(dtype).t())
+    try:
+        yield
+    finally:
+        for linear in layers:
+            del linear.lora_cast
 
 
 def lora_layers(model) -> list:
@@ -1197,7 +1207,6 @@ def merge_lora(model) -> None:
         linear.weight.copy_(linear.weight.float() + linear.lora_scale * delta)
         linear.lora_hook.remove()
         del linear.lora_A, linear.lora_B, linear.lora_hook, linear.lora_scale, linear.lora_on
-        linear.__dict__.pop("lora_cast", None)
 
 
 def save_adapters(model, path: str) -> None:
@@ -1423,6 +1432,9 @@ def check_config(cfg: Config) -> None:
         fail(f"--micro_batch_size {cfg.micro_batch_size}: use a positive number, or -1 for the whole batch")
     if cfg.plain and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # the plain update knows no ranks
         fail("--plain trains in one process, through the plain forms alone: run it with python, not torchrun")
+    if cfg.plain and cfg.precision == "bf16":  # its log-probs come from the model's own head: bf16 under autocast
+        fail("--plain computes in fp32 (under bf16 its LM head would round what the default's fp32 head computes "
+             "exactly): drop --precision bf16, or drop --plain")  # fmt: skip
     if cfg.report_to not in ("none", "wandb", "trackio"):  # the two trackers share init(), log() and finish()
         fail(f"unknown --report_to {cfg.report_to!r}: use none, wandb, trackio")
     if cfg.lora_rank < 0:
@@ -1495,12 +1507,13 @@ def warn_if_slow_on_cpu(cfg: Config, model_path: str, device: torch.device, rank
 
 
 def use_bf16(cfg, device) -> bool:
-    """--precision auto is bf16 on CUDA from compute capability 8.0 (A100, RTX 30xx and later), else fp32: bf16 matmuls
-    are slow on most CPUs, and below 8.0 flash and memory-efficient attention refuse bf16 (torch's sdp_utils.cpp),
-    leaving the math kernel's full (B, heads, L, L) scores: slow, and far above bench.py --memory's prediction."""
+    """--precision auto is bf16 on CUDA from compute capability 8.0 (A100, RTX 30xx and later), else fp32 (and under
+    --plain, which computes in fp32): bf16 matmuls are slow on most CPUs, and below 8.0 flash and memory-efficient
+    attention refuse bf16 (torch's sdp_utils.cpp), leaving the math kernel's full (B, heads, L, L) scores: slow, and
+    far above bench.py --memory's prediction."""
     if cfg.precision != "auto":
         return cfg.precision == "bf16"
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+    return not cfg.plain and device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 def describe_precision(cfg, device) -> str:

@@ -3429,9 +3429,14 @@ def test_lora_step_changes_only_the_adapters(tiny_model, tiny_data, tmp_path, mo
 def test_lora_main_saves_adapters_and_a_merged_final_model(tiny_model, tiny_data, tmp_path, monkeypatch):
     """main with LoRA: checkpoint/ holds the adapters and trainer state (no base weights), adapters/ the
     adapters alone, and final/ a plain model that from_pretrained loads, whose log-probs equal the trained
-    policy's to 1e-5 (merging W + s B A rounds differently from W x + s B (A x), in fp32); --eval_only on it."""
+    policy's to 1e-5 (merging W + s B A rounds differently from W x + s B (A x), in fp32); --eval_only on it
+    writes the completions the run's own last evaluation wrote (its sampler saw every update: fused AdamW, which
+    every device uses, moves no version counter, so a cast cached on them went stale), not the base model's."""
     monkeypatch.setattr(grpo, "REWARD_FUNCS", grpo.REWARD_FUNCS + [(shorter_is_better, 1.0)])
-    cfg = tiny_config(tiny_model, tiny_data, tmp_path, lora_rank=4, lora_alpha=8.0, save_every=2, eval_size=0)
+    fused, adamw = [], torch.optim.AdamW
+    monkeypatch.setattr(torch.optim, "AdamW", lambda *a, **k: fused.append(k.get("fused")) or adamw(*a, **k))
+    cfg = tiny_config(tiny_model, tiny_data, tmp_path, lora_rank=4, lora_alpha=8.0, save_every=2, eval_size=6,
+                      lr=0.1, max_new_tokens=12)  # fmt: skip
     policy_logp = {}
 
     def on_step(step, model, metrics, sums):
@@ -3452,9 +3457,17 @@ def test_lora_main_saves_adapters_and_a_merged_final_model(tiny_model, tiny_data
         final.model.layers[0].self_attn.q_proj.weight, load(tiny_model)[0].model.layers[0].self_attn.q_proj.weight
     )
     torch.testing.assert_close(some_logprobs(final, tok), policy_logp["last"], rtol=0, atol=1e-5)
-    evaluated = tiny_config(str(out / "final"), tiny_data, tmp_path / "e", eval_only=True)
+    evaluated = tiny_config(str(out / "final"), tiny_data, tmp_path / "e", eval_only=True, eval_size=6, max_new_tokens=12)
     grpo.main(evaluated)
-    assert read_evaluation(evaluated.output_dir)["problems"] == 3
+    assert read_evaluation(evaluated.output_dir)["problems"] == 6 and fused == [True]
+
+    def completions(path):
+        with open(path) as f:
+            return [json.loads(line)["completion"] for line in f]
+
+    base, last = completions(out / "eval_0.jsonl"), completions(out / f"eval_{cfg.steps}.jsonl")
+    assert last == completions(tmp_path / "e" / "out" / "evaluation.jsonl")
+    assert sum(a != b for a, b in zip(base, last)) >= 3, (base, last)  # the adapters moved the greedy answers
 
 
 def test_lora_resume_is_bit_exact(tiny_model, tiny_data, tmp_path, monkeypatch):
