@@ -126,7 +126,7 @@ def run_path(args) -> dict:
     sampler = grpo.bf16_copy(model) if bf16 and args.path == "fast" else model
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable({"use_reentrant": False})
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    _, _, opt, _ = grpo.setup_training(model, grpo.Config(beta=0, lr=1e-6), None, 1, device, bf16)  # grpo.py's AdamW
     P, G, L, N = args.prompt_len, args.group_size, args.new_tokens, args.prompts
     B = N * G
     gen = torch.Generator().manual_seed(1)
@@ -394,9 +394,7 @@ def decode_ops(config, lora_rank: int = 16) -> dict[str, int]:
     def per_token(sampler) -> int:
         counts = []
         for tokens in (2, 3):
-            for layer in grpo.lora_layers(sampler):  # each rollout from a fresh start: the adapters cast anew
-                layer.__dict__.pop("lora_cast", None)
-            with OpCounter() as ops:
+            with OpCounter() as ops:  # each rollout casts the adapters anew (sampling_adapters)
                 grpo.rollout(sampler, ids, mask, 2, tokens, 1.0, [config.vocab_size - 1], 0, ignore_eos=True)
             counts.append(ops.count)
         return counts[1] - counts[0]
@@ -541,7 +539,7 @@ def predict_memory(args) -> dict:
 
     The fake tensors live on the CPU under CPU bf16 autocast: fake CUDA tensors do not work in a
     CPU-only torch (autocast('cuda') turns itself off without CUDA, and attention with a mask
-    aborts). AdamW is switched to fused, as setup_training makes it on CUDA. Its state exists before the step,
+    aborts). AdamW is fused, as setup_training makes it on every device. Its state exists before the step,
     as from the job's second step on: a first AdamW step on zero gradients makes it during setup.
     The first decode_steps decode steps run; each later one only adds one token per row to the KV
     cache (no other tensor outlives a step), which is added to the decode peak. Micro-batches are alike (same
@@ -598,9 +596,7 @@ def predict_memory(args) -> dict:
         # off, its own reference
         tracker.track_external(model)
         sampler = grpo.bf16_copy(model) if bf16 and not cfg.lora_rank else model
-        policy, ref, optimizer, _ = grpo.setup_training(model, cfg, None, 1, device, bf16)
-        for group in optimizer.param_groups:  # the job's optimizer: setup_training makes it fused on CUDA
-            group.update(fused=True, foreach=False)
+        policy, ref, optimizer, _ = grpo.setup_training(model, cfg, None, 1, device, bf16)  # fused, as on every device
         tracker.track_external(model, sampler, ref)  # made under the tracker: labelled activations so far
         for p in model.parameters():
             if p.requires_grad:

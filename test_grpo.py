@@ -1043,13 +1043,26 @@ def test_accumulated_gradient_equals_one_plain_backward(tiny_model, loss_type):
         assert stats[k][0] / stats[k][1] == pytest.approx(total.item() / tokens, rel=1e-4, abs=1e-6), k
 
 
+def moved_lora(model) -> None:
+    """Rank-4 adapters on model whose B moved (no longer 0): the policy differs from its base, pi_ref."""
+    grpo.add_lora(model, grpo.Config(lora_rank=4, lora_lr=1e-4), None)
+    with torch.no_grad():
+        for layer in grpo.lora_layers(model):
+            layer.lora_B.normal_(0, 0.1, generator=torch.Generator().manual_seed(2))
+
+
+@pytest.mark.parametrize("lora", [False, True])
 @pytest.mark.parametrize("loss_type", grpo.LOSS_TYPES)
-def test_plain_update_equals_the_fast_one(tiny_model, loss_type):
+def test_plain_update_equals_the_fast_one(tiny_model, loss_type, lora):
     """Given the same rollout, plain_update (one forward of the whole batch, grpo_loss, backward; --plain) and
     fast_update (accumulate_gradients in micro-batches of 3 that split a group; the default) leave the same
-    gradient and log the same numbers, for every normalization (5), with tokens the environment wrote, a
-    reference that differs and clip-higher. A fork that edits one must edit the other, or train with --plain."""
+    gradient and log the same numbers, for every normalization (5), with and without LoRA, where each difference
+    would show: tokens the environment wrote, a reference that differs, ratios beyond both clip bounds (asserted),
+    and a max_grad_norm that clips (asserted: the gradient compared is the clipped one). A non-finite loss is
+    skipped by both alike: nothing stepped, the gradients dropped. A fork that edits one must edit the other."""
     model, tok = load(tiny_model)
+    if lora:
+        moved_lora(model)
     model.train()
     ids, pmask = prompts_of(tok, ["1+1?", "what is 12 + 30?", "9?"])
     G, L = 2, 9
@@ -1057,43 +1070,58 @@ def test_plain_update_equals_the_fast_one(tiny_model, loss_type):
     lengths = torch.tensor([9, 3, 6, 1, 8, 5])
     by_env = torch.zeros(6, L, dtype=torch.bool)
     by_env[0, 2:4] = by_env[4, 4:6] = True
-    with torch.no_grad():
-        logp0 = plain_logprobs(model, ids, pmask, out, torch.arange(6) // G, 0.7)
     shifts = torch.tensor([-0.5, -0.1, 0.0, 0.1, 0.21, 0.5]).repeat(10)[: 6 * L].view(6, L)
-    ro = grpo.Rollout(ids, pmask, out, lengths, lengths < L, logp0 - shifts, by_env, [""] * 6)
-    ref = logp0 + 0.3 * torch.randn(6, L, generator=torch.Generator().manual_seed(1))
+    noise = 0.3 * torch.randn(6, L, generator=torch.Generator().manual_seed(1))
     adv = torch.tensor([1.0, -1.0, 0.5, -0.5, 1.5, -1.5])
-    cfg = grpo.Config(loss_type=loss_type, micro_batch_size=3, max_grad_norm=1e9, **REFERENCE_CFG)
+    model, ids, pmask, out, lengths, by_env, shifts, noise, adv = to_device(
+        model, ids, pmask, out, lengths, by_env, shifts, noise, adv
+    )
+    with torch.no_grad():
+        logp0 = plain_logprobs(model, ids, pmask, out, torch.arange(6, device=DEVICE) // G, 0.7)
+    ro = grpo.Rollout(ids, pmask, out, lengths, lengths < L, logp0 - shifts, by_env, [""] * 6)
+    cfg = grpo.Config(loss_type=loss_type, micro_batch_size=3, max_grad_norm=0.05, **REFERENCE_CFG)
     mask = grpo.completion_mask(lengths, L, by_env)
+    for bound, A in ((1 - cfg.clip_eps, adv < 0), (1 + cfg.clip_eps_high, adv > 0)):  # both clip bounds bite
+        beyond = (shifts.exp() < bound) if bound < 1 else (shifts.exp() > bound)
+        assert (beyond & A[:, None] & mask.bool()).any(), bound
     results = []
     for update in (grpo.plain_update, grpo.fast_update):
         optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # the step moves nothing: the gradient stays
-        stats, ok = update(model, optimizer, ro, mask, adv, ref, cfg)
-        results.append((flat_grad(model), stats, ok))
+        stats, ok = update(model, optimizer, ro, mask, adv, logp0 + noise, cfg)
+        results.append(([p.grad.flatten() for p in model.parameters() if p.grad is not None], stats, ok))
     (plain, plain_stats, plain_ok), (fast, fast_stats, fast_ok) = results
     assert plain_ok and fast_ok and sorted(plain_stats) == sorted(fast_stats)
-    assert_same_gradient(fast, plain)
+    assert plain_stats["grad_norm"][0] > 2 * cfg.max_grad_norm  # the clip is at work
+    assert_same_gradient(torch.cat(fast), torch.cat(plain))
     for k, (total, count) in plain_stats.items():
         assert count == fast_stats[k][1] and total == pytest.approx(fast_stats[k][0], rel=1e-4, abs=1e-6), k
+    adv[0] = float("nan")  # a non-finite loss: no step, on either path
+    for update in (grpo.plain_update, grpo.fast_update):
+        before = [p.detach().clone() for p in model.parameters()]
+        stats, ok = update(model, torch.optim.SGD(model.parameters(), lr=1.0), ro, mask, adv, logp0 + noise, cfg)
+        assert not ok and all(p.grad is None for p in model.parameters()), update.__name__
+        assert all(torch.equal(a, p) for a, p in zip(before, model.parameters())), update.__name__
 
 
-def test_plain_reference_logprobs_equal_the_fast_ones(tiny_model):
-    """pi_ref's log-probs, plainly (sequence_logprobs, adapters off) and fast (frozen_logprobs: micro-batches of 3
-    that split a group, each trimmed to its longest completion), with LoRA adapters that moved: equal on every
-    completion token, and both those of the base model."""
+def test_plain_reference_logprobs_equal_the_fast_ones(tiny_model, monkeypatch):
+    """pi_ref's log-probs, plainly (sequence_logprobs, adapters off) and fast (frozen_logprobs: micro-batches of
+    --micro_batch_size 4 that split a group, each trimmed to its longest completion: 4 and 2 rows, counted), with
+    LoRA adapters that moved: equal on every completion token, and both those of the base model."""
     model, tok = load(tiny_model)
     ids, pmask = prompts_of(tok, ["1+1?", "what is 12 + 30?", "9?"])
     out = torch.randint(3, 90, (6, 9), generator=torch.Generator().manual_seed(0))
     lengths = torch.tensor([9, 3, 6, 1, 8, 5])
-    ro = grpo.Rollout(ids, pmask, out, lengths, lengths < 9, torch.zeros(6, 9), torch.zeros(6, 9, dtype=torch.bool), [])
+    model, ids, pmask, out, lengths = to_device(model, ids, pmask, out, lengths)
+    no_env = torch.zeros(6, 9, dtype=torch.bool, device=DEVICE)
+    ro = grpo.Rollout(ids, pmask, out, lengths, lengths < 9, torch.zeros(6, 9, device=DEVICE), no_env, [])
     with torch.no_grad():
         base = grpo.sequence_logprobs(model, ids, pmask, out, 0.7)
-    grpo.add_lora(model, grpo.Config(lora_rank=4, lora_lr=1e-4), None)
-    with torch.no_grad():
-        for layer in grpo.lora_layers(model):
-            layer.lora_B.normal_()  # adapters that moved: the policy is no longer the base model
-    cfg = grpo.Config(micro_batch_size=3, temperature=0.7, precision="fp32")
+    moved_lora(model)
+    cfg = grpo.Config(micro_batch_size=4, temperature=0.7, precision="fp32")
+    rows, token_logprobs = [], grpo.token_logprobs
+    monkeypatch.setattr(grpo, "token_logprobs", lambda m, p, pm, c, *a: rows.append(c.shape) or token_logprobs(m, p, pm, c, *a))  # fmt: skip
     plain, fast = grpo.plain_reference_logprobs(model, ro, cfg), grpo.fast_reference_logprobs(model, ro, cfg)
+    assert rows == [(4, 9), (2, 8)]  # --micro_batch_size rows at a time, each trimmed to its longest completion
     m = grpo.completion_mask(lengths, 9).bool()
     assert torch.allclose(plain[m], fast[m], atol=1e-5) and torch.allclose(plain[m], base[m], atol=1e-5)
 
@@ -3093,13 +3121,14 @@ def test_auto_precision_is_bf16_only_where_attention_takes_it(monkeypatch, capsy
     assert (err.count("\n") == 1 and "--precision fp32" in err) if not auto_bf16 else err == ""
 
 
-def test_adamw_is_fused_on_cuda(tiny_model):
-    """Fused AdamW on CUDA (one kernel, no parameter-sized temporaries: bench.py --memory models it); the
-    default elsewhere, so the CPU path and its bit-exact resumes are unchanged."""
+def test_adamw_is_fused_on_every_device(tiny_model):
+    """Fused AdamW on CUDA (one kernel, no parameter-sized temporaries: bench.py --memory models it) and on the
+    CPU too: the tests train with the implementation a GPU trains with (a foreach step on the CPU hid that LoRA's
+    sampler never saw a fused step, which moves no version counter)."""
     model, _ = load(tiny_model)
-    for device, fused in ((torch.device("cuda"), True), (torch.device("cpu"), False)):
+    for device in (torch.device("cuda"), torch.device("cpu")):
         _, _, optimizer, _ = grpo.setup_training(model, grpo.Config(beta=0), None, 1, device, False)
-        assert bool(optimizer.defaults["fused"]) is fused
+        assert optimizer.defaults["fused"] is True and not optimizer.defaults["foreach"]
 
 
 def count_host_reads(fn) -> int:
@@ -3344,21 +3373,24 @@ def test_lora_adapters_off_is_the_base_model_exactly(tiny_qwen):
 
 @pytest.mark.parametrize("bf16", [False, True])
 def test_lora_sampling_adds_the_same_update_and_never_a_stale_one(tiny_qwen, bf16):
-    """Without gradients (sampling) an adapted layer adds (alpha / r) B A x with A and B cast once and reused, in
-    place: the same output as the training path (to rounding in bf16), and after an in-place update of A or B (an
-    optimizer step, a load) the new adapters, never the cached cast of the old ones."""
+    """Within a rollout (sampling_adapters) an adapted layer adds (alpha / r) B A x with A and B cast once, in place:
+    the same output as the training path (to rounding in bf16). The casts are made at each rollout's start and
+    dropped at its end, so after an update of A or B made as fused AdamW makes it (in place, no version counter
+    moved) the next rollout adds the new adapters; outside a rollout no cast is left to go stale."""
     model, tok = lora_model(tiny_qwen, bf16=bf16)
     layer = grpo.lora_layers(model)[0]
     x = torch.randn(3, 5, layer.in_features, generator=torch.Generator().manual_seed(0))
     x = x.to(torch.bfloat16) if bf16 else x
     tol = dict(rtol=2e-2, atol=2e-2) if bf16 else dict(rtol=1e-6, atol=1e-6)
     for update in range(3):
-        with torch.no_grad():  # an update as AdamW makes it: in place, under no_grad
-            (layer.lora_B if update != 1 else layer.lora_A).add_(
-                0.1 * torch.randn_like(layer.lora_B if update != 1 else layer.lora_A)
-            )
-        with torch.no_grad():
+        for p in (layer.lora_A, layer.lora_B):  # as a fused step writes it: behind the version counter's back
+            version = p._version
+            p.data += 0.1 * torch.randn_like(p) if update != 1 or p is layer.lora_A else 0
+            assert p._version == version
+        with torch.no_grad(), grpo.sampling_adapters(model):
+            assert "lora_cast" in layer.__dict__
             sampled = layer(x)
+        assert "lora_cast" not in layer.__dict__
         trained = layer(x).detach()  # the differentiable path
         base = torch.nn.functional.linear(x, layer.weight, layer.bias)
         assert torch.allclose(sampled, trained, **tol), update
