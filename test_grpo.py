@@ -1136,15 +1136,36 @@ def test_the_switch_picks_the_plain_forms_for_plain():
     assert grpo.paths(grpo.Config()) == (grpo.rollout, grpo.fast_reference_logprobs, grpo.fast_update)
 
 
-def test_plain_mode_trains_lora_under_bf16(tiny_model, tiny_data, tmp_path, monkeypatch):
-    """--plain with LoRA (pi_ref: the policy with its adapters off) and bf16 (autocast over fp32 weights, a bf16
-    sampler): a finite step that moves the adapters."""
+def assert_same_metrics(fast: grpo.Config, plain: grpo.Config) -> list[dict]:
+    """The two runs' metrics.jsonl: the same records and keys, every value equal up to float noise (1e-3 relative;
+    token counts, rewards and accuracies exactly, since the tokens are), timings aside. Returns plain's records."""
+    fast_records, plain_records = read_metrics(fast), read_metrics(plain)
+    assert [r["step"] for r in plain_records] == [r["step"] for r in fast_records] == list(range(plain.steps + 1))
+    for f, p in zip(fast_records, plain_records):
+        assert sorted(f) == sorted(p)
+        for k in f:
+            if k not in ("step_time", "tokens_per_s"):
+                assert p[k] == pytest.approx(f[k], rel=1e-3, abs=1e-5), (f["step"], k)
+    return plain_records
+
+
+def test_plain_mode_trains_lora_as_the_default_does(tiny_model, tiny_data, tmp_path, monkeypatch):
+    """--plain with LoRA (pi_ref: the policy with its adapters off; the policy samples through its plain forward,
+    not rollout's casts) gives the default run's metrics from the same seed, evaluation included, and moves the
+    adapters. --plain refuses bf16 in one line (its log-probs come from the model's own head, which bf16 rounds)."""
     monkeypatch.setattr(grpo, "REWARD_FUNCS", [(shorter_is_better, 1.0)])
-    cfg = tiny_config(tiny_model, tiny_data, tmp_path, plain=True, lora_rank=4, precision="bf16", steps=1, eval_size=0)
-    seen = []
-    grpo.main(cfg, on_step=lambda step, model, metrics, sums: seen.append((metrics, grpo.lora_layers(model)[0].lora_B.abs().sum().item())))  # fmt: skip
-    ((metrics, moved),) = seen
-    assert all(math.isfinite(v) for v in metrics.values()) and metrics["frac_zero_std"] < 1 and moved > 0
+    common = dict(lora_rank=4, steps=2, eval_size=2, micro_batch_size=3, device=str(DEVICE))
+    moved = []
+    fast, plain = (
+        tiny_config(tiny_model, tiny_data, tmp_path / n, plain=n == "plain", **common) for n in ("fast", "plain")
+    )
+    grpo.main(fast)
+    monkeypatch.setattr(grpo, "sampling_adapters", None)  # the fast form's casts: not called under --plain
+    grpo.main(plain, on_step=lambda step, model, *_: moved.append(grpo.lora_layers(model)[0].lora_B.abs().sum().item()))
+    assert_same_metrics(fast, plain)
+    assert min(moved) > 0
+    with pytest.raises(SystemExit, match="^error: --plain computes in fp32 .* drop --precision bf16, or drop --plain$"):
+        grpo.check_config(dataclasses.replace(plain, precision="bf16"))
 
 
 def test_plain_refuses_torchrun_in_one_line(monkeypatch):
@@ -1179,25 +1200,19 @@ def test_plain_mode_trains_evaluates_and_saves_through_the_plain_forms(tiny_mode
     rewards = [(spy(fn), weight) for fn, weight in grpo.REWARD_FUNCS]  # the table holds the functions themselves
     monkeypatch.setattr(grpo, "REWARD_FUNCS", rewards + [(shorter_is_better, 1.0)])
     monkeypatch.setattr(grpo, "tool_env", frequent_env)
-    common = dict(steps=2, eval_size=2, mu=2, beta=0.04, tools="calculator", micro_batch_size=3)
+    common = dict(steps=2, eval_size=2, mu=2, beta=0.04, tools="calculator", micro_batch_size=3, device=str(DEVICE))
     fast = tiny_config(tiny_model, tiny_data, tmp_path / "fast", **common)
     grpo.main(fast)
 
     def fails(*args, **kwargs):
         raise AssertionError("a fast path ran under --plain")
 
-    for name in ("rollout", "token_logprobs", "frozen_logprobs", "accumulate_gradients", "clip_and_step"):
+    for name in ("rollout", "token_logprobs", "frozen_logprobs", "accumulate_gradients", "sampling_adapters"):
         monkeypatch.setattr(grpo, name, fails)
     plain = tiny_config(tiny_model, tiny_data, tmp_path / "plain", plain=True, **common)
     grpo.main(plain)
     assert os.path.isfile(os.path.join(plain.output_dir, "final", "config.json"))
-    fast_records, plain_records = read_metrics(fast), read_metrics(plain)
-    assert [r["step"] for r in plain_records] == [0, 1, 2] and plain_records[1]["tool_calls"] > 0
-    for f, p in zip(fast_records, plain_records):
-        assert sorted(f) == sorted(p)
-        for k in f:
-            if k not in ("step_time", "tokens_per_s"):
-                assert p[k] == pytest.approx(f[k], rel=1e-3, abs=1e-5), (f["step"], k)
+    assert assert_same_metrics(fast, plain)[1]["tool_calls"] > 0
     assert len(first_reading) > 15 and set(first_reading) <= called, set(first_reading) - called
 
 
@@ -3489,7 +3504,9 @@ def test_lora_main_saves_adapters_and_a_merged_final_model(tiny_model, tiny_data
         final.model.layers[0].self_attn.q_proj.weight, load(tiny_model)[0].model.layers[0].self_attn.q_proj.weight
     )
     torch.testing.assert_close(some_logprobs(final, tok), policy_logp["last"], rtol=0, atol=1e-5)
-    evaluated = tiny_config(str(out / "final"), tiny_data, tmp_path / "e", eval_only=True, eval_size=6, max_new_tokens=12)
+    evaluated = tiny_config(
+        str(out / "final"), tiny_data, tmp_path / "e", eval_only=True, eval_size=6, max_new_tokens=12
+    )
     grpo.main(evaluated)
     assert read_evaluation(evaluated.output_dir)["problems"] == 6 and fused == [True]
 
