@@ -176,6 +176,16 @@ def read_metrics(cfg) -> list[dict]:
 DEVICE = torch.device(os.environ.get("GRPO_TEST_DEVICE", "cpu"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def cuda_settings():
+    """With GRPO_TEST_DEVICE=cuda the suite runs under grpo.py's CUDA settings (setup_cuda: cuDNN attention off as in
+    training, the allocator, the device), those of a --precision fp32 run: TF32 off, so the fp32 forms meet the same
+    1e-5 tolerances as on a CPU (TF32 keeps 10 mantissa bits, ~1e-3 relative). A bf16 run adds TF32 for its fp32 LM
+    head alone, measured apart: bench.py --head_precision."""
+    if DEVICE.type == "cuda":
+        grpo.setup_cuda(DEVICE, grpo.Config(precision="fp32"))
+
+
 def to_device(*items):
     """Models and tensors moved to DEVICE, in order."""
     return tuple(x.to(DEVICE) for x in items)
@@ -1254,6 +1264,7 @@ def test_grpo_step_update_equals_one_plain_backward_per_pass(tiny_model, monkeyp
     with torch.no_grad():
         for p in ref_model.parameters():
             p.add_(0.05 * torch.randn_like(p))
+    model, ref_model = to_device(model, ref_model)
     cfg = grpo.Config(mu=2, group_size=4, micro_batch_size=3, tools="calculator",
                       max_grad_norm=1e9, precision="fp32", **REFERENCE_CFG)  # fmt: skip
     rows = [{"question": "1+1?", "gold": "2"}, {"question": "what is 12 + 30?", "gold": "42"}]
@@ -1271,15 +1282,15 @@ def test_grpo_step_update_equals_one_plain_backward_per_pass(tiny_model, monkeyp
         ro.by_env,
     )
     B, L = out.shape
-    index = torch.arange(B) // cfg.group_size
-    mask = ((torch.arange(L)[None] < lengths[:, None]) & ~by_env).float()
-    assert (by_env & (torch.arange(L)[None] < lengths[:, None])).any()  # environment tokens inside completions
+    index, position = torch.arange(B, device=DEVICE) // cfg.group_size, torch.arange(L, device=DEVICE)[None]
+    mask = ((position < lengths[:, None]) & ~by_env).float()
+    assert (by_env & (position < lengths[:, None])).any()  # environment tokens inside completions
     r = rewards.view(-1, cfg.group_size)
-    adv = ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-4)).flatten()
+    adv = ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-4)).flatten().to(DEVICE)
     assert (adv != 0).any()  # a signal, so the surrogate has a gradient
     with torch.no_grad():
         ref_logp = plain_logprobs(ref_model, ids, pmask, out, index, cfg.temperature)
-    check, clip_counts, kl_sums = load(tiny_model)[0].train(), [], []
+    check, clip_counts, kl_sums = load(tiny_model)[0].to(DEVICE).train(), [], []
     for i, (weights, grad) in enumerate(optimizer.passes):
         with torch.no_grad():
             for p, w in zip(check.parameters(), weights):
@@ -2651,7 +2662,8 @@ def assert_process_group_gone(output_dir: str) -> None:
 def test_distributed_two_processes(tiny_model, tiny_data, tmp_path, tools):
     script = tmp_path / "ddp_run.py"
     script.write_text(DDP_SCRIPT.format(here=HERE).replace("grpo.main(cfg,", FREQUENT_ENV + "grpo.main(cfg,"))
-    overrides = dict(steps=3, prompts_per_step=4, eval_size=4, eval_every=2, save_every=2, warmup_steps=10, tools=tools)
+    overrides = dict(steps=3, prompts_per_step=4, eval_size=4, eval_every=2, save_every=2, warmup_steps=10, tools=tools,
+                     precision="bf16" if tools else "fp32")  # fmt: skip  # tools, torchrun and its resume as a GPU runs them
     cfg = dataclasses_asdict(tiny_config(tiny_model, tiny_data, tmp_path, loss_type="dapo", **overrides))
     cmd = [
         sys.executable,
@@ -3521,9 +3533,9 @@ def test_lora_main_saves_adapters_and_a_merged_final_model(tiny_model, tiny_data
 
 def test_lora_resume_is_bit_exact(tiny_model, tiny_data, tmp_path, monkeypatch):
     """A LoRA run interrupted mid-step and resumed from its adapters + AdamW state ends bit-identical to an
-    uninterrupted one: the merged final weights and every logged metric."""
+    uninterrupted one: the merged final weights and every logged metric. Under bf16, as a GPU runs it."""
     monkeypatch.setattr(grpo, "REWARD_FUNCS", grpo.REWARD_FUNCS + [(shorter_is_better, 1.0)])
-    common = dict(steps=4, save_every=2, eval_size=0, mu=2, lr=3e-3, warmup_steps=3, lora_rank=4)
+    common = dict(steps=4, save_every=2, eval_size=0, mu=2, lr=3e-3, warmup_steps=3, lora_rank=4, precision="bf16")
     full = tiny_config(tiny_model, tiny_data, tmp_path / "a", **common)
     grpo.main(full)
 
@@ -3576,14 +3588,14 @@ def test_lora_bad_input(tiny_model, tiny_data, tmp_path):
 
 
 def test_lora_distributed_two_processes(tiny_model, tiny_data, tmp_path):
-    """torchrun, 2 ranks, LoRA: DDP averages the adapters' gradients only; the weights are the same on both ranks
-    after every step, and rank 0 saves the adapters and the merged model."""
+    """torchrun, 2 ranks, LoRA under bf16 (as a GPU runs it): DDP averages the adapters' gradients only; the weights
+    are the same on both ranks after every step, and rank 0 saves the adapters and the merged model."""
     script = tmp_path / "ddp_run.py"
     shorter = "def shorter_is_better(completion, answer, **kwargs):\n    return 1.0 / (1 + len(completion))\n"
     shorter += "grpo.REWARD_FUNCS = grpo.REWARD_FUNCS + [(shorter_is_better, 1.0)]  # weights move\n"
     script.write_text(DDP_SCRIPT.format(here=HERE).replace("grpo.main(cfg,", shorter + "grpo.main(cfg,"))
     cfg = dataclasses_asdict(tiny_config(tiny_model, tiny_data, tmp_path, steps=2, prompts_per_step=4, eval_size=2,
-                                         save_every=2, lora_rank=4, lr=1e-2))  # fmt: skip
+                                         save_every=2, lora_rank=4, lr=1e-2, precision="bf16"))  # fmt: skip
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
            json.dumps(cfg)]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
