@@ -310,8 +310,7 @@ def plain_update(policy, optimizer, ro, mask, advantages, ref_logp, cfg: Config,
     own tokens. fast_update computes the same, micro-batched. Returns the stats to log, {name: [total, count]}, and
     whether the update was applied."""
     optimizer.zero_grad(set_to_none=True)
-    with autocast(ro.prompt_ids.device, use_bf16(cfg, ro.prompt_ids.device)):  # bf16 compute, fp32 weights
-        logp = sequence_logprobs(policy, ro.prompt_ids, ro.prompt_mask, ro.completion_ids, cfg.temperature)  # (B, L)
+    logp = sequence_logprobs(policy, ro.prompt_ids, ro.prompt_mask, ro.completion_ids, cfg.temperature)  # (B, L) fp32
     # rho = 1 where the model sampled nothing (tools, past the end): no exp(huge) * 0 = NaN in the masked sum
     old_logp = torch.where(mask.bool(), ro.sample_logp, logp.detach())  # (B, L) log pi_old: the sampler's own
     loss, stats = grpo_loss(logp, old_logp, ref_logp, advantages, mask, cfg.clip_eps, cfg.beta, cfg.loss_type,
@@ -328,7 +327,7 @@ def plain_update(policy, optimizer, ro, mask, advantages, ref_logp, cfg: Config,
 def plain_reference_logprobs(ref_model, ro, cfg: Config) -> torch.Tensor:
     """log pi_ref of every completion token (B, L), plainly: sequence_logprobs of the frozen model (with LoRA, the
     policy with its adapters off)."""
-    with autocast(ro.prompt_ids.device, use_bf16(cfg, ro.prompt_ids.device)), adapters_off(ref_model):
+    with adapters_off(ref_model):
         return sequence_logprobs(ref_model, ro.prompt_ids, ro.prompt_mask, ro.completion_ids, cfg.temperature)
 
 
@@ -510,7 +509,7 @@ def setup_training(model, cfg: Config, resume_from: str | None, world: int, devi
 #   environment_turn    at one decode step, each row's token: the model's draw, or the environment's next one
 #   refresh_sampler     after a step, the updated weights into the bf16 sampler (nothing to do without one)
 #   rollout_metrics     the step's numbers to watch: accuracy, completion length, cut-off and zero-std shares, tools
-#   autocast, use_bf16  bf16 compute over the fp32 weights, when --precision (auto: CUDA) says so
+#   use_bf16            bf16 compute over the fp32 weights, when --precision (auto: CUDA, not --plain) says so
 #   adapters_off        with LoRA, within it the policy computes as pi_ref; add_lora gives it the adapters
 #   main's bookkeeping, each named for what it does: check_config, load_data, load_model, warn_if_slow_on_cpu (a bad
 #     flag or file stops in one line: fail); describe_precision, bf16_copy (the sampler's weights); read_checkpoint,
