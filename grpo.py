@@ -1526,8 +1526,13 @@ def describe_precision(cfg, device) -> str:
     if cfg.precision == "bf16" and major < 8:
         print(f"warning: --precision bf16 on a card of compute capability {major}.{minor}: below 8.0 attention runs "
               f"bf16 on its slow math kernel; --precision fp32 is faster here", file=sys.stderr)  # fmt: skip
-    if cfg.precision == "auto":
-        what += f" (auto: compute capability {major}.{minor}; bf16 from 8.0, where fast attention takes it)"
+    if cfg.precision == "auto":  # --plain computes in fp32 (check_config)
+        why = (
+            "--plain"
+            if cfg.plain
+            else f"compute capability {major}.{minor}; bf16 from 8.0, where fast attention takes it"
+        )
+        what += f" (auto: {why})"
     return what
 
 

@@ -3136,6 +3136,8 @@ def test_auto_precision_is_bf16_only_where_attention_takes_it(monkeypatch, capsy
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
     assert grpo.use_bf16(grpo.Config(precision="auto"), cuda) is auto_bf16
     assert grpo.use_bf16(grpo.Config(precision="auto"), cpu) is False
+    assert grpo.use_bf16(grpo.Config(plain=True), cuda) is False  # --plain computes in fp32
+    assert grpo.describe_precision(grpo.Config(plain=True), cuda) == "fp32 (auto: --plain)"
     assert grpo.use_bf16(grpo.Config(precision="bf16"), cuda) and not grpo.use_bf16(grpo.Config(precision="fp32"), cuda)
     line = grpo.describe_precision(grpo.Config(precision="auto"), cuda)
     assert (
@@ -4124,6 +4126,22 @@ def test_beta_zero_loads_no_reference_model(tiny_model, lora):
     refs = [grpo.setup_training(load(tiny_model)[0], grpo.Config(beta=beta, **extra), None, 1, torch.device("cpu"),
                                 False)[1] for beta in (0.0, 0.04)]  # fmt: skip
     assert refs[0] is None and refs[1] is not None
+
+
+def test_every_gpu_difference_has_a_test():
+    """docs/tests.md's table of the ways a default GPU run differs from the CPU suite: each row names the CPU tests
+    that run the GPU's choice or hold its decision, and every test it names exists (renamed: renamed there too)."""
+    with open(os.path.join(HERE, "docs", "tests.md")) as f:
+        section = f.read().split("## What a GPU run does that the CPU suite does not")[1].split("\n## ")[0]
+    rows = re.findall(r"^\| ([^|`]+) \| .*? \| (.*) \|$", section, re.M)[1:]  # less the header
+    with open(os.path.join(HERE, "test_grpo.py")) as f:
+        defined = set(re.findall(r"^def (test_\w+)", f.read(), re.M))
+    assert {"Optimizer", "bf16 compute", "Attention kernel", "Allocator", "Device index", "DDP backend"} <= {
+        r for r, _ in rows
+    }
+    for what, where in rows:
+        named = set(re.findall(r"`(test_\w+)`", where))
+        assert (named or "CPU-only" in where or "not promised" in where) and named <= defined, (what, named - defined)
 
 
 def test_every_setting_has_a_row_and_its_tests_exist():
