@@ -1359,7 +1359,8 @@ def evaluate(sampler, tok, rows: list[dict], cfg: Config, step: int, device, ran
                 samples = texts[j * k : (j + 1) * k]
                 votes = Counter(v for v in (stated_number(extract_answer(s) or "") for s in samples) if v is not None)
                 records[-1]["maj"] = float(same_number(max(votes, key=votes.get, default=None), stated_number(gold)))
-                records[-1]["pass"] = float(any(correctness_reward(s, gold) for s in samples))
+                correct = [correctness_reward(s, gold) for s in samples]  # each sample's: for pass@k of k' <= k
+                records[-1].update({"pass": float(any(correct)), "correct_samples": int(sum(correct))})
     if world > 1:
         gathered = [None] * world
         dist.all_gather_object(gathered, records)
