@@ -4247,7 +4247,10 @@ def logged_run(tiny_model, tiny_data, tmp_path_factory) -> dict:
     last step with maj@2 and pass@2, a warmup over 4 updates, step 1's update refused as non-finite, and a clock
     that each step moves by a known time (3 and 5 s) and each evaluation by 100 s. Returns what a user reads (the
     records of metrics.jsonl, the console, the plot's figure) and what each step and evaluation was given and drew."""
-    from matplotlib.figure import Figure
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:  # no plot, and the tests of everything else still run
+        Figure = types.SimpleNamespace(savefig=None)
 
     cfg = tiny_config(tiny_model, tiny_data, tmp_path_factory.mktemp("logged"), steps=2, eval_size=2, eval_samples=2,
                       warmup_steps=4, tools="calculator", max_new_tokens=12)  # fmt: skip
@@ -4288,7 +4291,7 @@ def logged_run(tiny_model, tiny_data, tmp_path_factory) -> dict:
         mp.setattr(Figure, "savefig", kept)
         funcs = grpo.REWARD_FUNCS + grpo.TOOL_REWARD_FUNCS
         grpo.main(cfg)
-    return {"cfg": cfg, "records": read_metrics(cfg), "console": console.getvalue(), "figure": figures[-1],
+    return {"cfg": cfg, "records": read_metrics(cfg), "console": console.getvalue(), "figures": figures,
             "steps": steps, "evals": evals, "funcs": funcs, "durations": [3.0, 5.0]}  # fmt: skip
 
 
@@ -4385,3 +4388,80 @@ def test_each_logged_figure_is_its_own_steps_by_hand(logged_run):
                 f"eval/pass@{k}": mean(any(grpo.correctness_reward(s, r["gold"]) for s in sampled[j * k : (j + 1) * k])
                                        for j, r in enumerate(rows))}  # fmt: skip
         assert {key: by_step[evaluation["step"]][key] for key in hand} == pytest.approx(hand, rel=1e-12)
+
+
+CONSOLE_NAMES = {"acc": "accuracy", "clip": "clip_frac", "zero_std": "frac_zero_std", "len": "completion_len",
+                 "trunc": "truncated_frac", "mismatch": "logp_mismatch", "tools": "tool_calls", "err": "tool_errors"}  # fmt: skip
+
+
+def console_figures(line: str, record: dict) -> dict[str, str]:
+    """The numbers a console line shows, as printed, by the key of metrics.jsonl that its label stands for."""
+    shown = {}
+    for part in line.split(" | "):
+        if m := re.fullmatch(r"(?:eval )?step (\d+)(?:/\d+)?", part):
+            shown["step"] = m[1]
+        elif m := re.fullmatch(r"(\S+) tok/s", part):
+            shown["tokens_per_s"] = m[1]
+        elif m := re.fullmatch(r"(\S+)s", part):
+            shown["step_time"] = m[1]
+        elif m := re.fullmatch(r"reward (\S+) \((.*)\)", part):  # the total, then each function by its short name
+            shown["reward"] = m[1]
+            for name, value in re.findall(r"(\S+) (\S+)", m[2]):
+                (key,) = [k for k in record if k.startswith("reward/") and k[7:].removesuffix("_reward") == name]
+                shown[key] = value
+        else:
+            shown.update({CONSOLE_NAMES.get(name, name): value for name, value in re.findall(r"(\S+) (\S+)", part)})
+    return shown
+
+
+def assert_shows(shown: dict[str, str], record: dict) -> None:
+    """Each number shown is the record's, to the digits shown."""
+    for key, text in shown.items():
+        assert f"{record[key]:.{len(text.partition('.')[2])}f}" == text, (key, text, record[key])
+
+
+def test_the_console_line_shows_each_number_under_its_own_label(tmp_path):
+    """log_step on a record whose numbers all differ (under bf16, so the sampler's mismatch is shown too; with
+    tools and an evaluation): every label of the step line and the evaluation line shows its own key's number,
+    to the digits shown, none left out, and metrics.jsonl gets the record as it is."""
+    record = {"step": 7, "reward": 1.2345, "reward/correctness_reward": 0.625, "reward/format_reward": 0.375,
+              "accuracy": 0.4375, "kl": 0.0123, "loss": -0.0456, "clip_frac": 0.0312, "frac_zero_std": 0.25,
+              "completion_len": 37.4, "truncated_frac": 0.125, "logp_mismatch": 0.0078, "tool_calls": 1.5,
+              "tool_errors": 0.3333, "grad_norm": 2.5, "lr": 1e-6, "skipped_updates": 0.0, "step_time": 12.5,
+              "tokens_per_s": 987.6, "eval/accuracy_strict": 0.1, "eval/accuracy_lenient": 0.2, "eval/format": 0.3,
+              "eval/tool_calls": 0.4, "eval/tool_errors": 0.5, "eval/maj@4": 0.6, "eval/pass@4": 0.7}  # fmt: skip
+    lines = []
+    bar = types.SimpleNamespace(write=lambda text: lines.extend(text.splitlines()))
+    grpo.log_step(bar, record, grpo.Config(steps=9, output_dir=str(tmp_path)), True, "q", ["a"] * 8, torch.zeros(8))
+    step_line, eval_line = lines
+    shown = console_figures(step_line, record)
+    not_shown = {"grad_norm", "lr", "skipped_updates"}  # in metrics.jsonl only
+    assert set(shown) == {k for k in record if not k.startswith("eval/")} - not_shown
+    assert_shows(shown, record)
+    shown = console_figures(eval_line, record)
+    assert set(shown) == {"step"} | {k for k in record if k.startswith("eval/")}
+    assert_shows(shown, record)
+    assert read_metrics(grpo.Config(output_dir=str(tmp_path))) == [record]
+
+
+def test_the_console_and_the_plot_show_what_metrics_jsonl_holds(logged_run):
+    """From one run: each step's console line and each evaluation's line show the numbers of its record in
+    metrics.jsonl (to the digits shown), and every curve of metrics.png is a key's values at its steps there."""
+    records, lines = logged_run["records"], logged_run["console"].splitlines()
+    train = [line for line in lines if re.match(r"step \d+/\d+ \|", line)]  # not "step 1: ... skipped"
+    evals = [line for line in lines if line.startswith("eval step ")]
+    assert len(train) == len([r for r in records if "reward" in r])
+    assert len(evals) == len([r for r in records if "eval/accuracy_strict" in r])
+    for line, record in [*zip(train, [r for r in records if "reward" in r]),
+                         *zip(evals, [r for r in records if "eval/accuracy_strict" in r])]:  # fmt: skip
+        shown = console_figures(line, record)
+        assert len(shown) > 6 and int(shown["step"]) == record["step"]
+        assert_shows(shown, record)
+    pytest.importorskip("matplotlib")
+    (figure,) = logged_run["figures"]  # drawn once, at the end of the run
+    curves = {line.get_label(): line for ax in figure.axes for line in ax.lines}
+    for key, line in curves.items():
+        points = [(float(x), float(y)) for x, y in zip(line.get_xdata(), line.get_ydata())]
+        assert points == [(r["step"], r[key]) for r in records if key in r], key
+    assert {"reward", "accuracy", "kl", "completion_len", "frac_zero_std", "truncated_frac", "eval/accuracy_strict",
+            "eval/accuracy_lenient", "eval/format"} | {k for k in records[1] if k.startswith("reward/")} == set(curves)  # fmt: skip
