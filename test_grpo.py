@@ -2645,6 +2645,7 @@ def test_distributed_two_processes(tiny_model, tiny_data, tmp_path, tools):
         assert a["metrics"]["grad_norm"] > 0 and a["metrics"]["frac_zero_std"] < 1  # so "same" above can fail
         assert a["metrics"]["tool_calls"] > 0 if tools else "tool_calls" not in a["metrics"]
     assert any(counts_differ)  # somewhere the ranks' token counts differ, so the weighting above is tested
+    assert_each_step_logged_once_for_both_ranks(tmp_path / "out", ranks)
     logged = [r for r in read_metrics(grpo.Config(output_dir=cfg["output_dir"])) if "reward" in r]
     assert [r["reward"] for r in logged] == pytest.approx([r["metrics"]["reward"] for r in ranks[0]])
     assert os.path.exists(tmp_path / "out" / "final" / "config.json")
@@ -4059,7 +4060,7 @@ def test_every_setting_has_a_row_and_its_tests_exist():
     """docs/tests.md's table names, for every Config field, the tests that fail when the program ignores it: a
     new field needs a row (and a test), and a renamed test its new name there."""
     with open(os.path.join(HERE, "docs", "tests.md")) as f:
-        rows = re.findall(r"^\| `(\w+)` \| .*? \| (.*) \|$", f.read(), re.M)
+        rows = re.findall(r"^\| `(\w+)` \| .*? \| (.*) \|$", f.read().split("## Every logged number")[0], re.M)
     assert {field for field, _ in rows} == {f.name for f in dataclasses.fields(grpo.Config)}
     with open(os.path.join(HERE, "test_grpo.py")) as f:
         defined = set(re.findall(r"^def (test_\w+)", f.read(), re.M))
@@ -4465,3 +4466,46 @@ def test_the_console_and_the_plot_show_what_metrics_jsonl_holds(logged_run):
         assert points == [(r["step"], r[key]) for r in records if key in r], key
     assert {"reward", "accuracy", "kl", "completion_len", "frac_zero_std", "truncated_frac", "eval/accuracy_strict",
             "eval/accuracy_lenient", "eval/format"} | {k for k in records[1] if k.startswith("reward/")} == set(curves)  # fmt: skip
+
+
+def assert_each_step_logged_once_for_both_ranks(output_dir, ranks: list) -> None:
+    """Under torchrun (test_distributed_two_processes, 3 steps, evaluations at 0, 2 and 3): metrics.jsonl holds each
+    step once, each record is what the ranks reduced (that test holds them to the count-weighted means of both
+    ranks' sums), tokens_per_s counts both ranks' tokens, and each evaluation's figures are means over every
+    problem of the gathered eval_<step>.jsonl, both ranks' shares."""
+    records = read_metrics(grpo.Config(output_dir=str(output_dir)))
+    assert [r["step"] for r in records] == [0, 1, 2, 3]
+    for record, a, b in zip(records[1:], *ranks):
+        assert record == a["metrics"]
+        tokens = a["sums"]["completion_len"][0] + b["sums"]["completion_len"][0]
+        assert record["tokens_per_s"] == pytest.approx(tokens / record["step_time"], rel=1e-9)
+    for record in [r for r in records if "eval/accuracy_strict" in r]:
+        with open(os.path.join(output_dir, f"eval_{record['step']}.jsonl")) as f:
+            problems = [json.loads(line) for line in f]
+        assert [p["index"] for p in problems] == [0, 1, 2, 3]
+        for key, field in [("accuracy_strict", "strict"), ("accuracy_lenient", "lenient"), ("format", "format")]:
+            assert record[f"eval/{key}"] == mean(p[field] for p in problems)
+        if "eval/tool_calls" in record:
+            calls = sum(p["tool_calls"] for p in problems)
+            assert record["eval/tool_calls"] == calls / 4
+            assert record["eval/tool_errors"] == sum(p["tool_errors"] for p in problems) / max(1, calls)
+
+
+def logged_keys(records: list[dict]) -> set[str]:
+    """The keys of metrics.jsonl records, each reward function's as reward/<fn> and maj@/pass@ as @k."""
+    return {re.sub(r"@\d+$", "@k", re.sub(r"^reward/.+", "reward/<fn>", k)) for r in records for k in r}
+
+
+def test_every_logged_key_has_a_row_and_its_tests_exist(logged_run):
+    """docs/tests.md's table of logged numbers has a row for every key a run writes to metrics.jsonl (the shared run
+    has tools and maj@k, so every key there is), with its definition and the tests that compute it by hand: a new
+    key needs a row (and a test), a renamed test its new name there."""
+    with open(os.path.join(HERE, "docs", "tests.md")) as f:
+        section = f.read().split("## Every logged number")[1].split("\n## ")[0]
+    rows = re.findall(r"^\| `([^`]+)` \| (.+?) \| (.+) \|$", section, re.M)
+    assert sorted(key for key, _, _ in rows) == sorted(logged_keys(logged_run["records"]))
+    with open(os.path.join(HERE, "test_grpo.py")) as f:
+        defined = set(re.findall(r"^def (test_\w+)", f.read(), re.M))
+    for key, definition, tests in rows:
+        named = re.findall(r"`(test_\w+)", tests)
+        assert definition.strip() and named and set(named) <= defined, (key, set(named) - defined)
