@@ -4170,8 +4170,9 @@ EVAL_PROBLEMS = [
     ("4", "4*1«<result>4</result>» I think it is 4",
      ["<answer>4</answer>", "<answer>9</answer>", "<answer>9</answer>"]),  # lenient; 1 call; pass (the majority: 9)
     ("5", "<reasoning>\nx\n</reasoning>\n<answer>\n7\n</answer>",
-     ["<answer>5</answer>", "<answer>5</answer>", "<answer>2</answer>"]),  # format; maj, pass
-    ("6", "<answer>6</answer>", ["x", "<answer>1</answer>", "<answer>2</answer>"]),  # strict, lenient
+     ["<answer>2</answer>", "<answer>2</answer>", "x"]),  # format
+    ("6", "<reasoning>z</reasoning> <answer>6</answer>",  # strict, lenient; the format loosely, not exactly
+     ["<answer>6</answer>", "x", "<answer>2</answer>"]),  # maj (a tie: the first drawn), pass
     ("8", "2*4«<result>error: x</result>»2*4«<result>8</result>» so 8",
      ["<answer>8</answer>"] * 3),  # lenient; 2 calls, 1 failed; maj, pass
 ]  # fmt: skip
@@ -4180,10 +4181,10 @@ EVAL_PROBLEMS = [
 def test_evaluation_figures_by_hand_over_two_ranks(tmp_path, monkeypatch):
     """evaluate with --tools and --eval_samples 3 on five problems whose answers are written by hand, sharded over
     two ranks (0, 2, 4 and 1, 3): each figure is the mean over all five problems, not one rank's share nor the mean
-    of the two shares, nor its complement: accuracy_strict 2/5, accuracy_lenient 4/5, format 2/5, tool_calls 4/5
-    (calls per problem), tool_errors 1/4 (of the calls, not 1/5 of the problems), maj@3 3/5 (a majority that is
-    wrong counts 0, though one sample is right), pass@3 4/5. Rank 1 evaluates first and hands its records to rank
-    0's all_gather_object."""
+    of the two shares, nor its complement: accuracy_strict 2/5, accuracy_lenient 4/5, format 2/5 (exactly the
+    format: 3/5 loosely), tool_calls 4/5 (calls per problem), tool_errors 1/4 (of the calls, not 1/5 of the
+    problems), maj@3 3/5 (a wrong majority counts 0, though a sample is right; a tie goes to the first drawn),
+    pass@3 4/5. Rank 1 evaluates first and hands its records to rank 0's all_gather_object."""
     tok = make_tokenizer()
     questions = [f"problem {i}?" for i in range(len(EVAL_PROBLEMS))]
     rows = [{"question": q, "gold": gold} for q, (gold, _, _) in zip(questions, EVAL_PROBLEMS)]
