@@ -8,12 +8,14 @@ when GRPO_TEST_MODEL (a model folder) and GRPO_TEST_DATA (a dataset path) are se
 import argparse
 import ast
 import builtins
+import contextlib
 import dataclasses
 import functools
 import gc
 import glob
 import importlib.util
 import inspect
+import io
 import itertools
 import json
 import math
@@ -25,6 +27,7 @@ import string
 import subprocess
 import sys
 import time
+import types
 import warnings
 import zlib
 from unittest import mock
@@ -2697,6 +2700,7 @@ def test_distributed_two_processes(tiny_model, tiny_data, tmp_path, tools):
         assert a["metrics"]["grad_norm"] > 0 and a["metrics"]["frac_zero_std"] < 1  # so "same" above can fail
         assert a["metrics"]["tool_calls"] > 0 if tools else "tool_calls" not in a["metrics"]
     assert any(counts_differ)  # somewhere the ranks' token counts differ, so the weighting above is tested
+    assert_each_step_logged_once_for_both_ranks(tmp_path / "out", ranks)
     logged = [r for r in read_metrics(grpo.Config(output_dir=cfg["output_dir"])) if "reward" in r]
     assert [r["reward"] for r in logged] == pytest.approx([r["metrics"]["reward"] for r in ranks[0]])
     assert os.path.exists(tmp_path / "out" / "final" / "config.json")
@@ -4148,10 +4152,453 @@ def test_every_setting_has_a_row_and_its_tests_exist():
     """docs/tests.md's table names, for every Config field, the tests that fail when the program ignores it: a
     new field needs a row (and a test), and a renamed test its new name there."""
     with open(os.path.join(HERE, "docs", "tests.md")) as f:
-        rows = re.findall(r"^\| `(\w+)` \| .*? \| (.*) \|$", f.read(), re.M)
+        rows = re.findall(r"^\| `(\w+)` \| .*? \| (.*) \|$", f.read().split("## Every logged number")[0], re.M)
     assert {field for field, _ in rows} == {f.name for f in dataclasses.fields(grpo.Config)}
     with open(os.path.join(HERE, "test_grpo.py")) as f:
         defined = set(re.findall(r"^def (test_\w+)", f.read(), re.M))
     for field, tests in rows:
         named = re.findall(r"`(test_\w+)", tests)
         assert named and set(named) <= defined, (field, set(named) - defined)
+
+
+# ----------------------------------------------------------------------------- every logged number, by hand
+# Each key that metrics.jsonl can hold is computed here by hand on a case where its value is known and differs from
+# the plausible mistakes (the complement, the unmasked mean, another denominator, one rank's share, the step before);
+# docs/tests.md has the table of every key, its definition in one line, and the tests that hold it.
+def hand_rollout(tok, specs: list[str], L: int) -> grpo.Rollout:
+    """A rollout written by hand, one string per completion: what the model wrote, with each environment's reply
+    between « and »; it ends with the model's EOS, or with '…' where it was cut off (its first L tokens). The test
+    tokenizer gives one token per character. The texts are decoded as generate decodes them."""
+    rows = []
+    for spec in specs:
+        ids, env = [], []
+        for i, text in enumerate(re.split("[«»]", spec.removesuffix("…"))):  # model, reply, model, ...
+            t = tok(text, add_special_tokens=False).input_ids
+            ids, env = ids + t, env + [i % 2 == 1] * len(t)
+        ids, env = (ids[:L], env[:L]) if spec.endswith("…") else (ids + [tok.eos_token_id], env + [False])
+        assert len(ids) == L if spec.endswith("…") else len(ids) <= L
+        rows.append((ids, env))
+    pad = [tok.pad_token_id] * L
+    return grpo.Rollout(
+        prompt_ids=torch.zeros(1, 1, dtype=torch.long),
+        prompt_mask=torch.ones(1, 1, dtype=torch.long),
+        completion_ids=torch.tensor([(ids + pad)[:L] for ids, _ in rows]),
+        lengths=torch.tensor([len(ids) for ids, _ in rows]),
+        ended=torch.tensor([not spec.endswith("…") for spec in specs]),
+        sample_logp=torch.zeros(len(rows), L),
+        by_env=torch.tensor([(env + [False] * L)[:L] for _, env in rows]),
+        texts=[tok.decode(ids, skip_special_tokens=True) for ids, _ in rows],
+    )
+
+
+def model_tokens(spec: str, L: int) -> int:
+    """The tokens the model wrote, counted from the spec: its text (not the replies) and its EOS; L if cut off."""
+    if spec.endswith("…"):
+        assert "«" not in spec  # a cut-off completion here is the model's text alone
+        return L
+    return len("".join(re.split("[«»]", spec)[::2])) + 1
+
+
+def has_answer_tag(completion: str, answer: str, **kwargs) -> float:
+    return float("<answer>" in completion)
+
+
+# Two completions (G = 2) for each of four questions, the environment's replies between « and »
+ROLLOUT_SPECS = [
+    "1+2=«<result>3</result>»<answer>3</answer>",  # right, 1 call
+    "<answer>3</answer>",  # right: the group's rewards are equal, no signal
+    "<answer>4</answer>",  # wrong
+    "2+3«<result>error: bad</result>»<answer>5</answer>",  # right, a failed call
+    "7 7 7",  # no tag
+    "a«<result>1</result>»b«<result>2</result>»c«<result>3</result>»<answer>7",  # 3 calls, no closed answer
+    "9" * 80 + "…",  # cut off at L
+    "<answer>8</answer>",
+]
+ROLLOUT_GOLDS = ["3", "3", "5", "5", "7", "7", "9", "9"]
+
+
+def test_rollout_metrics_by_hand_on_one_rank_and_two(monkeypatch):
+    """The step's numbers to watch (rollout_metrics, as main reduces them) on a batch written by hand, 8 completions
+    in groups of 2: reward 0.9375 (the weighted mean: correctness x 2 and an answer-tag reward x 0.25), reward/<fn>
+    unweighted (3/8 and 6/8), accuracy 3/8, truncated_frac 1/8 (the one cut off, not the 7/8 that ended),
+    frac_zero_std 1/4 (1 group of 4, not 1 of 8 completions), completion_len the model's own tokens (not the
+    environment's replies), tool_calls 5/8, tool_errors 1/5 of the calls (not 1/8 of the completions). Under
+    torchrun, the two halves on two ranks give the whole batch's figures: the failed call is rank 0's 1 of 2, rank 1
+    has 3 calls and none failed, so the mean of the ranks' shares (1/4) would differ from 1/5."""
+    tok, L, G = make_tokenizer(), 72, 2
+    rows = [{"question": f"question {i // G}", "gold": gold} for i, gold in enumerate(ROLLOUT_GOLDS)]
+    cfg = grpo.Config(group_size=G, max_new_tokens=L, tools="calculator")
+    funcs = [(grpo.correctness_reward, 2.0), (has_answer_tag, 0.25)]
+    written = [model_tokens(spec, L) for spec in ROLLOUT_SPECS]
+
+    def figures(part: slice):  # this part's sums, as grpo_step gives them to main, and its rollout
+        ro = hand_rollout(tok, ROLLOUT_SPECS[part], L)
+        mask = ((torch.arange(L)[None] < ro.lengths[:, None]) & ~ro.by_env).float()  # by hand, not completion_mask
+        assert mask.sum(1).tolist() == written[part]
+        rewards, per_fn = grpo.score(ro.texts, rows[part], funcs, written[part], L)
+        return grpo.rollout_metrics(ro, mask, rewards, per_fn, rows[part], tok, cfg), ro
+
+    sums, ro = figures(slice(0, 8))
+    m = grpo.reduce_metrics(sums, 1, torch.device("cpu"))
+    expected = {"reward": (2 * 3 + 0.25 * 6) / 8, "reward/correctness_reward": 3 / 8, "reward/has_answer_tag": 6 / 8,
+                "accuracy": 3 / 8, "truncated_frac": 1 / 8, "frac_zero_std": 1 / 4, "completion_len": sum(written) / 8,
+                "tool_calls": 5 / 8, "tool_errors": 1 / 5}  # fmt: skip
+    assert m == pytest.approx(expected, rel=1e-12)
+    assert sum(written) < ro.lengths.sum().item()  # the unmasked mean (the replies counted) would differ
+    # torchrun: rank 1 (the last two groups) reduces first, and what it gives all_reduce is added to rank 0's
+    halves = [figures(slice(0, 4))[0], figures(slice(4, 8))[0]]
+    given = []
+    monkeypatch.setattr(grpo.dist, "all_reduce", lambda t, *a, **k: given.append(t.clone()))
+    grpo.reduce_metrics(halves[1], 2, torch.device("cpu"))
+    monkeypatch.setattr(grpo.dist, "all_reduce", lambda t, *a, **k: t.add_(given[0]))
+    both = grpo.reduce_metrics(halves[0], 2, torch.device("cpu"))
+    assert both == pytest.approx(expected, rel=1e-12)
+
+
+# Five problems: the gold answer, the greedy answer (replies between « and ») and 3 samples; what each scores
+EVAL_PROBLEMS = [
+    ("3", "<reasoning>\n1+2«<result>3</result>»\n</reasoning>\n<answer>\n3\n</answer>",
+     ["<answer>3</answer>", "<answer>1</answer>", "<answer>3</answer>"]),  # strict, lenient, format; 1 call; maj, pass
+    ("4", "4*1«<result>4</result>» I think it is 4",
+     ["<answer>4</answer>", "<answer>9</answer>", "<answer>9</answer>"]),  # lenient; 1 call; pass (the majority: 9)
+    ("5", "<reasoning>\nx\n</reasoning>\n<answer>\n7\n</answer>",
+     ["<answer>2</answer>", "<answer>2</answer>", "x"]),  # format
+    ("6", "<reasoning>z</reasoning> <answer>6</answer>",  # strict, lenient; the format loosely, not exactly
+     ["<answer>6</answer>", "x", "<answer>2</answer>"]),  # maj (a tie: the first drawn), pass
+    ("8", "2*4«<result>error: x</result>»2*4«<result>8</result>» so 8",
+     ["<answer>8</answer>"] * 3),  # lenient; 2 calls, 1 failed; maj, pass
+]  # fmt: skip
+
+
+def test_evaluation_figures_by_hand_over_two_ranks(tmp_path, monkeypatch):
+    """evaluate with --tools and --eval_samples 3 on five problems whose answers are written by hand, sharded over
+    two ranks (0, 2, 4 and 1, 3): each figure is the mean over all five problems, not one rank's share nor the mean
+    of the two shares, nor its complement: accuracy_strict 2/5, accuracy_lenient 4/5, format 2/5 (exactly the
+    format: 3/5 loosely), tool_calls 4/5 (calls per problem), tool_errors 1/4 (of the calls, not 1/5 of the
+    problems), maj@3 3/5 (a wrong majority counts 0, though a sample is right; a tie goes to the first drawn),
+    pass@3 4/5. Rank 1 evaluates first and hands its records to rank 0's all_gather_object."""
+    tok = make_tokenizer()
+    questions = [f"problem {i}?" for i in range(len(EVAL_PROBLEMS))]
+    rows = [{"question": q, "gold": gold} for q, (gold, _, _) in zip(questions, EVAL_PROBLEMS)]
+
+    def by_hand(model, prompt_ids, prompt_mask, G, max_new_tokens, temperature, eos, pad_id, env=None):
+        asked = [next(i for i, q in enumerate(questions) if q in tok.decode(p)) for p in prompt_ids]
+        specs = [EVAL_PROBLEMS[i][1] for i in asked] if G == 1 else [s for i in asked for s in EVAL_PROBLEMS[i][2]]
+        ro = hand_rollout(tok, specs, max_new_tokens)
+        return ro.completion_ids, ro.lengths, ro.ended, ro.sample_logp, ro.by_env
+
+    monkeypatch.setattr(grpo, "rollout", by_hand)
+    sampler = types.SimpleNamespace(eval=lambda: None, generation_config=None)  # the rollout is by hand: no model
+    cfg = grpo.Config(output_dir=str(tmp_path), tools="calculator", eval_samples=3, eval_batch_size=2,
+                      max_new_tokens=96)  # fmt: skip
+    shared = []
+
+    def gather_on_rank_1(out: list, records: list) -> None:
+        shared.append(records)
+        out[:] = [records, records]
+
+    monkeypatch.setattr(grpo.dist, "all_gather_object", gather_on_rank_1)
+    grpo.evaluate(sampler, tok, rows, cfg, 4, torch.device("cpu"), rank=1, world=2)
+    assert [r["index"] for r in shared[0]] == [1, 3]
+    monkeypatch.setattr(
+        grpo.dist, "all_gather_object", lambda out, records: out.__setitem__(slice(None), [records, *shared])
+    )
+    m = grpo.evaluate(sampler, tok, rows, cfg, 4, torch.device("cpu"), rank=0, world=2)
+    assert m == {"eval/accuracy_strict": 2 / 5, "eval/accuracy_lenient": 4 / 5, "eval/format": 2 / 5,
+                 "eval/tool_calls": 4 / 5, "eval/tool_errors": 1 / 4, "eval/maj@3": 3 / 5, "eval/pass@3": 4 / 5}  # fmt: skip
+    with open(tmp_path / "eval_4.jsonl") as f:  # rank 0 writes every problem's record, in order
+        assert [json.loads(line)["index"] for line in f] == [0, 1, 2, 3, 4]
+
+
+UPDATE_PASSES = [  # what two passes of the update return, {name: [total, count]}: 10 tokens each
+    {"loss": [0.3, 1.0], "kl": [2.0, 10.0], "clip_frac": [0.0, 10.0], "logp_mismatch": [0.5, 10.0], "grad_norm": [4.0, 1.0]},
+    {"loss": [0.1, 1.0], "kl": [4.0, 10.0], "clip_frac": [3.0, 10.0], "logp_mismatch": [9.0, 10.0], "grad_norm": [2.0, 1.0]},
+]  # fmt: skip
+
+
+def test_a_step_logs_the_mean_of_its_mu_passes_and_the_first_passs_mismatch(tiny_model, monkeypatch):
+    """With --mu 2 a step's loss, kl, clip_frac and grad_norm are the means over its two passes (loss 0.2, not the
+    last pass's 0.1 nor the sum 0.4; kl 0.3; clip_frac 0.15; grad_norm 3), and logp_mismatch is the first pass's
+    alone (0.05: after an update the policy has moved, so a later pass measures the update, not the sampler)."""
+    passes = iter(UPDATE_PASSES)
+    monkeypatch.setattr(grpo, "fast_update", lambda *a: ({k: list(v) for k, v in next(passes).items()}, True))
+    monkeypatch.setattr(grpo, "REWARD_FUNCS", [(digit_share, 1.0)])
+    model, tok = load(tiny_model)
+    cfg = grpo.Config(mu=2, group_size=2, max_new_tokens=4, beta=0.0, precision="fp32")
+    torch.manual_seed(0)
+    sums, applied, _, _ = grpo.grpo_step(model, model, None, tok, None, TWO_QUESTIONS, cfg)
+    m = grpo.reduce_metrics(sums, 1, torch.device("cpu"))
+    assert applied == [True, True]
+    assert {k: m[k] for k in UPDATE_PASSES[0]} == pytest.approx(
+        {"loss": 0.2, "kl": 0.3, "clip_frac": 0.15, "logp_mismatch": 0.05, "grad_norm": 3.0}, rel=1e-12
+    )
+
+
+@pytest.fixture(scope="module")
+def logged_run(tiny_model, tiny_data, tmp_path_factory) -> dict:
+    """One small run of main that the tests below share: 2 steps of 2 questions x 4 completions with tools (the
+    frequent stand-in answers even a random model), an evaluation of 2 problems before training and after the
+    last step with maj@2 and pass@2, a warmup over 4 updates, step 1's update refused as non-finite, and a clock
+    that each step moves by a known time (3 and 5 s) and each evaluation by 100 s. Returns what a user reads (the
+    records of metrics.jsonl, the console, the plot's figure) and what each step and evaluation was given and drew."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:  # no plot, and the tests of everything else still run
+        Figure = types.SimpleNamespace(savefig=None)
+
+    cfg = tiny_config(tiny_model, tiny_data, tmp_path_factory.mktemp("logged"), steps=2, eval_size=2, eval_samples=2,
+                      warmup_steps=4, tools="calculator", max_new_tokens=12)  # fmt: skip
+    clock, durations, refused = [0.0], iter([3.0, 5.0]), iter([True, False])
+    drawn, steps, evals, figures = [], [], [], []
+    generate, grpo_step, evaluate, clip_and_step = grpo.generate, grpo.grpo_step, grpo.evaluate, grpo.clip_and_step
+
+    def recorded_step(policy, sampler, ref_model, tok, optimizer, rows, cfg, world=1):
+        start = len(drawn)
+        out = grpo_step(policy, sampler, ref_model, tok, optimizer, rows, cfg, world)
+        clock[0] += next(durations)
+        steps.append({"rows": rows, "rollout": drawn[start], "sums": out[0]})
+        return out
+
+    def recorded_evaluation(sampler, tok, rows, cfg, step, *args, **kwargs):
+        start = len(drawn)
+        metrics = evaluate(sampler, tok, rows, cfg, step, *args, **kwargs)
+        clock[0] += 100.0
+        evals.append({"step": step, "rows": rows, "rollouts": drawn[start:]})
+        return metrics
+
+    def refusing(model, optimizer, loss, *args):  # step 1's update is taken as non-finite
+        return clip_and_step(model, optimizer, float("nan") if next(refused) else loss, *args)
+
+    def kept(fig, *args, **kwargs):
+        figures.append(fig)
+        return savefig(fig, *args, **kwargs)
+
+    savefig = Figure.savefig
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(io.StringIO()) as console:
+        mp.setattr(grpo, "REWARD_FUNCS", grpo.REWARD_FUNCS + [(digit_share, 1.0)])  # varies within groups
+        mp.setattr(grpo, "tool_env", frequent_env)
+        mp.setattr(grpo, "time", types.SimpleNamespace(time=lambda: clock[0]))
+        mp.setattr(grpo, "generate", lambda *a: drawn.append(generate(*a)) or drawn[-1])
+        mp.setattr(grpo, "grpo_step", recorded_step)
+        mp.setattr(grpo, "evaluate", recorded_evaluation)
+        mp.setattr(grpo, "clip_and_step", refusing)
+        mp.setattr(Figure, "savefig", kept)
+        funcs = grpo.REWARD_FUNCS + grpo.TOOL_REWARD_FUNCS
+        grpo.main(cfg)
+    return {"cfg": cfg, "records": read_metrics(cfg), "console": console.getvalue(), "figures": figures,
+            "steps": steps, "evals": evals, "funcs": funcs, "durations": [3.0, 5.0]}  # fmt: skip
+
+
+def replies(tok, ids: list[int], env: list[bool]) -> list[str]:
+    """The environment's replies in a completion, by hand: its runs of environment tokens, decoded."""
+    runs = itertools.groupby(zip(ids, env), key=lambda pair: pair[1])
+    return [tok.decode([t for t, _ in run]) for by_env, run in runs if by_env]
+
+
+def drawn_by_hand(tok, ro: grpo.Rollout) -> list[dict]:
+    """Each completion of a rollout read by hand from its tokens, not from its lengths or ended: it ends at the first
+    EOS the model wrote (past it, padding); the tokens the model wrote up to there, EOS included; cut off if the
+    model wrote no EOS; the replies (their text) before that point."""
+    out = []
+    for ids, env in zip(ro.completion_ids.tolist(), ro.by_env.tolist()):
+        ends = [t for t, (i, e) in enumerate(zip(ids, env)) if i == tok.eos_token_id and not e]
+        n = ends[0] + 1 if ends else len(ids)
+        out.append({"tokens": n - sum(env[:n]), "cut": not ends, "replies": replies(tok, ids[:n], env[:n])})
+    return out
+
+
+def mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values)
+
+
+def test_main_logs_each_step_once_with_the_rate_time_and_skips_it_had(logged_run):
+    """metrics.jsonl holds one record per step, the evaluation before training as step 0 and the last one in the
+    last step's record; lr is the rate each step's update used (warmup 1/4, then 1/4 again: step 1's update was
+    refused, and the schedule counts applied updates, so not 2/4); skipped_updates counts the refused updates so
+    far (1, 1: not the step's own 1, 0); step_time is the step's own time by the clock (3 and 5 s), the
+    evaluations' 100 s not in it; tokens_per_s is the tokens the model wrote that step, counted by hand, over
+    step_time."""
+    records, cfg, tok = logged_run["records"], logged_run["cfg"], make_tokenizer()
+    assert [r["step"] for r in records] == [0, 1, 2]
+    evaluated = {"eval/accuracy_strict", "eval/accuracy_lenient", "eval/format", "eval/tool_calls",
+                 "eval/tool_errors", "eval/maj@2", "eval/pass@2"}  # fmt: skip
+    assert set(records[0]) == {"step"} | evaluated
+    assert evaluated <= set(records[2]) and not evaluated & set(records[1])
+    train = records[1:]
+    assert [r["lr"] for r in train] == pytest.approx([cfg.lr / 4, cfg.lr / 4], rel=1e-12)
+    assert [r["skipped_updates"] for r in train] == [1, 1]
+    assert [r["step_time"] for r in train] == logged_run["durations"]
+    for r, step in zip(train, logged_run["steps"]):
+        tokens = sum(c["tokens"] for c in drawn_by_hand(tok, step["rollout"]))
+        assert r["tokens_per_s"] == pytest.approx(tokens / r["step_time"], rel=1e-12)
+
+
+def test_each_logged_figure_is_its_own_steps_by_hand(logged_run):
+    """Every figure of a step's record, by hand from that step's questions and rollout (its tokens, who wrote each,
+    the reward functions called here): the rewards (weighted, and each function's unweighted), accuracy,
+    completion_len, truncated_frac, frac_zero_std, tool_calls and tool_errors; the update's numbers are that
+    step's passes' (token-weighted: kl, clip_frac, logp_mismatch). Each evaluation's figures, by hand from its
+    greedy answers and samples. The steps' figures differ from step to step, so the step before's would fail."""
+    records, cfg, tok, G = logged_run["records"], logged_run["cfg"], make_tokenizer(), logged_run["cfg"].group_size
+    by_step, hands = {r["step"]: r for r in records}, []
+    for i, step in enumerate(logged_run["steps"], start=1):
+        drawn, texts = drawn_by_hand(tok, step["rollout"]), step["rollout"].texts
+        rows = [row for row in step["rows"] for _ in range(G)]
+        values = {fn.__name__: [fn(text, row["gold"], question=row["question"], tokens=c["tokens"],
+                                   max_tokens=cfg.max_new_tokens) for text, row, c in zip(texts, rows, drawn)]
+                  for fn, _ in logged_run["funcs"]}  # fmt: skip
+        rewards = [sum(w * values[fn.__name__][b] for fn, w in logged_run["funcs"]) for b in range(len(texts))]
+        calls = sum(len(c["replies"]) for c in drawn)
+        hand = {"reward": mean(rewards), **{f"reward/{k}": mean(v) for k, v in values.items()},
+                "accuracy": mean(grpo.correctness_reward(t, row["gold"]) for t, row in zip(texts, rows)),
+                "completion_len": mean(c["tokens"] for c in drawn), "truncated_frac": mean(c["cut"] for c in drawn),
+                "frac_zero_std": mean(len(set(rewards[g : g + G])) == 1 for g in range(0, len(rewards), G)),
+                "tool_calls": calls / len(drawn),
+                "tool_errors": sum("error:" in r for c in drawn for r in c["replies"]) / max(1, calls)}  # fmt: skip
+        assert {k: by_step[i][k] for k in hand} == pytest.approx(hand, rel=1e-6, abs=1e-9), i
+        for k in ("loss", "kl", "clip_frac", "logp_mismatch", "grad_norm"):
+            total, count = step["sums"][k]
+            assert by_step[i][k] == total / count, (i, k)
+        hands.append(hand)
+    assert hands[0] != hands[1] and sum(h["tool_calls"] for h in hands) > 0
+    assert all(h["truncated_frac"] != 0.5 for h in hands)  # so the share that ended (the complement) would differ
+    for evaluation in logged_run["evals"]:
+        rows, k = evaluation["rows"], cfg.eval_samples
+        greedy = [t for ro in evaluation["rollouts"][0::2] for t in ro.texts]
+        sampled = [t for ro in evaluation["rollouts"][1::2] for t in ro.texts]
+        drawn = [c for ro in evaluation["rollouts"][0::2] for c in drawn_by_hand(tok, ro)]
+        assert len(greedy) == len(rows) and len(sampled) == k * len(rows)
+        votes = [[grpo.stated_number(grpo.extract_answer(s) or "") for s in sampled[j * k : (j + 1) * k]]
+                 for j in range(len(rows))]  # fmt: skip
+        majority = [max((v for v in vs if v is not None), key=vs.count, default=None) for vs in votes]
+        calls = sum(len(c["replies"]) for c in drawn)
+        hand = {"eval/accuracy_strict": mean(grpo.correctness_reward(t, r["gold"]) for t, r in zip(greedy, rows)),
+                "eval/accuracy_lenient": mean(grpo.lenient_correctness(t, r["gold"]) for t, r in zip(greedy, rows)),
+                "eval/format": mean(grpo.format_reward(t, r["gold"]) for t, r in zip(greedy, rows)),
+                "eval/tool_calls": calls / len(rows),
+                "eval/tool_errors": sum("error:" in r for c in drawn for r in c["replies"]) / max(1, calls),
+                f"eval/maj@{k}": mean(m is not None and m == float(r["gold"]) for m, r in zip(majority, rows)),
+                f"eval/pass@{k}": mean(any(grpo.correctness_reward(s, r["gold"]) for s in sampled[j * k : (j + 1) * k])
+                                       for j, r in enumerate(rows))}  # fmt: skip
+        assert {key: by_step[evaluation["step"]][key] for key in hand} == pytest.approx(hand, rel=1e-12)
+
+
+CONSOLE_NAMES = {"acc": "accuracy", "clip": "clip_frac", "zero_std": "frac_zero_std", "len": "completion_len",
+                 "trunc": "truncated_frac", "mismatch": "logp_mismatch", "tools": "tool_calls", "err": "tool_errors"}  # fmt: skip
+
+
+def console_figures(line: str, record: dict) -> dict[str, str]:
+    """The numbers a console line shows, as printed, by the key of metrics.jsonl that its label stands for."""
+    shown = {}
+    for part in line.split(" | "):
+        if m := re.fullmatch(r"(?:eval )?step (\d+)(?:/\d+)?", part):
+            shown["step"] = m[1]
+        elif m := re.fullmatch(r"(\S+) tok/s", part):
+            shown["tokens_per_s"] = m[1]
+        elif m := re.fullmatch(r"(\S+)s", part):
+            shown["step_time"] = m[1]
+        elif m := re.fullmatch(r"reward (\S+) \((.*)\)", part):  # the total, then each function by its short name
+            shown["reward"] = m[1]
+            for name, value in re.findall(r"(\S+) (\S+)", m[2]):
+                (key,) = [k for k in record if k.startswith("reward/") and k[7:].removesuffix("_reward") == name]
+                shown[key] = value
+        else:
+            shown.update({CONSOLE_NAMES.get(name, name): value for name, value in re.findall(r"(\S+) (\S+)", part)})
+    return shown
+
+
+def assert_shows(shown: dict[str, str], record: dict) -> None:
+    """Each number shown is the record's, to the digits shown."""
+    for key, text in shown.items():
+        assert f"{record[key]:.{len(text.partition('.')[2])}f}" == text, (key, text, record[key])
+
+
+def test_the_console_line_shows_each_number_under_its_own_label(tmp_path):
+    """log_step on a record whose numbers all differ (under bf16, so the sampler's mismatch is shown too; with
+    tools and an evaluation): every label of the step line and the evaluation line shows its own key's number,
+    to the digits shown, none left out, and metrics.jsonl gets the record as it is."""
+    record = {"step": 7, "reward": 1.2345, "reward/correctness_reward": 0.625, "reward/format_reward": 0.375,
+              "accuracy": 0.4375, "kl": 0.0123, "loss": -0.0456, "clip_frac": 0.0312, "frac_zero_std": 0.25,
+              "completion_len": 37.4, "truncated_frac": 0.125, "logp_mismatch": 0.0078, "tool_calls": 1.5,
+              "tool_errors": 0.3333, "grad_norm": 2.5, "lr": 1e-6, "skipped_updates": 0.0, "step_time": 12.5,
+              "tokens_per_s": 987.6, "eval/accuracy_strict": 0.1, "eval/accuracy_lenient": 0.2, "eval/format": 0.3,
+              "eval/tool_calls": 0.4, "eval/tool_errors": 0.5, "eval/maj@4": 0.6, "eval/pass@4": 0.7}  # fmt: skip
+    lines = []
+    bar = types.SimpleNamespace(write=lambda text: lines.extend(text.splitlines()))
+    grpo.log_step(bar, record, grpo.Config(steps=9, output_dir=str(tmp_path)), True, "q", ["a"] * 8, torch.zeros(8))
+    step_line, eval_line = lines
+    shown = console_figures(step_line, record)
+    not_shown = {"grad_norm", "lr", "skipped_updates"}  # in metrics.jsonl only
+    assert set(shown) == {k for k in record if not k.startswith("eval/")} - not_shown
+    assert_shows(shown, record)
+    shown = console_figures(eval_line, record)
+    assert set(shown) == {"step"} | {k for k in record if k.startswith("eval/")}
+    assert_shows(shown, record)
+    assert read_metrics(grpo.Config(output_dir=str(tmp_path))) == [record]
+
+
+def test_the_console_and_the_plot_show_what_metrics_jsonl_holds(logged_run):
+    """From one run: each step's console line and each evaluation's line show the numbers of its record in
+    metrics.jsonl (to the digits shown), and every curve of metrics.png is a key's values at its steps there."""
+    records, lines = logged_run["records"], logged_run["console"].splitlines()
+    train = [line for line in lines if re.match(r"step \d+/\d+ \|", line)]  # not "step 1: ... skipped"
+    evals = [line for line in lines if line.startswith("eval step ")]
+    assert len(train) == len([r for r in records if "reward" in r])
+    assert len(evals) == len([r for r in records if "eval/accuracy_strict" in r])
+    for line, record in [*zip(train, [r for r in records if "reward" in r]),
+                         *zip(evals, [r for r in records if "eval/accuracy_strict" in r])]:  # fmt: skip
+        shown = console_figures(line, record)
+        assert len(shown) > 6 and int(shown["step"]) == record["step"]
+        assert_shows(shown, record)
+    pytest.importorskip("matplotlib")
+    (figure,) = logged_run["figures"]  # drawn once, at the end of the run
+    curves = {line.get_label(): line for ax in figure.axes for line in ax.lines}
+    for key, line in curves.items():
+        points = [(float(x), float(y)) for x, y in zip(line.get_xdata(), line.get_ydata())]
+        assert points == [(r["step"], r[key]) for r in records if key in r], key
+    assert {"reward", "accuracy", "kl", "completion_len", "frac_zero_std", "truncated_frac", "eval/accuracy_strict",
+            "eval/accuracy_lenient", "eval/format"} | {k for k in records[1] if k.startswith("reward/")} == set(curves)  # fmt: skip
+
+
+def assert_each_step_logged_once_for_both_ranks(output_dir, ranks: list) -> None:
+    """Under torchrun (test_distributed_two_processes, 3 steps, evaluations at 0, 2 and 3): metrics.jsonl holds each
+    step once, each record is what the ranks reduced (that test holds them to the count-weighted means of both
+    ranks' sums), tokens_per_s counts both ranks' tokens, and each evaluation's figures are means over every
+    problem of the gathered eval_<step>.jsonl, both ranks' shares."""
+    records = read_metrics(grpo.Config(output_dir=str(output_dir)))
+    assert [r["step"] for r in records] == [0, 1, 2, 3]
+    for record, a, b in zip(records[1:], *ranks):
+        assert record == a["metrics"]
+        tokens = a["sums"]["completion_len"][0] + b["sums"]["completion_len"][0]
+        assert record["tokens_per_s"] == pytest.approx(tokens / record["step_time"], rel=1e-9)
+    for record in [r for r in records if "eval/accuracy_strict" in r]:
+        with open(os.path.join(output_dir, f"eval_{record['step']}.jsonl")) as f:
+            problems = [json.loads(line) for line in f]
+        assert [p["index"] for p in problems] == [0, 1, 2, 3]
+        for key, field in [("accuracy_strict", "strict"), ("accuracy_lenient", "lenient"), ("format", "format")]:
+            assert record[f"eval/{key}"] == mean(p[field] for p in problems)
+        if "eval/tool_calls" in record:
+            calls = sum(p["tool_calls"] for p in problems)
+            assert record["eval/tool_calls"] == calls / 4
+            assert record["eval/tool_errors"] == sum(p["tool_errors"] for p in problems) / max(1, calls)
+
+
+def logged_keys(records: list[dict]) -> set[str]:
+    """The keys of metrics.jsonl records, each reward function's as reward/<fn> and maj@/pass@ as @k."""
+    return {re.sub(r"@\d+$", "@k", re.sub(r"^reward/.+", "reward/<fn>", k)) for r in records for k in r}
+
+
+def test_every_logged_key_has_a_row_and_its_tests_exist(logged_run):
+    """docs/tests.md's table of logged numbers has a row for every key a run writes to metrics.jsonl (the shared run
+    has tools and maj@k, so every key there is), with its definition and the tests that compute it by hand: a new
+    key needs a row (and a test), a renamed test its new name there."""
+    with open(os.path.join(HERE, "docs", "tests.md")) as f:
+        section = f.read().split("## Every logged number")[1].split("\n## ")[0]
+    rows = re.findall(r"^\| `([^`]+)` \| (.+?) \| (.+) \|$", section, re.M)
+    assert sorted(key for key, _, _ in rows) == sorted(logged_keys(logged_run["records"]))
+    with open(os.path.join(HERE, "test_grpo.py")) as f:
+        defined = set(re.findall(r"^def (test_\w+)", f.read(), re.M))
+    for key, definition, tests in rows:
+        named = re.findall(r"`(test_\w+)", tests)
+        assert definition.strip() and named and set(named) <= defined, (key, set(named) - defined)
