@@ -365,10 +365,10 @@ def generate(sampler, tok, questions: list[str], group_size: int, temperature: f
 def sample_plainly(model, prompt_ids, prompt_mask, group_size: int, max_new_tokens: int, temperature: float, eos,
                    pad_id: int, env=None):  # fmt: skip
     """The rollout in its plainest form: each prompt G times, then a token at a time, the whole sequence so far
-    through the model, softmax(logits / T), one draw and its log-prob. The draw is argmax(p / q), q ~ Exp(1): each
-    q_i / p_i is an Exponential(p_i) clock and the first to ring is i with probability p_i, an exact draw from p; and
-    rollout draws with the same noise, so the two pick the same tokens from the same seed. With env (tools), environment_turn may write a row's token instead of the model. Returns
-    what rollout does: completion ids (B, L), lengths (B,) (the EOS included), ended (B,), sample_logp (B, L), by_env."""
+    through the model, softmax(logits / T), one draw and its log-prob. The draw is argmax(p / q), q ~ Exp(1): q_i / p_i
+    is an Exponential(p_i) clock, and the first to ring is i with probability p_i: an exact draw from p, and rollout's
+    (same noise, same tokens). With env (tools), environment_turn may write a row's token instead of the model.
+    Returns what rollout does: completion ids (B, L), lengths (B,) (EOS included), ended (B,), sample_logp, by_env."""
     ids, mask = prompt_ids.repeat_interleave(group_size, 0), prompt_mask.repeat_interleave(group_size, 0)  # (B, P)
     (B, P), dev = ids.shape, ids.device
     ended, lengths = torch.zeros(B, dtype=torch.bool, device=dev), torch.full((B,), max_new_tokens, device=dev)

@@ -1676,6 +1676,71 @@ def test_a_registered_tool_runs_in_the_environment_and_is_paid_by_its_own_rule(t
         grpo.check_config(grpo.Config(tools="units,abacus"))
 
 
+LOCKERS = {"locker 7": "umbrella", "umbrella": "12", "locker 9": "kettle", "kettle": "30"}  # a small table
+
+
+def find_in_table(key: str) -> str:
+    """A toy text tool: the value of a key in a small table (text or a number); an unknown key is an error."""
+    return LOCKERS.get(key.strip(), "error: no such key")
+
+
+def test_a_text_tool_runs_in_the_environment_and_is_paid_by_its_own_rule(tiny_model, monkeypatch):
+    """A lookup over a small table, registered with no rule of its own (grounded_input: a key read from the question
+    or an earlier result is grounded work): the environment answers it with text, the prompt shows its example and
+    the calculator's, and the rewards pay a two-step chain every rung, a guessed key only the first, never raising
+    on a text result. Through score, with every reward of a --tools run, the chain pays the most."""
+    example = ("What is in locker 1?", "<find>locker 1</find><result>pen</result> <answer>pen</answer>")
+    entry = {"tag": "find", "run": find_in_table, "prompt": "Look up with <find>KEY</find>.", "example": example}
+    monkeypatch.setitem(grpo.TOOLS, "table", entry)
+    tok = load(tiny_model)[1]
+    prompt = grpo.build_prompt(tok, "q", tools="calculator,table")
+    assert grpo.TOOLS["calculator"]["example"][1] in prompt and example[1] in prompt  # each offered tool's example
+    env, turns = grpo.tool_env(tok, 2, "calculator,table"), {"ids": [[]], "queue": [[]], "calls": [0], "eos": {0}}
+    written = []
+    for token in ids_of(tok, "so <find>locker 7</find>") + [tok.pad_token_id] * 30:
+        chosen, forced = grpo.environment_turn(env, torch.tensor([token]), torch.tensor([False]), turns)
+        written += [chosen.item()] if forced.item() else []
+    assert tok.decode(written) == "<result>umbrella</result>"
+    question = "What does the item in locker 7 cost?"
+    chain = formatted("<find>locker 7</find><result>umbrella</result> <find>umbrella</find><result>12</result>", "12")
+    rows = {  # what each of TOOL_REWARD_FUNCS pays (tool_reward, grounded_call, answer_from_call, well_formed)
+        chain: [1, 1, 1, 1],
+        formatted("<find>umbrella</find><result>12</result>", "12"): [0, 0, 0, 1],  # a guessed key
+        formatted("<find>locker 7</find><result>12</result>", "12"): [0, 0, 0, 0],  # a typed result
+        formatted("<find>locker 7</find><result>umbrella</result>", "umbrella"): [0, 1, 0, 1],  # a text answer
+        formatted("<find>locker 9</find><result>kettle</result> <find>kettle</find><result>30</result>", "30"):
+            [0, 0, 0, 1],  # locker 9 is not asked about
+        formatted("<find>locker 7</find><result>umbrella</result>", "12"): [0, 1, 0, 1],  # half a chain, a guess
+    }  # fmt: skip
+    for completion, expected in rows.items():
+        assert [fn(completion, "12", question=question) for fn, _ in grpo.TOOL_REWARD_FUNCS] == expected, completion
+    funcs = grpo.REWARD_FUNCS + grpo.TOOL_REWARD_FUNCS
+    totals, _ = grpo.score(list(rows), [{"question": question, "gold": "12"}] * len(rows), funcs, [50] * 6, 400)
+    assert totals.argmax().item() == 0 and (totals[1:] < totals[0]).all()
+
+
+RESULTS = ["Paris", "12", "-0", "1e+20", "nan", "inf", "error: no such key", "not found", "", "  ", "1, 2 and 3",
+           "x" * 100_000, "9" * 100_000, "<answer>" * 10_000, "1 + " * 25_000, "\u2212" * 100_000] + ADVERSARIAL  # fmt: skip
+
+
+@pytest.mark.parametrize("fn", [f for f, _ in grpo.TOOL_REWARD_FUNCS])
+def test_every_tool_reward_takes_any_result_text(fn, monkeypatch):
+    """Rewards never raise, whatever a tool returns: each tool reward, with each tool's rule (the calculator's, and the
+    default a lookup uses), on completions whose calls a tool answered with text, numbers, errors or 100,000
+    characters of junk, chained and answered, returns a finite float, fast."""
+    for text in RESULTS:
+        if grpo.TOOL_RESULT[1] in text:
+            continue
+        for name in list(grpo.TOOLS):  # each tool's own rule, its function returning the junk
+            monkeypatch.setitem(grpo.TOOLS, name, {**grpo.TOOLS[name], "run": lambda _, text=text: text})
+        monkeypatch.setitem(grpo.TOOLS, "echo", {"tag": "echo", "run": lambda _, text=text: text})
+        calls = f"<calc>2 * 3</calc><result>{text}</result> <echo>2 apples</echo><result>{text}</result>"
+        completion = formatted(calls * 3 + "<calc>6 - 2</calc><result>4</result>", text[:1000])
+        value, seconds = cpu_seconds(lambda c: fn(c, "6", question="2 apples, 3 pears"), completion)
+        assert isinstance(value, float) and math.isfinite(value)
+        assert seconds < 0.5, f"{fn.__name__} is slow on a {len(text)}-char result"
+
+
 def test_tool_results_are_forced_tokens_masked_from_the_model(tiny_model):
     model, tok = load(tiny_model)
     rows = [0, 1, 2, 3]
@@ -3680,6 +3745,44 @@ def test_rewards_receive_the_token_count_and_the_question(tiny_model, tiny_data,
     assert len(seen) == B and all(m == cfg.max_new_tokens and 1 <= t <= m and q for t, m, q in seen)
     assert sum(t for t, _, _ in seen) == steps[0]["completion_len"][0]  # the tokens the model wrote, summed
     assert math.isclose(steps[0]["reward/length_penalty"][0], -sum(t for t, _, _ in seen) / cfg.max_new_tokens)
+
+
+def test_every_reward_gets_every_keyword_it_declares_from_every_caller(tiny_model, tiny_data, tmp_path, monkeypatch):
+    """Rewards get what they declare: each entry of REWARD_FUNCS and TOOL_REWARD_FUNCS, and the README's length
+    penalty (tokens, max_tokens and question, no defaults), is called with every keyword it takes (a default left
+    unfilled counts as missing) by every caller: training's score (main with --tools), and bench.py's adapter
+    for TRL's GRPOTrainer (trl_reward, called as TRL calls a reward function)."""
+    import bench
+
+    calls = []
+
+    def cut_off_penalty(completion: str, answer: str, tokens: int, max_tokens: int, question: str, **kwargs) -> float:
+        return -float(tokens >= max_tokens)
+
+    def checked(fn, caller):
+        params = list(inspect.signature(fn).parameters.values())[2:]
+        declared = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+        @functools.wraps(fn)
+        def called(completion, answer, **kwargs):
+            missing = [name for name in declared + ["question", "tokens", "max_tokens"] if name not in kwargs]
+            calls.append((caller, fn.__name__, missing))
+            return fn(completion, answer, **kwargs)
+
+        return called
+
+    rewards, tool_rewards = grpo.REWARD_FUNCS + [(cut_off_penalty, 0.5)], grpo.TOOL_REWARD_FUNCS
+    monkeypatch.setattr(grpo, "REWARD_FUNCS", [(checked(fn, "score"), w) for fn, w in rewards])
+    monkeypatch.setattr(grpo, "TOOL_REWARD_FUNCS", [(checked(fn, "score"), w) for fn, w in tool_rewards])
+    grpo.main(tiny_config(tiny_model, tiny_data, tmp_path, steps=1, tools="calculator"))
+    for fn, _ in rewards + tool_rewards:
+        trl = bench.trl_reward(checked(fn, "trl"), 64)
+        paid = trl(prompts=["p"], completions=[HONEST], completion_ids=[[5] * 64], gold=["29842"], question=[CRATES],
+                   trainer_state=None)  # fmt: skip
+        assert paid == [fn(HONEST, "29842", question=CRATES, tokens=64, max_tokens=64)]
+    names = {fn.__name__ for fn, _ in rewards + tool_rewards}
+    assert {(caller, name) for caller, name, _ in calls} == {(c, n) for c in ("score", "trl") for n in names}
+    assert [call for call in calls if call[2]] == []
 
 
 def test_a_config_field_without_a_help_comment_gets_its_name_as_help(monkeypatch, capsys):
