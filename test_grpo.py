@@ -3918,40 +3918,33 @@ def apply_fork_diff(source: str, diff: str) -> tuple[str, list[int]]:
 
 
 def guard_tests(changed_lines: list[int]) -> set[str]:
-    """The tests that guard what an edit changes: each test that uses (itself or through this file's helpers) a
-    name of grpo.py whose definition the edit touches, or a function of grpo.py that uses such a name itself."""
+    """The tests that guard what an edit changes, cheaply: each test that uses (itself or through this file's helpers)
+    a name of grpo.py whose definition the edit touches, or a function of grpo.py that uses such a name itself, less
+    the end-to-end runs (through main: the full check runs them); and every test that reads grpo.py's source (the
+    file's shape: lines an edit moves)."""
     with open(grpo.__file__) as f:
-        tree = ast.parse(f.read())
-
-    def names(node) -> set[str]:  # the module-level names a definition defines
-        if isinstance(node, (ast.Assign, ast.AnnAssign)):
-            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-            return {x.id for t in targets for x in ast.walk(t) if isinstance(x, ast.Name)}
-        return {node.name} if hasattr(node, "name") else set()
-
-    nodes = tree.body
+        nodes = ast.parse(f.read()).body
     edited = set()
     for line in changed_lines:  # a changed comment belongs to the definition below it
-        node = next((n for n in nodes if n.end_lineno >= line), nodes[-1])
-        edited |= names(node)
-    uses = {name: {x.id for x in ast.walk(n) if isinstance(x, ast.Name)} for n in nodes for name in names(n)}
+        edited |= module_names(next((n for n in nodes if n.end_lineno >= line), nodes[-1]))
+    uses = {name: {x.id for x in ast.walk(n) if isinstance(x, ast.Name)} for n in nodes for name in module_names(n)}
     watched = edited | {name for name, used in uses.items() if used & edited}
     with open(os.path.join(HERE, "test_grpo.py")) as f:
-        tests = ast.parse(f.read())
-    defs = {n.name: n for n in tests.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+        defs = {n.name: n for n in ast.parse(f.read()).body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
 
     def reach(name: str, seen: set) -> set[str]:  # grpo names used by a test function and the helpers it calls
         seen.add(name)
-        node, used = defs[name], set()
-        for x in ast.walk(node):
+        used = set()
+        for x in ast.walk(defs[name]):
             if isinstance(x, ast.Attribute) and isinstance(x.value, ast.Name) and x.value.id == "grpo":
                 used.add(x.attr)
             elif isinstance(x, (ast.Name, ast.arg)) and (key := getattr(x, "id", getattr(x, "arg", ""))) in defs:
                 used |= reach(key, seen) if key not in seen else set()
         return used
 
-    fork_test = "test_the_readmes_fork_it_diffs_change_the_tests_it_lists"
-    return {name for name in defs if name.startswith("test_") and name != fork_test and reach(name, set()) & watched}
+    tests = {name: reach(name, set()) for name in defs if name.startswith("test_")}
+    tests.pop("test_the_readmes_fork_it_diffs_change_the_tests_it_lists")
+    return {name for name, used in tests.items() if "main" not in used and (used & watched or "__file__" in used)}
 
 
 def failing_tests(source: str, tests: set[str], tmp_path) -> set[str]:
