@@ -804,6 +804,18 @@ def check_job_step(step: int, metrics: dict) -> None:
                  f"non-finite; non-finite metrics: {', '.join(bad) or 'none'}")  # fmt: skip
 
 
+def trl_reward(fn, max_tokens: int):
+    """grpo.py's reward function in TRL's signature, given every keyword grpo.py's score gives it: TRL passes the
+    dataset's columns and each completion's token ids (completion_ids), cut after its EOS."""
+
+    def reward(prompts, completions, completion_ids, gold, question, **kwargs):
+        return [fn(c, g, question=q, tokens=len(ids), max_tokens=max_tokens)
+                for c, ids, g, q in zip(completions, completion_ids, gold, question)]  # fmt: skip
+
+    reward.__name__ = fn.__name__
+    return reward
+
+
 def run_trl_job(args) -> None:
     """TRL's GRPOTrainer on the same model, questions, prompts, rewards and sizes, on its transformers generation
     path (model.generate, no vLLM): G completions per question, micro-batches of the same size accumulated to the
@@ -821,13 +833,6 @@ def run_trl_job(args) -> None:
     data = datasets.Dataset.from_list(
         [{"prompt": grpo.build_prompt(tok, r["question"]), "gold": r["gold"], "question": r["question"]} for r in rows]
     )
-
-    def as_trl(fn):  # grpo.py's reward function, in TRL's signature
-        def reward(prompts, completions, gold, question, **kwargs):
-            return [fn(c, g, question=q) for c, g, q in zip(completions, gold, question)]
-
-        reward.__name__ = fn.__name__
-        return reward
 
     B = args.prompts * args.group_size
     mb = B if args.micro_batch_size < 0 else min(args.micro_batch_size, B)
@@ -849,7 +854,7 @@ def run_trl_job(args) -> None:
             if logs and "completions/mean_length" in logs:
                 print_mark(device, logs["completions/mean_length"])
 
-    trainer = trl.GRPOTrainer(model=args.job_model, reward_funcs=[as_trl(fn) for fn, _ in grpo.REWARD_FUNCS],
+    trainer = trl.GRPOTrainer(model=args.job_model, reward_funcs=[trl_reward(fn, args.new_tokens) for fn, _ in grpo.REWARD_FUNCS],
                               args=config, train_dataset=data, processing_class=tok, callbacks=[Marks()])  # fmt: skip
     trainer.train()
 

@@ -178,15 +178,16 @@ def tag_count_reward(completion: str, answer: str, **kwargs) -> float:
     >>> tag_count_reward("<reasoning>\\n</reasoning>\\n<answer>\\n</answer>\\n", "1")
     1.0
     """
-    score = sum(0.25 for tag in ("<reasoning>", "</reasoning>", "<answer>", "</answer>") if completion.count(tag) == 1)
+    tags = sum(0.25 for tag in ("<reasoning>", "</reasoning>", "<answer>", "</answer>") if completion.count(tag) == 1)
     end = completion.rfind("</answer>")  # text after it costs a quarter
     trailing = end >= 0 and completion[end + len("</answer>") :].strip() != ""
-    return max(0.0, score - 0.25 * trailing)
+    return max(0.0, tags - 0.25 * trailing)
 
 
-# FORK HERE: the rewards (README, Fork it). (function, weight): a completion's reward is the weighted sum (score,
-# below). Each is called as fn(completion, gold answer, question=..., tokens=..., max_tokens=...) (tokens: the
-# completion's own token count) and logged as reward/<name>, unweighted. Partial credit: a signal before the format.
+# FORK HERE: the rewards (README, Fork it): (function, weight) pairs.
+# A completion's reward is their weighted sum (score, below). Each is called as fn(completion, gold answer,
+# question=..., tokens=..., max_tokens=...) (tokens: the completion's own token count) and logged as reward/<name>,
+# unweighted. Partial credit: a signal before the format.
 REWARD_FUNCS = [
     (correctness_reward, 2.0),
     (format_reward, 0.5),
@@ -199,10 +200,10 @@ REWARD_FUNCS = [
 # ----------------------------------------------------------------------------- GRPO: advantages, the objective, the step
 # Shapes: N prompts, G completions each, B = N*G, P prompt length, L completion length, V vocab.
 def group_advantages(rewards: torch.Tensor, group_size: int, scale_by_std: bool = True, eps: float = 1e-4):
-    """A_i = (r_i - mean(r_group)) / (std(r_group) + eps): each answer judged against its siblings.
-    rewards (B,) with each group's G completions contiguous; a group of equal rewards gives 0."""
+    """A_i = (r_i - b_i) / (std(r_group) + eps), b_i the baseline (marked below): each answer judged against its
+    siblings. rewards (B,) with each group's G completions contiguous; a group of equal rewards gives 0."""
     r = rewards.view(-1, group_size)  # (N, G)
-    a = r - r.mean(1, keepdim=True)  # FORK HERE: the baseline (README, Fork it: leave-one-out)
+    a = r - r.mean(1, keepdim=True)  # FORK HERE: the baseline b_i, the group's mean (README, Fork it: leave-one-out)
     if scale_by_std:
         a = a / (r.std(1, keepdim=True) + eps)  # torch.std is unbiased (divides by G - 1)
     return a.view(-1)  # (B,)
@@ -248,6 +249,19 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps=0.2, beta=0.0
         is_clipped = ((ratio < 1 - clip_eps) & (A < 0)) | ((ratio > 1 + eps_high) & (A > 0))  # no gradient there
         stats = {"kl": (kl * mask).sum() / tokens, "clip_frac": (is_clipped.float() * mask).sum() / tokens}
     return -J, stats
+
+
+# A rollout: B = N * G completions, G for each of N prompts (completion b answers prompt b // G).
+@dataclasses.dataclass
+class Rollout:
+    prompt_ids: torch.Tensor  # (N, P) each prompt once, left-padded
+    prompt_mask: torch.Tensor  # (N, P) 1 for a prompt token, 0 for padding
+    completion_ids: torch.Tensor  # (B, L) the sampled tokens; past a completion's length, padding (masked by length)
+    lengths: torch.Tensor  # (B,) tokens in each completion, the EOS that ended it included
+    ended: torch.Tensor  # (B,) False for a completion cut off at --max_new_tokens
+    sample_logp: torch.Tensor  # (B, L) log pi_old of each sampled token: the sampler's own, at the temperature
+    by_env: torch.Tensor  # (B, L) True for tokens the environment wrote (tool results); all False without tools
+    texts: list[str]  # the B completions as text (special tokens dropped)
 
 
 def grpo_step(policy, sampler, ref_model, tok, optimizer, rows: list[dict], cfg: Config, world: int = 1):
@@ -332,19 +346,6 @@ def plain_reference_logprobs(ref_model, ro, cfg: Config) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- Sampling and log-probs, plainly
-# A rollout: B = N * G completions, G for each of N prompts (completion b answers prompt b // G).
-@dataclasses.dataclass
-class Rollout:
-    prompt_ids: torch.Tensor  # (N, P) each prompt once, left-padded
-    prompt_mask: torch.Tensor  # (N, P) 1 for a prompt token, 0 for padding
-    completion_ids: torch.Tensor  # (B, L) the sampled tokens; past a completion's length, padding (masked by length)
-    lengths: torch.Tensor  # (B,) tokens in each completion, the EOS that ended it included
-    ended: torch.Tensor  # (B,) False for a completion cut off at --max_new_tokens
-    sample_logp: torch.Tensor  # (B, L) log pi_old of each sampled token: the sampler's own, at the temperature
-    by_env: torch.Tensor  # (B, L) True for tokens the environment wrote (tool results); all False without tools
-    texts: list[str]  # the B completions as text (special tokens dropped)
-
-
 def generate(sampler, tok, questions: list[str], group_size: int, temperature: float, cfg: Config, device) -> Rollout:
     """G samples for each question from `sampler` (the policy, or its bf16 copy), each token's log-prob under it:
     sample_plainly under --plain, else rollout (Fast paths: each prompt prefilled once for its G samples, a KV
@@ -352,8 +353,8 @@ def generate(sampler, tok, questions: list[str], group_size: int, temperature: f
     prompt_ids, prompt_mask = tokenize_prompts(tok, [build_prompt(tok, q, cfg.tools) for q in questions], device)
     env = tool_env(tok, cfg.max_tool_calls, cfg.tools) if cfg.tools else None
     sampler.eval()  # no dropout, and no activation checkpointing (it would drop the KV cache)
-    sample = paths(cfg)[0]
-    ids, lengths, ended, sample_logp, by_env = sample(sampler, prompt_ids, prompt_mask, group_size, cfg.max_new_tokens,
+    draw = paths(cfg)[0]  # sample_plainly, or rollout
+    ids, lengths, ended, sample_logp, by_env = draw(sampler, prompt_ids, prompt_mask, group_size, cfg.max_new_tokens,
                                                       temperature, eos_ids(sampler, tok), tok.pad_token_id, env=env)  # fmt: skip
     texts = [tok.decode(row[:n], skip_special_tokens=True) for row, n in zip(ids.tolist(), lengths.tolist())]
     return Rollout(prompt_ids, prompt_mask, ids, lengths, ended, sample_logp, by_env, texts)
@@ -363,10 +364,10 @@ def generate(sampler, tok, questions: list[str], group_size: int, temperature: f
 def sample_plainly(model, prompt_ids, prompt_mask, group_size: int, max_new_tokens: int, temperature: float, eos,
                    pad_id: int, env=None):  # fmt: skip
     """The rollout in its plainest form: each prompt G times, then a token at a time, the whole sequence so far
-    through the model, softmax(logits / T), one draw and its log-prob. The draw is argmax(p / q), q ~ Exp(1): an
-    exact draw from p (sample, below, says why), and with the noise rollout draws, so the two pick the same tokens
-    from the same seed. With env (tools), environment_turn may write a row's token instead of the model. Returns
-    what rollout does: completion ids (B, L), lengths (B,) (the EOS included), ended (B,), sample_logp (B, L), by_env."""
+    through the model, softmax(logits / T), one draw and its log-prob. The draw is argmax(p / q), q ~ Exp(1): q_i / p_i
+    is an Exponential(p_i) clock, and the first to ring is i with probability p_i: an exact draw from p, and rollout's
+    (same noise, same tokens). With env (tools), environment_turn may write a row's token instead of the model.
+    Returns what rollout does: completion ids (B, L), lengths (B,) (EOS included), ended (B,), sample_logp, by_env."""
     ids, mask = prompt_ids.repeat_interleave(group_size, 0), prompt_mask.repeat_interleave(group_size, 0)  # (B, P)
     (B, P), dev = ids.shape, ids.device
     ended, lengths = torch.zeros(B, dtype=torch.bool, device=dev), torch.full((B,), max_new_tokens, device=dev)
@@ -500,6 +501,7 @@ def setup_training(model, cfg: Config, resume_from: str | None, world: int, devi
 # equal to its plain form, then the machinery a first reading skips. What the reading above calls from down here:
 #   rollout, fast_reference_logprobs, fast_update  the fast forms of sample_plainly, plain_reference_logprobs, plain_update
 #   score               each completion's reward: the weighted sum of the functions, and each one's values
+#   TOOL_REWARD_FUNCS   --tools: the tool rewards, a ladder of partial credit for grounded calls (TOOLS), weighted
 #   extract_answer      the text of the last <answer>...</answer> block (None if there is none)
 #   stated_number       the one number a text states, however wrapped (None for none or several); same_number: equal
 #   build_prompt        the chat prompt of a question: SYSTEM_PROMPT, the EXAMPLE turn, the question
@@ -768,17 +770,16 @@ def head_logprobs(inner, hidden: torch.Tensor, ids: torch.Tensor, temperature: f
 
 
 # ----------------------------------------------------------------------------- Rewards, machinery: scoring, and the number an answer states
-def score(completions: list[str], rows: list[dict], funcs=None, tokens: list[int] | None = None,
-          max_tokens: int | None = None) -> tuple[torch.Tensor, dict[str, list[float]]]:  # fmt: skip
+def score(completions: list[str], rows: list[dict], funcs: list, tokens: list[int],
+          max_tokens: int) -> tuple[torch.Tensor, dict[str, list[float]]]:  # fmt: skip
     """Total rewards (B,) and each function's unweighted values; rows[i] is completion i's row; funcs: (function,
-    weight) pairs, REWARD_FUNCS by default. A function is called as fn(completion, gold answer, **keywords): the row's
-    other fields (question, ...), and when given, tokens (the completion's own token count) and max_tokens
+    weight) pairs. Every function is called as fn(completion, gold answer, **keywords), always with every keyword:
+    the row's other fields (question, ...), tokens (the completion's own token count) and max_tokens
     (--max_new_tokens), e.g. for a length penalty."""
-    funcs = REWARD_FUNCS if funcs is None else funcs
     per_fn, total = {fn.__name__: [] for fn, _ in funcs}, []
     for i, (c, row) in enumerate(zip(completions, rows)):
         extra = {k: v for k, v in row.items() if k not in ("answer", "gold")}  # e.g. question
-        extra.update({} if tokens is None else {"tokens": tokens[i], "max_tokens": max_tokens})
+        extra.update(tokens=tokens[i], max_tokens=max_tokens)
         r = 0.0
         for fn, weight in funcs:
             value = float(fn(c, row["gold"], **extra))
@@ -930,13 +931,32 @@ def has_operator(expression: str) -> bool:
     return any(isinstance(node, ast.BinOp) for node in ast.walk(tree))
 
 
+def grounded_arithmetic(expression: str, result: str, known: list[str]) -> int:
+    """The calculator's grounded work: 2 for arithmetic that combines two different numbers into a new one, each in the
+    question or an earlier grounded result (known); 1 for one such number with itself (347 - 347: it may be built on
+    and answered, but earns no upper rung); 0 for a copy (1200 * 1) or an invented number."""
+    numbers = [abs(v) for text in known for v in map(number_value, NUMBER.findall(text)) if v is not None]
+    written = [abs(v) for v in map(number_value, NUMBER.findall(expression)) if v is not None]  # a sign is arithmetic
+    value = result_number(result)
+    copied = value is None or any(same_number(abs(value), w) for w in written)  # 1200 * 1 computes nothing new
+    grounded = all(any(same_number(w, k) for k in numbers) for w in written)
+    return min(2, len(set(written))) if grounded and not copied else 0
+
+
+def grounded_input(text: str, result: str, known: list[str]) -> int:
+    """The grounded work of a tool that names no rule, as a lookup: 2 (every rung) for a call whose input is in the
+    question or an earlier grounded result (a key read there, not invented), else 0."""
+    return 2 if text.strip() and any(text.strip() in k for k in known) else 0
+
+
 # FORK HERE: the tools. By --tools name: the tag of a call, the function that answers it, the system prompt's line
 # that teaches it, a worked example (an earlier chat turn, as EXAMPLE), and optionally computes(input) -> bool: does
-# an answered call do some work (the first rung of the rewards; by default, its output is not its input). Adding a
-# tool is a function and an entry here: the environment, the prompt, the rewards and check_config read this table.
+# an answered call do some work (the first rung; by default, its output is not its input) and grounded(input,
+# result, known) -> 0, 1, 2: its work on what the question or earlier results gave (the upper rungs; grounded_input by
+# default). Adding a tool is a function and an entry here: environment, prompt, rewards and check_config read it.
 TOOLS = {
     "calculator": {
-        "tag": "calc", "run": calculator, "computes": has_operator,
+        "tag": "calc", "run": calculator, "computes": has_operator, "grounded": grounded_arithmetic,
         "prompt": "You have a calculator: write <calc>expression</calc> and its result appears as <result>value</result>.",
         "example": ("What is 2 + 3 * 4?", "<reasoning>\n3 * 4 = <calc>3 * 4</calc><result>12</result>, and 2 + 12 = "
                     "<calc>2 + 12</calc><result>14</result>.\n</reasoning>\n<answer>\n14\n</answer>"),
@@ -960,12 +980,12 @@ def tool_response(text: str, names: str = "") -> str | None:
     return None
 
 
-def answered_calls(completion: str) -> list[tuple[str, str, bool]]:
-    """(input, result, computes: did it do work, see TOOLS) for each of the first 16 calls (bounded time) that its tool
-    answered without an error, with the result it really returns (a typed <result> counts only if it is the tool's).
+def answered_calls(completion: str) -> list[tuple[str, str, str, bool]]:
+    """(tag, input, result, computes: did it do work, see TOOLS) for each of the first 16 calls (bounded time) that
+    its tool answered without an error, with the result it really returns (a typed <result> counts only if the tool's).
 
     >>> answered_calls("<calc>6 * 7</calc><result>42</result> <calc>7</calc><result>7</result> <calc>1+</calc>")
-    [('6 * 7', '42', True), ('7', '7', False)]
+    [('calc', '6 * 7', '42', True), ('calc', '7', '7', False)]
     """
     by_tag = {tool["tag"]: tool for tool in TOOLS.values()}
     parts = re.split("<(" + "|".join(map(re.escape, by_tag)) + ")>", completion)  # text, tag, text after it, ...
@@ -977,28 +997,32 @@ def answered_calls(completion: str) -> list[tuple[str, str, bool]]:
         if not closed or result != tool["run"](expression) or result.startswith("error"):
             continue  # no call, a result the tool did not return, or a failed call
         computes = tool["computes"](expression) if "computes" in tool else result.strip() != expression.strip()
-        calls.append((expression, result, computes))
+        calls.append((tag, expression, result, computes))
     return calls
 
 
-def grounded_results(completion: str, question: str) -> list[tuple[float, int]]:
-    """The rule every tool reward shares: (result, distinct numbers written) for each call that did arithmetic on
-    numbers it did not invent: an answered call that computes, whose result is not a number written in it (1200 * 1),
-    and every number written in it is in the question or is an earlier such call's result.
+def result_number(text: str) -> float | None:
+    """The number a tool's result states: the calculator's form (1e+20 too), else the one number a text states (None
+    for 'Paris', several numbers or junk), read without raising."""
+    with contextlib.suppress(ValueError):
+        return number_value(text.strip())
+    return stated_number(text)
+
+
+def grounded_results(completion: str, question: str) -> list[tuple[float | None, int]]:
+    """The rule every tool reward shares: (the number its result states, 1 or 2) for each answered call that computes
+    and did grounded work by its tool's rule (TOOLS: grounded) on the question and earlier such results: only such a
+    result may be built on (<calc>29928</calc> then 29928 - 86 would launder a guess).
 
     >>> grounded_results("<calc>6 * 7</calc><result>42</result> <calc>42</calc><result>42</result>", "6 boxes of 7")
     [(42.0, 2)]
     """
-    known = [number_value(n) for n in NUMBER.findall(question)]  # numbers the model may compute with
-    grounded_calls = []
-    for expression, result, computes in answered_calls(completion):
-        value = number_value(result)
-        written = [abs(number_value(n)) for n in NUMBER.findall(expression)]  # a sign is arithmetic, not a number
-        copied = any(same_number(abs(value), w) for w in written)  # 1200 * 1 computes nothing new
-        grounded = all(any(same_number(w, abs(k)) for k in known) for w in written)
-        if computes and not copied and grounded:  # only such a result may be built on: <calc>29928</calc>
-            grounded_calls.append((value, len(set(written))))  # then 29928 - 86 would launder a guess
-            known.append(value)
+    rules = {tool["tag"]: tool.get("grounded", grounded_input) for tool in TOOLS.values()}
+    known, grounded_calls = [question], []  # the texts a call may take its inputs from
+    for tag, text, result, computes in answered_calls(completion):
+        if computes and (level := rules[tag](text, result, known)):
+            grounded_calls.append((result_number(result), level))
+            known.append(result)
     return grounded_calls
 
 
@@ -1018,25 +1042,25 @@ def tool_reward(completion: str, answer: str, question: str = "", **kwargs) -> f
 
 
 def grounded_call_reward(completion: str, answer: str, question: str = "", **kwargs) -> float:
-    """1 for a grounded call that combines two different numbers, once per completion whatever the answer: a group
-    in which one sample computes with the question's numbers has a spread to learn from before any answer is right.
+    """1 for a call of full grounded work (its tool's rule: 2; the calculator's, two different numbers), once per
+    completion whatever the answer: a group in which one sample uses the question has a spread to learn from.
     More calls pay no more; <calc>347 - 347</calc>, bare or invented numbers, typed results, failed calls pay nothing.
 
     >>> grounded_call_reward("<calc>6 + 7</calc><result>13</result>", "42", question="6 boxes of 7")
     1.0
     """
-    return float(any(distinct >= 2 for _, distinct in grounded_results(completion, question)))
+    return float(any(level >= 2 for _, level in grounded_results(completion, question)))
 
 
 def answer_from_call_reward(completion: str, answer: str, question: str = "", **kwargs) -> float:
-    """1 if the answer states the result of a grounded call that combined two different numbers, right or wrong: it
+    """1 if the answer states the result of a call of full grounded work (as grounded_call_reward), right or wrong: it
     pays for carrying the tool's result into <answer> rather than a guess (only a right one adds correctness).
 
     >>> answer_from_call_reward("<calc>6 + 7</calc><result>13</result> <answer>13</answer>", "42", question="6, 7")
     1.0
     """
     stated = stated_number(extract_answer(completion) or "")
-    return float(any(d >= 2 and same_number(v, stated) for v, d in grounded_results(completion, question)))
+    return float(any(level >= 2 and same_number(v, stated) for v, level in grounded_results(completion, question)))
 
 
 def well_formed_call_reward(completion: str, answer: str, **kwargs) -> float:
@@ -1047,7 +1071,7 @@ def well_formed_call_reward(completion: str, answer: str, **kwargs) -> float:
     >>> well_formed_call_reward("<calc>2 + 2</calc><result>4</result>", "42"), well_formed_call_reward("<calc>4</calc>", "4")
     (1.0, 0.0)
     """
-    return float(any(computes for _, _, computes in answered_calls(completion)))
+    return float(any(computes for *_, computes in answered_calls(completion)))
 
 
 # Added to REWARD_FUNCS when --tools is on, so that the single-turn job is unchanged. A ladder of partial credit,
@@ -1311,15 +1335,15 @@ def prompt_indices(n: int, start: int, count: int, seed: int) -> list[int]:
 
 def build_prompt(tok, question: str, tools: str = "") -> str:
     """The chat prompt for one question (the model's own chat template when it has one). With tools (--tools
-    names), the system prompt says how to call each, and the worked example is the first one's."""
+    names), the system prompt says how to call each, and each one's worked example is shown, in that order."""
     names = tools.split(",") if tools else []
     system = SYSTEM_PROMPT + "".join("\n" + TOOLS[name]["prompt"] for name in names)
-    shot = TOOLS[names[0]]["example"] if names else EXAMPLE
-    shots = [{"role": "user", "content": shot[0]}, {"role": "assistant", "content": shot[1]}] if shot else []
+    examples = [shot for shot in ([TOOLS[name]["example"] for name in names] if names else [EXAMPLE]) if shot]
+    shots = [{"role": role, "content": text} for q, a in examples for role, text in (("user", q), ("assistant", a))]
     messages = [{"role": "system", "content": system}, *shots, {"role": "user", "content": question}]
     if tok.chat_template is None:  # a base model: plain text
-        example = f"Question: {shot[0]}\nAnswer:\n{shot[1]}\n\n" if shot else ""
-        return f"{system}\n\n{example}Question: {question}\nAnswer:\n"
+        shown = "".join(f"Question: {q}\nAnswer:\n{a}\n\n" for q, a in examples)
+        return f"{system}\n\n{shown}Question: {question}\nAnswer:\n"
     return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
@@ -1668,8 +1692,8 @@ def save_atomically(path: str, model, tok, trainer_state: dict | None = None) ->
 
 def latest_checkpoint(output_dir: str) -> str | None:
     """The complete checkpoint folder: 'checkpoint', or 'checkpoint.old' if a crash hit mid-swap."""
-    paths = [os.path.join(output_dir, name) for name in ("checkpoint", "checkpoint.old")]
-    return next((path for path in paths if os.path.isfile(os.path.join(path, "trainer_state.pt"))), None)
+    folders = [os.path.join(output_dir, name) for name in ("checkpoint", "checkpoint.old")]
+    return next((path for path in folders if os.path.isfile(os.path.join(path, "trainer_state.pt"))), None)
 
 
 def seed_everything(*key) -> None:

@@ -23,6 +23,7 @@ import operator
 import os
 import random
 import re
+import shutil
 import string
 import subprocess
 import sys
@@ -384,7 +385,7 @@ def test_default_rubric_has_no_hair_thin_differences():
     characters after </answer> must score alike, or the hair becomes a full-size signal."""
     wrong = "<reasoning>\n9 + 9 = 17\n</reasoning>\n<answer>\n17\n</answer>\n"
     group = [wrong + tail for tail in ["ok", "okay", "x", "xx", "xxx", "done.", "a b c", "!!"]]
-    rewards, _ = grpo.score(group, [{"question": "9 + 9?", "gold": "18"}] * 8)
+    rewards, _ = grpo.score(group, [{"question": "9 + 9?", "gold": "18"}] * 8, grpo.REWARD_FUNCS, [40] * 8, 400)
     assert len(set(rewards.tolist())) == 1
     assert (grpo.group_advantages(rewards, 8) == 0).all()
 
@@ -392,7 +393,7 @@ def test_default_rubric_has_no_hair_thin_differences():
 def test_score_weights_and_names(monkeypatch):
     monkeypatch.setattr(grpo, "REWARD_FUNCS", [(grpo.correctness_reward, 2.0), (grpo.format_reward, 0.5)])
     rows = [{"question": "q", "answer": "#### 18", "gold": "18"}] * 2
-    total, per_fn = grpo.score([GOOD, "<answer>18</answer>"], rows)
+    total, per_fn = grpo.score([GOOD, "<answer>18</answer>"], rows, grpo.REWARD_FUNCS, [30, 20], 400)
     assert total.tolist() == [2.5, 2.0]
     assert per_fn == {"correctness_reward": [1.0, 1.0], "format_reward": [1.0, 0.0]}
 
@@ -1701,10 +1702,11 @@ def kilometres_to_metres(text: str) -> str:
     return str(int(number) * 1000)
 
 
-def test_a_registered_tool_runs_in_the_environment_and_is_paid_like_the_calculator(tiny_model, monkeypatch):
+def test_a_registered_tool_runs_in_the_environment_and_is_paid_by_its_own_rule(tiny_model, monkeypatch):
     """A tool is a function and one entry of TOOLS: with only that, --tools names it, the prompt teaches it, the
     environment answers its calls inside a rollout's decode steps (environment_turn), and the tool rewards parse,
-    re-check and pay its calls by the calculator's rules (a typed result or an invented number pays nothing)."""
+    re-check and pay its calls by its rule: this one-argument tool names none, so an input read from the question
+    earns every rung (grounded_input), while a typed result or an invented input pays nothing."""
     entry = {"tag": "km", "run": kilometres_to_metres, "prompt": "Convert with <km>3 km</km>.", "example": ("q", "a")}
     monkeypatch.setitem(grpo.TOOLS, "units", entry)
     grpo.check_config(grpo.Config(tools="calculator,units"))
@@ -1721,14 +1723,79 @@ def test_a_registered_tool_runs_in_the_environment_and_is_paid_like_the_calculat
     assert tok.decode(replied) == "<result>3000</result>" and turns["calls"] == [1]
     question = "How many metres is a 3 km walk?"
     honest = "<km>3 km</km><result>3000</result> <answer>3000</answer>"
-    assert grpo.answered_calls(honest) == [("3 km", "3000", True)]
-    assert grpo.tool_reward(honest, "3000", question=question) == 1.0
-    assert grpo.well_formed_call_reward(honest, "3000") == 1.0
+    assert grpo.answered_calls(honest) == [("km", "3 km", "3000", True)]
+    assert [fn(honest, "3000", question=question) for fn, _ in grpo.TOOL_REWARD_FUNCS] == [1, 1, 1, 1]
     typed, invented = "<km>3 km</km><result>3001</result> <answer>3001</answer>", "<km>7 km</km><result>7000</result>"
     assert grpo.tool_reward(typed, "3001", question=question) == 0.0  # a result the tool did not return
-    assert grpo.tool_reward(invented + " <answer>7000</answer>", "7000", question=question) == 0.0  # 7 is not asked
+    paid = [fn(invented + " <answer>7000</answer>", "7000", question=question) for fn, _ in grpo.TOOL_REWARD_FUNCS]
+    assert paid == [0, 0, 0, 1]  # 7 km is not asked: only the first rung, a call that works
     with pytest.raises(SystemExit, match="unknown --tools 'abacus'"):
         grpo.check_config(grpo.Config(tools="units,abacus"))
+
+
+LOCKERS = {"locker 7": "umbrella", "umbrella": "12", "locker 9": "kettle", "kettle": "30"}  # a small table
+
+
+def find_in_table(key: str) -> str:
+    """A toy text tool: the value of a key in a small table (text or a number); an unknown key is an error."""
+    return LOCKERS.get(key.strip(), "error: no such key")
+
+
+def test_a_text_tool_runs_in_the_environment_and_is_paid_by_its_own_rule(tiny_model, monkeypatch):
+    """A lookup over a small table, registered with no rule of its own (grounded_input: a key read from the question
+    or an earlier result is grounded work): the environment answers it with text, the prompt shows its example and
+    the calculator's, and the rewards pay a two-step chain every rung, a guessed key only the first, never raising
+    on a text result. Through score, with every reward of a --tools run, the chain pays the most."""
+    example = ("What is in locker 1?", "<find>locker 1</find><result>pen</result> <answer>pen</answer>")
+    entry = {"tag": "find", "run": find_in_table, "prompt": "Look up with <find>KEY</find>.", "example": example}
+    monkeypatch.setitem(grpo.TOOLS, "table", entry)
+    tok = load(tiny_model)[1]
+    prompt = grpo.build_prompt(tok, "q", tools="calculator,table")
+    assert grpo.TOOLS["calculator"]["example"][1] in prompt and example[1] in prompt  # each offered tool's example
+    env, turns = grpo.tool_env(tok, 2, "calculator,table"), {"ids": [[]], "queue": [[]], "calls": [0], "eos": {0}}
+    written = []
+    for token in ids_of(tok, "so <find>locker 7</find>") + [tok.pad_token_id] * 30:
+        chosen, forced = grpo.environment_turn(env, torch.tensor([token]), torch.tensor([False]), turns)
+        written += [chosen.item()] if forced.item() else []
+    assert tok.decode(written) == "<result>umbrella</result>"
+    question = "What does the item in locker 7 cost?"
+    chain = formatted("<find>locker 7</find><result>umbrella</result> <find>umbrella</find><result>12</result>", "12")
+    rows = {  # what each of TOOL_REWARD_FUNCS pays (tool_reward, grounded_call, answer_from_call, well_formed)
+        chain: [1, 1, 1, 1],
+        formatted("<find>umbrella</find><result>12</result>", "12"): [0, 0, 0, 1],  # a guessed key
+        formatted("<find>locker 7</find><result>12</result>", "12"): [0, 0, 0, 0],  # a typed result
+        formatted("<find>locker 7</find><result>umbrella</result>", "umbrella"): [0, 1, 0, 1],  # a text answer
+        formatted("<find>locker 9</find><result>kettle</result> <find>kettle</find><result>30</result>", "30"):
+            [0, 0, 0, 1],  # locker 9 is not asked about
+        formatted("<find>locker 7</find><result>umbrella</result>", "12"): [0, 1, 0, 1],  # half a chain, a guess
+    }  # fmt: skip
+    for completion, expected in rows.items():
+        assert [fn(completion, "12", question=question) for fn, _ in grpo.TOOL_REWARD_FUNCS] == expected, completion
+    funcs = grpo.REWARD_FUNCS + grpo.TOOL_REWARD_FUNCS
+    totals, _ = grpo.score(list(rows), [{"question": question, "gold": "12"}] * len(rows), funcs, [50] * 6, 400)
+    assert totals.argmax().item() == 0 and (totals[1:] < totals[0]).all()
+
+
+RESULTS = ["Paris", "12", "-0", "1e+20", "nan", "inf", "error: no such key", "not found", "", "  ", "1, 2 and 3",
+           "x" * 100_000, "9" * 100_000, "<answer>" * 10_000, "1 + " * 25_000, "\u2212" * 100_000] + ADVERSARIAL  # fmt: skip
+
+
+@pytest.mark.parametrize("fn", [f for f, _ in grpo.TOOL_REWARD_FUNCS])
+def test_every_tool_reward_takes_any_result_text(fn, monkeypatch):
+    """Rewards never raise, whatever a tool returns: each tool reward, with each tool's rule (the calculator's, and the
+    default a lookup uses), on completions whose calls a tool answered with text, numbers, errors or 100,000
+    characters of junk, chained and answered, returns a finite float, fast."""
+    for text in RESULTS:
+        if grpo.TOOL_RESULT[1] in text:
+            continue
+        for name in list(grpo.TOOLS):  # each tool's own rule, its function returning the junk
+            monkeypatch.setitem(grpo.TOOLS, name, {**grpo.TOOLS[name], "run": lambda _, text=text: text})
+        monkeypatch.setitem(grpo.TOOLS, "echo", {"tag": "echo", "run": lambda _, text=text: text})
+        calls = f"<calc>2 * 3</calc><result>{text}</result> <echo>2 apples</echo><result>{text}</result>"
+        completion = formatted(calls * 3 + "<calc>6 - 2</calc><result>4</result>", text[:1000])
+        value, seconds = cpu_seconds(lambda c: fn(c, "6", question="2 apples, 3 pears"), completion)
+        assert isinstance(value, float) and math.isfinite(value)
+        assert seconds < 0.5, f"{fn.__name__} is slow on a {len(text)}-char result"
 
 
 def test_tool_results_are_forced_tokens_masked_from_the_model(tiny_model):
@@ -3760,6 +3827,44 @@ def test_rewards_receive_the_token_count_and_the_question(tiny_model, tiny_data,
     assert math.isclose(steps[0]["reward/length_penalty"][0], -sum(t for t, _, _ in seen) / cfg.max_new_tokens)
 
 
+def test_every_reward_gets_every_keyword_it_declares_from_every_caller(tiny_model, tiny_data, tmp_path, monkeypatch):
+    """Rewards get what they declare: each entry of REWARD_FUNCS and TOOL_REWARD_FUNCS, and the README's length
+    penalty (tokens, max_tokens and question, no defaults), is called with every keyword it takes (a default left
+    unfilled counts as missing) by every caller: training's score (main with --tools), and bench.py's adapter
+    for TRL's GRPOTrainer (trl_reward, called as TRL calls a reward function)."""
+    import bench
+
+    calls = []
+
+    def cut_off_penalty(completion: str, answer: str, tokens: int, max_tokens: int, question: str, **kwargs) -> float:
+        return -float(tokens >= max_tokens)
+
+    def checked(fn, caller):
+        params = list(inspect.signature(fn).parameters.values())[2:]
+        declared = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+        @functools.wraps(fn)
+        def called(completion, answer, **kwargs):
+            missing = [name for name in declared + ["question", "tokens", "max_tokens"] if name not in kwargs]
+            calls.append((caller, fn.__name__, missing))
+            return fn(completion, answer, **kwargs)
+
+        return called
+
+    rewards, tool_rewards = grpo.REWARD_FUNCS + [(cut_off_penalty, 0.5)], grpo.TOOL_REWARD_FUNCS
+    monkeypatch.setattr(grpo, "REWARD_FUNCS", [(checked(fn, "score"), w) for fn, w in rewards])
+    monkeypatch.setattr(grpo, "TOOL_REWARD_FUNCS", [(checked(fn, "score"), w) for fn, w in tool_rewards])
+    grpo.main(tiny_config(tiny_model, tiny_data, tmp_path, steps=1, tools="calculator"))
+    for fn, _ in rewards + tool_rewards:
+        trl = bench.trl_reward(checked(fn, "trl"), 64)
+        paid = trl(prompts=["p"], completions=[HONEST], completion_ids=[[5] * 64], gold=["29842"], question=[CRATES],
+                   trainer_state=None)  # fmt: skip
+        assert paid == [fn(HONEST, "29842", question=CRATES, tokens=64, max_tokens=64)]
+    names = {fn.__name__ for fn, _ in rewards + tool_rewards}
+    assert {(caller, name) for caller, name, _ in calls} == {(c, n) for c in ("score", "trl") for n in names}
+    assert [call for call in calls if call[2]] == []
+
+
 def test_a_config_field_without_a_help_comment_gets_its_name_as_help(monkeypatch, capsys):
     @dataclasses.dataclass
     class Extended(grpo.Config):
@@ -3781,14 +3886,14 @@ def test_adamw_betas_come_from_the_config(tiny_model):
 
 
 def test_a_first_reading_ends_by_line_500():
-    """The file is a textbook: the END OF THE ALGORITHM line by line 500 (the README names it), with the
-    objective, the step, the plain forms and main above it, the fast paths below, and no function longer
-    than 80 lines."""
+    """The file is a textbook: the END OF THE ALGORITHM line about line 500 (as the README says; by 520, so that a
+    fork's first reward or two fail nothing for moving lines), with the objective, the step, the plain forms and
+    main above it, the fast paths below, and no function longer than 80 lines."""
     with open(grpo.__file__) as f:
         source = f.read()
     lines = source.splitlines()
     end = next(i + 1 for i, line in enumerate(lines) if line.startswith("# ===") and "END OF THE ALGORITHM" in line)
-    assert end <= 500, end
+    assert end <= 520, end
     where = {node.name: node.lineno for node in ast.parse(source).body if hasattr(node, "name")}
     above = ["Config", "grpo_loss", "grpo_step", "paths", "plain_update", "plain_reference_logprobs", "Rollout"]
     above += ["sample_plainly", "sequence_logprobs", "main", "setup_training"]
@@ -3800,27 +3905,158 @@ def test_a_first_reading_ends_by_line_500():
     )
     assert longest[0] <= 80, longest
     with open(os.path.join(HERE, "README.md")) as f:
-        assert f"END OF THE ALGORITHM line, line {end}**" in f.read()
+        assert f"END OF THE ALGORITHM line, about line {round(end, -2)}**" in f.read()
 
 
-def test_the_glossary_names_every_function_the_first_reading_calls_from_below():
-    """A learner who stops at the END line never needs to jump below it: each function defined below that the code
-    above calls is named in the glossary at the line (a name a function assigns itself, as generate's `sample`, is
-    its own). Calling a new helper from the first reading means a glossary line for it."""
+def module_names(node) -> set[str]:
+    """The module-level names a statement of grpo.py defines: a function's, a class's, an assignment's targets."""
+    if isinstance(node, (ast.Assign, ast.AnnAssign)):
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+        return {x.id for t in targets for x in ast.walk(t) if isinstance(x, ast.Name)}
+    return {node.name} if hasattr(node, "name") else set()
+
+
+def test_the_glossary_names_every_name_the_first_reading_uses_from_below():
+    """A learner who stops at the END line never needs to jump below it: each name defined below it (a function,
+    a class, a table such as TOOL_REWARD_FUNCS) that the code above uses is named in the glossary at the line.
+    Using a new helper or table from the first reading means a glossary line for it."""
     with open(grpo.__file__) as f:
         source = f.read()
     lines = source.splitlines()
     end = next(i + 1 for i, line in enumerate(lines) if line.startswith("# ===") and "END OF THE ALGORITHM" in line)
     tree = ast.parse(source)
-    below = {node.name for node in tree.body if hasattr(node, "name") and node.lineno > end}
-    called = set()
+    below = set().union(*(module_names(node) for node in tree.body if node.lineno > end))
+    used = set()
     for node in (node for node in tree.body if node.lineno < end):
-        names = [x for x in ast.walk(node) if isinstance(x, ast.Name)]
-        own = {x.id for x in names if isinstance(x.ctx, ast.Store)}
-        called |= {x.id for x in names if x.id in below} - own
+        used |= {x.id for x in ast.walk(node) if isinstance(x, ast.Name) and x.id in below}
     glossary = "\n".join(itertools.takewhile(lambda line: line.startswith("#"), lines[end:]))
-    missing = [name for name in sorted(called) if not re.search(rf"\b{name}\b", glossary)]
-    assert len(called) > 20 and not missing, missing
+    missing = [name for name in sorted(used) if not re.search(rf"\b{name}\b", glossary)]
+    assert len(used) > 20 and "TOOL_REWARD_FUNCS" in used and not missing, missing
+
+
+def test_one_meaning_per_name_and_the_first_readings_data_before_its_use():
+    """A local (a variable, an argument, a nested function) never takes the name of something grpo.py defines at
+    module level (generate's draw is not the global sample), so a reader never opens the wrong one; and each class
+    and table above the END line (Rollout, REWARD_FUNCS, ...) stands above the first line that uses it."""
+    with open(grpo.__file__) as f:
+        source = f.read()
+    tree, lines = ast.parse(source), source.splitlines()
+    defined = {name: node for node in tree.body for name in module_names(node)}
+    shadows = []
+    for fn in (n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.Lambda))):
+        local = {x.id for x in ast.walk(fn) if isinstance(x, ast.Name) and isinstance(x.ctx, ast.Store)}
+        local |= {a.arg for a in ast.walk(fn.args) if isinstance(a, ast.arg)}
+        local |= {x.name for x in ast.walk(fn) if isinstance(x, ast.FunctionDef) and x is not fn}
+        shadows += [(getattr(fn, "name", "lambda"), name) for name in sorted(local & set(defined))]
+    assert not shadows, shadows
+    end = next(i + 1 for i, line in enumerate(lines) if line.startswith("# ===") and "END OF THE ALGORITHM" in line)
+    data = [name for name, node in defined.items() if node.lineno < end and not isinstance(node, ast.FunctionDef)]
+    fields = {
+        name: {x.target.id for x in getattr(defined[name], "body", []) if isinstance(x, ast.AnnAssign)} for name in data
+    }
+    first_use = {name: min((x.lineno for x in ast.walk(tree) if isinstance(x, ast.Name) and x.id == name and
+                            isinstance(x.ctx, ast.Load) or isinstance(x, ast.Attribute) and x.attr in fields[name]),
+                           default=10**9) for name in data}  # fmt: skip  # a class's use: its name, or its fields
+    late = {name: (defined[name].lineno, line) for name, line in first_use.items() if line < defined[name].lineno}
+    assert "Rollout" in data and "REWARD_FUNCS" in data and not late, late
+
+
+# ----------------------------------------------------------------------------- the README's Fork-it diffs, applied
+def fork_it_edits() -> list[tuple[str, str, set[str]]]:
+    """(title, diff, the tests the README says it changes) for each diff in the README's 'Fork it' section: the list
+    is the sentence 'Tests it changes: ...' in the diff's own paragraphs (the bold title to the next one)."""
+    with open(os.path.join(HERE, "README.md")) as f:
+        section = f.read().split("\n## Fork it\n")[1].split("\n## ")[0]
+    edits = []
+    for block in section.split("\n**")[1:]:
+        diff = re.search(r"```diff\n(.*?)```", block, re.S)
+        lists = re.findall(r"Tests it changes:([^.]*)\.", block.replace("\n", " "))
+        assert diff and len(lists) == 1, f"README, Fork it: {block[:40]!r} needs one diff and one 'Tests it changes:'"
+        edits.append((block.split("**")[0], diff.group(1), set(re.findall(r"`(test_\w+)`", lists[0]))))
+    return edits
+
+
+def apply_fork_diff(source: str, diff: str) -> tuple[str, list[int]]:
+    """The source with a README diff applied, and the lines (1-based, of the original) each hunk replaced. A hunk is
+    its context (' ') and removed ('-') lines, which must occur exactly once, and what replaces them (' ', '+')."""
+    hunks = []
+    for hunk in diff.split("@@\n"):
+        lines = hunk.splitlines()
+        old = "".join(line[1:] + "\n" for line in lines if line[:1] in (" ", "-", ""))
+        new = "".join(line[1:] + "\n" for line in lines if line[:1] in (" ", "+", ""))
+        at = [m.start() for m in re.finditer(re.escape(old), source) if m.start() == 0 or source[m.start() - 1] == "\n"]
+        assert len(at) == 1, f"this hunk of the README's diff matches grpo.py {len(at)} times, not once:\n{hunk}"
+        hunks.append((at[0], old, new))
+    changed = [
+        line
+        for at, old, _ in hunks
+        for line in range(source.count("\n", 0, at) + 1, source.count("\n", 0, at + len(old)) + 1)
+    ]
+    for at, old, new in sorted(hunks, reverse=True):  # from the last, so that each position still holds
+        source = source[:at] + new + source[at + len(old) :]
+    return source, changed
+
+
+def guard_tests(changed_lines: list[int]) -> set[str]:
+    """The tests that guard what an edit changes, cheaply: each test that uses (itself or through this file's helpers)
+    a name of grpo.py whose definition the edit touches, or a function of grpo.py that uses such a name itself, less
+    the end-to-end runs (through main: the full check runs them); and every test that reads grpo.py's source (the
+    file's shape: lines an edit moves)."""
+    with open(grpo.__file__) as f:
+        nodes = ast.parse(f.read()).body
+    edited = set()
+    for line in changed_lines:  # a changed comment belongs to the definition below it
+        edited |= module_names(next((n for n in nodes if n.end_lineno >= line), nodes[-1]))
+    uses = {name: {x.id for x in ast.walk(n) if isinstance(x, ast.Name)} for n in nodes for name in module_names(n)}
+    watched = edited | {name for name, used in uses.items() if used & edited}
+    with open(os.path.join(HERE, "test_grpo.py")) as f:
+        defs = {n.name: n for n in ast.parse(f.read()).body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+
+    def reach(name: str, seen: set) -> set[str]:  # grpo names used by a test function and the helpers it calls
+        seen.add(name)
+        used = set()
+        for x in ast.walk(defs[name]):
+            if isinstance(x, ast.Attribute) and isinstance(x.value, ast.Name) and x.value.id == "grpo":
+                used.add(x.attr)
+            elif isinstance(x, (ast.Name, ast.arg)) and (key := getattr(x, "id", getattr(x, "arg", ""))) in defs:
+                used |= reach(key, seen) if key not in seen else set()
+        return used
+
+    tests = {name: reach(name, set()) for name in defs if name.startswith("test_")}
+    tests.pop("test_the_readmes_fork_it_diffs_change_the_tests_it_lists")
+    return {name for name, used in tests.items() if "main" not in used and (used & watched or "__file__" in used)}
+
+
+def failing_tests(source: str, tests: set[str], tmp_path) -> set[str]:
+    """Run `tests` of this file against grpo.py replaced by `source`, in a copy of the repository: the ones that fail."""
+    for name in ("test_grpo.py", "README.md", "bench.py", "pyproject.toml"):
+        shutil.copy(os.path.join(HERE, name), tmp_path / name)
+    shutil.copytree(os.path.join(HERE, "docs"), tmp_path / "docs")
+    (tmp_path / "grpo.py").write_text(source)
+    select = [f"test_grpo.py::{name}" for name in sorted(tests)] if tests is not None else ["test_grpo.py"]
+    this = "--deselect=test_grpo.py::test_the_readmes_fork_it_diffs_change_the_tests_it_lists"  # no recursion
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfE", this, *select], cwd=tmp_path, capture_output=True, text=True, timeout=3600)  # fmt: skip
+    failed = set(re.findall(r"^(?:FAILED|ERROR) test_grpo\.py::(\w+)", run.stdout, re.M))
+    assert run.returncode in (0, 1) and (failed or run.returncode == 0), run.stdout[-3000:] + run.stderr[-3000:]
+    return failed
+
+
+@pytest.mark.parametrize("title, diff, listed", fork_it_edits(), ids=[title for title, _, _ in fork_it_edits()])
+def test_the_readmes_fork_it_diffs_change_the_tests_it_lists(title, diff, listed, tmp_path):
+    """README, Fork it: each diff applies to grpo.py as written there, keeps every FORK HERE marker, and changes
+    exactly the tests the README lists for it. Run: the listed tests and every test that guards what the diff edits
+    (guard_tests); with GRPO_FORK_CHECK=full, the whole file for each diff (slow). A fork that edits the README's
+    diffs, or a change to grpo.py that moves what they edit, updates the README with this test."""
+    with open(grpo.__file__) as f:
+        source = f.read()
+    forked, changed = apply_fork_diff(source, diff)
+    compile(forked, "grpo.py", "exec")
+    markers = [re.findall(r"FORK HERE: ([\w ]+)", text) for text in (source, forked)]
+    assert markers[0] == markers[1] and len(markers[0]) == 4, markers  # each marker kept, where it was
+    full = os.environ.get("GRPO_FORK_CHECK") == "full"
+    run = None if full else listed | guard_tests(changed)
+    assert full or len(run) > len(listed), "no test guards what this diff edits"
+    assert failing_tests(forked, run, tmp_path) == listed
 
 
 def test_the_docstring_examples_hold():
