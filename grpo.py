@@ -272,7 +272,7 @@ def grpo_step(policy, sampler, ref_model, tok, optimizer, rows: list[dict], cfg:
     _, reference_logprobs, update = paths(cfg)  # the plain forms of this reading (--plain), or their fast forms
 
     # --- 1. rollout: G samples per question from the current policy, pi_old, with their log-probs under it
-    ro = generate(sampler, tok, [r["question"] for r in rows], G, cfg.temperature, cfg, device)
+    ro = generate(sampler, tok, [r["question"] for r in rows], G, cfg.temperature, cfg, device, rows)
 
     # --- 2. reward: the weighted sum of REWARD_FUNCS for each completion
     group_rows = [r for r in rows for _ in range(G)]
@@ -346,12 +346,15 @@ def plain_reference_logprobs(ref_model, ro, cfg: Config) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- Sampling and log-probs, plainly
-def generate(sampler, tok, questions: list[str], group_size: int, temperature: float, cfg: Config, device) -> Rollout:
+def generate(sampler, tok, questions: list[str], group_size: int, temperature: float, cfg: Config, device,
+             rows: list[dict] | None = None) -> Rollout:  # fmt: skip
     """G samples for each question from `sampler` (the policy, or its bf16 copy), each token's log-prob under it:
     sample_plainly under --plain, else rollout (Fast paths: each prompt prefilled once for its G samples, a KV
-    cache, no host sync per token). With --tools the tools answer calls inside the rollout."""
+    cache, no host sync per token). With --tools the tools answer calls inside the rollout, from each question's
+    row (rows) what a tool reads there (the lookup: its facts, which the model never sees)."""
     prompt_ids, prompt_mask = tokenize_prompts(tok, [build_prompt(tok, q, cfg.tools) for q in questions], device)
-    env = tool_env(tok, cfg.max_tool_calls, cfg.tools) if cfg.tools else None
+    per_completion = [row for row in rows or [{}] * len(questions) for _ in range(group_size)]  # (B,)
+    env = tool_env(tok, cfg.max_tool_calls, cfg.tools, per_completion) if cfg.tools else None
     sampler.eval()  # no dropout, and no activation checkpointing (it would drop the KV cache)
     draw = paths(cfg)[0]  # sample_plainly, or rollout
     ids, lengths, ended, sample_logp, by_env = draw(sampler, prompt_ids, prompt_mask, group_size, cfg.max_new_tokens,
@@ -945,15 +948,29 @@ def grounded_arithmetic(expression: str, result: str, known: list[str]) -> int:
 
 def grounded_input(text: str, result: str, known: list[str]) -> int:
     """The grounded work of a tool that names no rule, as a lookup: 2 (every rung) for a call whose input is in the
-    question or an earlier grounded result (a key read there, not invented), else 0."""
-    return 2 if text.strip() and any(text.strip() in k for k in known) else 0
+    question or an earlier grounded result as a whole phrase, any case (a key read there, not invented: 'locker 1'
+    is not in 'locker 17'), else 0."""
+    phrase = re.compile(rf"(?<!\w){re.escape(' '.join(text.split()))}(?!\w)", re.I)
+    return 2 if text.strip() and any(phrase.search(" ".join(k.split())) for k in known) else 0
+
+
+def lookup(key: str, facts) -> str:
+    """The value the question's facts ([key, value] pairs, its row's facts column) hold for key, any case and
+    spacing; 'not found' for none (a failed call: no rung, counted in tool_errors).
+
+    >>> lookup(" Locker  7", [["locker 7", "kettle"], ["kettle", "34"]]), lookup("locker 1", [["locker 7", "x"]])
+    ('kettle', 'not found')
+    """
+    table = {" ".join(str(k).lower().split()): str(v) for k, v in facts or []}
+    return table.get(" ".join(key.lower().split()), "not found")
 
 
 # FORK HERE: the tools. By --tools name: the tag of a call, the function that answers it, the system prompt's line
 # that teaches it, a worked example (an earlier chat turn, as EXAMPLE), and optionally computes(input) -> bool: does
 # an answered call do some work (the first rung; by default, its output is not its input) and grounded(input,
 # result, known) -> 0, 1, 2: its work on what the question or earlier results gave (the upper rungs; grounded_input by
-# default). Adding a tool is a function and an entry here: environment, prompt, rewards and check_config read it.
+# default), and reads: the row's column that run(input, row[reads]) also gets (the state only the environment has).
+# Adding a tool is a function and an entry here: environment, prompt, rewards and check_config read it.
 TOOLS = {
     "calculator": {
         "tag": "calc", "run": calculator, "computes": has_operator, "grounded": grounded_arithmetic,
@@ -961,12 +978,26 @@ TOOLS = {
         "example": ("What is 2 + 3 * 4?", "<reasoning>\n3 * 4 = <calc>3 * 4</calc><result>12</result>, and 2 + 12 = "
                     "<calc>2 + 12</calc><result>14</result>.\n</reasoning>\n<answer>\n14\n</answer>"),
     },
+    "lookup": {
+        "tag": "lookup", "run": lookup, "reads": "facts",
+        "prompt": "You can look things up: write <lookup>key</lookup> and the value stored under that key appears as "
+                  "<result>value</result>. A value may be a key to look up next.",
+        "example": ("What is the price of the item in locker 3?", "<reasoning>\nLocker 3 holds <lookup>locker 3</lookup>"
+                    "<result>lamp</result>, and the lamp costs <lookup>lamp</lookup><result>12</result>.\n</reasoning>"
+                    "\n<answer>\n12\n</answer>"),
+    },
 }  # fmt: skip
+TOOL_FAILED = ("error", "not found")  # a result that starts so is a failed call
 
 
-def tool_response(text: str, names: str = "") -> str | None:
+def run_tool(tool: dict, text: str, row: dict | None) -> str:
+    """The tool's answer to a call's input: run(text), or run(text, row[reads]) for a tool that reads its row."""
+    return tool["run"](text, (row or {}).get(tool["reads"])) if "reads" in tool else tool["run"](text)
+
+
+def tool_response(text: str, names: str = "", row: dict | None = None) -> str | None:
     """The <result>...</result> to append if `text` ends with a complete, unanswered call of one of the tools
-    `names` (comma-separated; "" = every tool in TOOLS), else None.
+    `names` (comma-separated; "" = every tool in TOOLS), answered from the question's row, else None.
 
     >>> tool_response("So 12 * 7 = <calc>12 * 7</calc>"), tool_response("<calc>1</calc><result>1</result>")
     ('<result>84</result>', None)
@@ -976,13 +1007,14 @@ def tool_response(text: str, names: str = "") -> str | None:
         end = len(text) - len(close_tag)
         start = text.rfind(open_tag, 0, end)  # this call's, unless a closing tag follows it (it was an earlier call's)
         if text.endswith(close_tag) and start >= 0 and close_tag not in text[start:end]:
-            return f"{TOOL_RESULT[0]}{tool['run'](text[start + len(open_tag) : end])}{TOOL_RESULT[1]}"
+            return f"{TOOL_RESULT[0]}{run_tool(tool, text[start + len(open_tag) : end], row)}{TOOL_RESULT[1]}"
     return None
 
 
-def answered_calls(completion: str) -> list[tuple[str, str, str, bool]]:
+def answered_calls(completion: str, row: dict | None = None) -> list[tuple[str, str, str, bool]]:
     """(tag, input, result, computes: did it do work, see TOOLS) for each of the first 16 calls (bounded time) that
-    its tool answered without an error, with the result it really returns (a typed <result> counts only if the tool's).
+    its tool answered without failing, with the result it really returns from the question's row (a typed <result>
+    counts only if the tool's).
 
     >>> answered_calls("<calc>6 * 7</calc><result>42</result> <calc>7</calc><result>7</result> <calc>1+</calc>")
     [('calc', '6 * 7', '42', True), ('calc', '7', '7', False)]
@@ -994,7 +1026,7 @@ def answered_calls(completion: str) -> list[tuple[str, str, str, bool]]:
         tool = by_tag[tag]
         expression, closed, rest = chunk.partition(f"</{tag}>")
         result = rest[len(TOOL_RESULT[0]) :].partition(TOOL_RESULT[1])[0] if rest.startswith(TOOL_RESULT[0]) else ""
-        if not closed or result != tool["run"](expression) or result.startswith("error"):
+        if not closed or result != run_tool(tool, expression, row) or result.startswith(TOOL_FAILED):
             continue  # no call, a result the tool did not return, or a failed call
         computes = tool["computes"](expression) if "computes" in tool else result.strip() != expression.strip()
         calls.append((tag, expression, result, computes))
@@ -1009,7 +1041,7 @@ def result_number(text: str) -> float | None:
     return stated_number(text)
 
 
-def grounded_results(completion: str, question: str) -> list[tuple[float | None, int]]:
+def grounded_results(completion: str, question: str, row: dict | None = None) -> list[tuple[float | None, int]]:
     """The rule every tool reward shares: (the number its result states, 1 or 2) for each answered call that computes
     and did grounded work by its tool's rule (TOOLS: grounded) on the question and earlier such results: only such a
     result may be built on (<calc>29928</calc> then 29928 - 86 would launder a guess).
@@ -1019,7 +1051,7 @@ def grounded_results(completion: str, question: str) -> list[tuple[float | None,
     """
     rules = {tool["tag"]: tool.get("grounded", grounded_input) for tool in TOOLS.values()}
     known, grounded_calls = [question], []  # the texts a call may take its inputs from
-    for tag, text, result, computes in answered_calls(completion):
+    for tag, text, result, computes in answered_calls(completion, row):
         if computes and (level := rules[tag](text, result, known)):
             grounded_calls.append((result_number(result), level))
             known.append(result)
@@ -1038,7 +1070,7 @@ def tool_reward(completion: str, answer: str, question: str = "", **kwargs) -> f
     if not correctness_reward(completion, answer):
         return 0.0
     stated = stated_number(extract_answer(completion) or "")
-    return float(any(same_number(value, stated) for value, _ in grounded_results(completion, question)))
+    return float(any(same_number(value, stated) for value, _ in grounded_results(completion, question, kwargs)))
 
 
 def grounded_call_reward(completion: str, answer: str, question: str = "", **kwargs) -> float:
@@ -1049,7 +1081,7 @@ def grounded_call_reward(completion: str, answer: str, question: str = "", **kwa
     >>> grounded_call_reward("<calc>6 + 7</calc><result>13</result>", "42", question="6 boxes of 7")
     1.0
     """
-    return float(any(level >= 2 for _, level in grounded_results(completion, question)))
+    return float(any(level >= 2 for _, level in grounded_results(completion, question, kwargs)))
 
 
 def answer_from_call_reward(completion: str, answer: str, question: str = "", **kwargs) -> float:
@@ -1060,7 +1092,9 @@ def answer_from_call_reward(completion: str, answer: str, question: str = "", **
     1.0
     """
     stated = stated_number(extract_answer(completion) or "")
-    return float(any(level >= 2 and same_number(v, stated) for v, level in grounded_results(completion, question)))
+    return float(
+        any(level >= 2 and same_number(v, stated) for v, level in grounded_results(completion, question, kwargs))
+    )
 
 
 def well_formed_call_reward(completion: str, answer: str, **kwargs) -> float:
@@ -1071,7 +1105,7 @@ def well_formed_call_reward(completion: str, answer: str, **kwargs) -> float:
     >>> well_formed_call_reward("<calc>2 + 2</calc><result>4</result>", "42"), well_formed_call_reward("<calc>4</calc>", "4")
     (1.0, 0.0)
     """
-    return float(any(computes for *_, computes in answered_calls(completion)))
+    return float(any(computes for *_, computes in answered_calls(completion, kwargs)))
 
 
 # Added to REWARD_FUNCS when --tools is on, so that the single-turn job is unchanged. A ladder of partial credit,
@@ -1083,21 +1117,22 @@ TOOL_REWARD_FUNCS = [(tool_reward, 0.5), (grounded_call_reward, 0.25), (answer_f
                      (well_formed_call_reward, 0.125)]  # fmt: skip
 
 
-def tool_env(tok, max_calls: int, names: str = "calculator"):
-    """--tools as the rollout's environment: step(ids, calls), given a completion's token ids and calls so far, returns
-    the ids of <result>...</result> to append when its last token just closed a call of one of the tools `names`,
-    else None. It decodes only to read the call and tokenizes only its reply: what the model wrote stays as sampled."""
+def tool_env(tok, max_calls: int, names: str = "calculator", rows: list[dict] | None = None):
+    """--tools as the rollout's environment: step(ids, calls, b), given completion b's token ids and calls so far,
+    returns the ids of <result>...</result> to append when its last token just closed a call of one of the tools
+    `names`, answered from rows[b] (its question's row), else None. It decodes only to read the call and tokenizes
+    only its reply: what the model wrote stays as sampled."""
     closes = {}  # token id -> does its text hold a '>'? Only such a token can end a closing tag
     close_tags = [f"</{TOOLS[name]['tag']}>" for name in names.split(",")]
 
-    def step(ids: list[int], calls: int) -> list[int] | None:
+    def step(ids: list[int], calls: int, b: int = 0) -> list[int] | None:
         if ids[-1] not in closes:
             closes[ids[-1]] = ">" in tok.decode(ids[-1:])
         if not closes[ids[-1]]:
             return None
         text, before = tok.decode(ids, skip_special_tokens=True), tok.decode(ids[:-1], skip_special_tokens=True)
         end = max((text.rfind(tag) + len(tag) for tag in close_tags if tag in text), default=-1)
-        reply = tool_response(text[:end], names) if end > len(before) else None  # a closing tag ends in the last token
+        reply = tool_response(text[:end], names, rows[b] if rows else None) if end > len(before) else None  # closed now
         if reply is not None and calls >= max_calls:  # past the cap: an answer that says so, not silence
             reply = f"{TOOL_RESULT[0]}error: no calls left, at most {max_calls}{TOOL_RESULT[1]}"
         # '><' is one token in many vocabularies: the model may have begun the reply, write only the rest
@@ -1122,19 +1157,20 @@ def environment_turn(env, token, ended, turns: dict) -> tuple[torch.Tensor, torc
             continue
         turns["ids"][b].append(chosen[-1])
         # the model wrote it: did it just close a call?
-        if not forced and own not in turns["eos"] and (reply := env(turns["ids"][b], turns["calls"][b])):
+        if not forced and own not in turns["eos"] and (reply := env(turns["ids"][b], turns["calls"][b], b)):
             turns["queue"][b], turns["calls"][b] = list(reply), turns["calls"][b] + 1
     return torch.tensor(chosen, device=token.device), torch.tensor(by_env, device=token.device)
 
 
 def tool_use(tok, completion_ids: torch.Tensor, lengths: torch.Tensor, by_env: torch.Tensor) -> tuple[list, list]:
-    """Calls and failed calls per completion: each run of environment tokens is a reply, one saying 'error:' failed."""
+    """Calls and failed calls per completion: each run of environment tokens is a reply, failed if its result starts
+    with TOOL_FAILED (the model may have written the reply's first characters: read after its first '>')."""
     calls, errors = [], []
     for ids, n, env in zip(completion_ids.tolist(), lengths.tolist(), by_env.tolist()):
         runs = itertools.groupby(zip(ids[:n], env[:n]), key=lambda pair: pair[1])  # runs of one writer
         replies = [[token for token, _ in run] for written_by_env, run in runs if written_by_env]
         calls.append(len(replies))
-        errors.append(sum("error:" in tok.decode(r) for r in replies))
+        errors.append(sum(tok.decode(r).partition(">")[2].startswith(TOOL_FAILED) for r in replies))
     return calls, errors
 
 
@@ -1290,6 +1326,11 @@ def load_rows(cfg: Config, split: str) -> list[dict]:
     if missing := {"question", "answer"} - set(ds.column_names):
         fail(f"dataset {cfg.dataset} lacks column(s) {sorted(missing)}; it has {ds.column_names}. "
              f"Rename them to question/answer")  # fmt: skip
+    if missing := {TOOLS[t]["reads"] for t in cfg.tools.split(",") if "reads" in TOOLS.get(t, {})} - set(
+        ds.column_names
+    ):
+        fail(f"--tools {cfg.tools} answers from each row's {', '.join(sorted(missing))}, and {cfg.dataset} has no such "
+             f"column: pass a dataset with it (python make_lookup_task.py writes one for the lookup)")  # fmt: skip
     rows, bad = [], 0
     for row in ds:
         try:
@@ -1367,8 +1408,8 @@ def evaluate(sampler, tok, rows: list[dict], cfg: Config, step: int, device, ran
         index, batch = zip(*mine[i : i + cfg.eval_batch_size])
         questions = [r["question"] for r in batch]
         try:
-            ro = generate(sampler, tok, questions, 1, 0.0, cfg, device)  # greedy
-            texts = generate(sampler, tok, questions, k, cfg.temperature, cfg, device).texts if k > 0 else []
+            ro = generate(sampler, tok, questions, 1, 0.0, cfg, device, batch)  # greedy
+            texts = generate(sampler, tok, questions, k, cfg.temperature, cfg, device, batch).texts if k > 0 else []
         except torch.OutOfMemoryError:
             fail(f"out of GPU memory evaluating at step {step}: lower --eval_batch_size (now {cfg.eval_batch_size}), "
                  f"--eval_samples or --max_new_tokens; the checkpoint in {cfg.output_dir} is intact")  # fmt: skip

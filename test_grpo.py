@@ -1893,7 +1893,7 @@ def test_tools_off_path_is_unchanged(tiny_qwen):
     model, tok = load(tiny_qwen)
     ids, mask = prompts_of(tok, ["1+1?", "what is 12 + 30?"])
     runs = []
-    for env in (None, lambda ids, calls: None):
+    for env in (None, lambda ids, calls, b=0: None):
         torch.manual_seed(3)
         runs.append(grpo.rollout(model, ids, mask, 3, 16, 1.0, grpo.eos_ids(model, tok), tok.pad_token_id, env=env))
     for a, b in zip(*runs):
@@ -2301,17 +2301,17 @@ def test_each_step_draws_its_own_samples_and_a_resumed_step_the_same(tiny_model,
     assert torch.equal(state, full[2][0]) and torch.equal(completions, full[2][1])
 
 
-def frequent_env(tok, max_calls, names=""):
+def frequent_env(tok, max_calls, names="", rows=None):
     """A stand-in for tool_env that even a random model triggers: it answers after every model
     token whose id is a multiple of 5, so runs of main contain environment tokens."""
     reply = tok("<result>1</result>", add_special_tokens=False).input_ids
-    return lambda ids, calls: reply if ids[-1] % 5 == 0 and calls < max_calls else None
+    return lambda ids, calls, b=0: reply if ids[-1] % 5 == 0 and calls < max_calls else None
 
 
 FREQUENT_ENV = """
-def frequent_env(tok, max_calls, names=""):
+def frequent_env(tok, max_calls, names="", rows=None):
     reply = tok("<result>1</result>", add_special_tokens=False).input_ids
-    return lambda ids, calls: reply if ids[-1] % 5 == 0 and calls < max_calls else None
+    return lambda ids, calls, b=0: reply if ids[-1] % 5 == 0 and calls < max_calls else None
 grpo.tool_env = frequent_env
 """
 
@@ -4064,8 +4064,9 @@ def test_the_docstring_examples_hold():
     calculator from them."""
     import doctest
 
-    failed, attempted = doctest.testmod(grpo)
-    assert attempted > 0 and failed == 0
+    for module in (grpo, importlib.import_module("pass_at_kt")):
+        failed, attempted = doctest.testmod(module)
+        assert attempted > 0 and failed == 0, module
 
 
 # ----------------------------------------------------------------------------- Tools: partial credit, attacked
@@ -4838,3 +4839,116 @@ def test_every_logged_key_has_a_row_and_its_tests_exist(logged_run):
     for key, definition, tests in rows:
         named = re.findall(r"`(test_\w+)", tests)
         assert definition.strip() and named and set(named) <= defined, (key, set(named) - defined)
+
+
+# ----------------------------------------------------------------------------- the lookup task: what only the environment knows
+LOOKUP_QUESTION = "What is the price of the item in locker 17?"
+LOOKUP_ROW = {"question": LOOKUP_QUESTION, "gold": "34", "facts": [["locker 17", "kettle"], ["kettle", "34"],
+              ["locker 1", "rake"], ["rake", "27"], ["locker 5", "lamp"], ["lamp", "34"]]}  # fmt: skip
+LOOKUP_HONEST = formatted(
+    "<lookup>locker 17</lookup><result>kettle</result> <lookup>kettle</lookup><result>34</result>", "34"
+)
+# (name, completion, what TOOL_REWARD_FUNCS pay: tool_reward, grounded_call, answer_from_call, well_formed)
+LOOKUP_ATTACKS = [
+    ("guess the answer, right, without a lookup", formatted("prices are often 34", "34"), [0, 0, 0, 0]),
+    ("answer a result never asked for", formatted("<result>34</result>", "34"), [0, 0, 0, 0]),
+    ("a forged result", formatted("<lookup>locker 17</lookup><result>34</result>", "34"), [0, 0, 0, 0]),
+    ("copy a number from the question", formatted("<lookup>17</lookup><result>not found</result>", "17"), [0, 0, 0, 0]),
+    ("look up every key you can invent", formatted("".join(f"<lookup>locker {n}</lookup><result>not found</result>"
+                                                          for n in (2, 3, 4)), "34"), [0, 0, 0, 0]),  # fmt: skip
+    ("an invented key that exists, then its chain",
+     formatted("<lookup>locker 5</lookup><result>lamp</result> <lookup>lamp</lookup><result>34</result>", "34"), [0, 0, 0, 1]),
+    ("a key inside the question's key (locker 1 in locker 17)",
+     formatted("<lookup>locker 1</lookup><result>rake</result> <lookup>rake</lookup><result>27</result>", "27"), [0, 0, 0, 1]),
+    ("half the chain, then a guess", formatted("<lookup>locker 17</lookup><result>kettle</result>", "34"), [0, 1, 0, 1]),
+    ("the price of an item the question never led to", formatted("<lookup>lamp</lookup><result>34</result>", "34"), [0, 0, 0, 1]),
+    ("the chain, then another answer",
+     formatted("<lookup>locker 17</lookup><result>kettle</result> <lookup>kettle</lookup><result>34</result>", "35"),
+     [0, 1, 0, 1]),
+]  # fmt: skip
+
+
+def test_lookup_rewards_pay_only_gathered_information():
+    """The tool rewards on the lookup task, attacked: a right answer pays the ladder's top only when a lookup result
+    supplied it through a chain of keys read from the question and from earlier results (any case); guessed, invented,
+    copied, forged or typed lookups pay at most the first rung, a call that found something. Every attack pays less in
+    total than the honest chain, even those whose answer is right. The rewards re-run each lookup against the row's
+    own facts: without them (another row) the honest chain is a forged one."""
+    funcs = grpo.REWARD_FUNCS + grpo.TOOL_REWARD_FUNCS
+    extra = {k: v for k, v in LOOKUP_ROW.items() if k != "gold"}
+    shouting = LOOKUP_HONEST.replace("<lookup>locker 17<", "<lookup>LOCKER  17<")
+    for completion in (LOOKUP_HONEST, shouting):
+        assert [fn(completion, "34", **extra) for fn, _ in grpo.TOOL_REWARD_FUNCS] == [1, 1, 1, 1]
+    no_facts = [fn(LOOKUP_HONEST, "34", question=LOOKUP_QUESTION) for fn, _ in grpo.TOOL_REWARD_FUNCS]
+    assert no_facts == [0, 0, 0, 0]
+    for name, completion, expected in LOOKUP_ATTACKS:
+        assert [fn(completion, "34", **extra) for fn, _ in grpo.TOOL_REWARD_FUNCS] == expected, name
+    table = [LOOKUP_HONEST] + [completion for _, completion, _ in LOOKUP_ATTACKS]
+    totals, _ = grpo.score(table, [LOOKUP_ROW] * len(table), funcs, [60] * len(table), 128)
+    assert (totals[1:] < totals[0]).all(), dict(zip(["honest"] + [n for n, *_ in LOOKUP_ATTACKS], totals.tolist()))
+
+
+def test_lookup_answers_each_completion_from_its_own_rows_facts(tiny_model):
+    """The environment answers <lookup> from the facts of the row each completion answers (tool_env's rows, one per
+    completion): the same call in two rows gets each row's value, an unknown key 'not found', which tool_use counts
+    as a failed call; a model's tokens never reach the facts but through a call."""
+    tok = load(tiny_model)[1]
+    rows = [LOOKUP_ROW, {**LOOKUP_ROW, "facts": [["locker 17", "anchor"]]}]
+    env = grpo.tool_env(tok, 4, "lookup", rows)
+    turns = {"ids": [[], []], "queue": [[], []], "calls": [0, 0], "eos": {tok.eos_token_id}}
+    written, by_env = [[], []], []
+    script = [ids_of(tok, "<lookup>locker 17</lookup>"), ids_of(tok, "<lookup>locker 17</lookup>")]
+    steps = max(map(len, script)) + 40
+    for t in range(steps):
+        own = torch.tensor([ids[t] if t < len(ids) else tok.pad_token_id for ids in script])
+        chosen, forced = grpo.environment_turn(env, own, torch.tensor([False, False]), turns)
+        for b in range(2):
+            written[b] += [chosen[b].item()] if forced[b] else []
+        by_env.append(forced)
+    assert [tok.decode(w) for w in written] == ["<result>kettle</result>", "<result>anchor</result>"]
+    assert grpo.tool_response("<lookup>locker 9</lookup>", "lookup", LOOKUP_ROW) == "<result>not found</result>"
+    ids = torch.tensor([ids_of(tok, "<lookup>x</lookup><result>not found</result>")])
+    by = torch.zeros_like(ids, dtype=torch.bool)
+    by[0, len(ids_of(tok, "<lookup>x</lookup>")) :] = True
+    assert grpo.tool_use(tok, ids, torch.tensor([ids.shape[1]]), by) == ([1], [1])
+
+
+def test_the_lookup_task_needs_its_chain():
+    """make_lookup_task.py: every question names a key whose chain through its row's facts (2 or 3 lookups, each
+    value the next key) ends at the answer, among distractor chains of the same shape; the seed fixes the files."""
+    lookup_task = importlib.import_module("make_lookup_task")
+    rng = random.Random(0)
+    for steps in [2, 3] * 50:
+        row = lookup_task.make_row(rng, steps)
+        facts = dict(row["facts"])
+        assert len(facts) == len(row["facts"]) == 4 * steps  # 4 chains, no key twice
+        key = re.search(r"locker \d+", row["question"].lower()).group()
+        for _ in range(steps):
+            key = facts[key]
+        assert key == row["answer"] and grpo.gold_answer(row["answer"]) == row["answer"]
+        assert sum(v.isdigit() for v in facts.values()) == 4  # each chain ends at a price
+
+
+def test_lookup_task_trains_and_evaluates_end_to_end(tiny_model, tiny_data, tmp_path, monkeypatch):
+    """--tools lookup through main on make_lookup_task.py's files, with a tiny model: each completion's environment
+    gets its own row's facts, training and evaluation run, and pass_at_kt.py measures pass@(k, T) of the result. A
+    dataset without facts is refused in one line."""
+    subprocess.run([sys.executable, os.path.join(HERE, "make_lookup_task.py"), "--out", str(tmp_path / "data"),
+                    "--train", "16", "--test", "4"], check=True, capture_output=True)  # fmt: skip
+    seen, tool_env = [], grpo.tool_env
+    monkeypatch.setattr(
+        grpo, "tool_env", lambda tok, n, names, rows=None: seen.append(rows) or tool_env(tok, n, names, rows)
+    )
+    cfg = tiny_config(tiny_model, str(tmp_path / "data"), tmp_path, tools="lookup", eval_size=4, eval_samples=2)
+    grpo.main(cfg)
+    train = [r for r in read_metrics(cfg) if "reward" in r]
+    assert len(train) == 2 and all("tool_calls" in r and "reward/grounded_call_reward" in r for r in train)
+    assert all(len(rows) in (cfg.prompts_per_step * cfg.group_size, 2, 4) for rows in seen)
+    assert all(row["facts"] and row["question"] for rows in seen for row in rows)  # each its own question's facts
+    pass_at_kt = importlib.import_module("pass_at_kt")
+    args = argparse.Namespace(ks=[1, 2], dataset=cfg.dataset, tools="lookup", eval_size=4, eval_batch_size=4,
+                              max_new_tokens=8, temperature=1.0, device="cpu", seed=0)  # fmt: skip
+    row = pass_at_kt.measure(os.path.join(cfg.output_dir, "final"), args, 2, str(tmp_path / "pk"))
+    assert row["problems"] == 4 and 0 <= row["pass@1"] <= row["pass@2"] <= 1
+    with pytest.raises(SystemExit, match="^error: --tools lookup answers from each row's facts, and .* no such column"):
+        grpo.load_rows(grpo.Config(dataset=tiny_data, tools="lookup"), "train")
