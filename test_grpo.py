@@ -2987,6 +2987,16 @@ def test_bench_job_trains_grpo_and_trl_on_the_same_work(tiny_qwen, tiny_data, tm
 
 
 # ----------------------------------------------------------------------------- the first GPU run, decided on CPU
+@pytest.fixture(autouse=True)
+def restore_fp32_precision():
+    """setup_cuda sets torch's fp32 matmul precision, a process-wide flag: each test gets it back as it found it.
+    Not monkeypatch: the flag lives in no instance __dict__ (cuBLASModule reads and writes it through __getattr__
+    and __setattr__), and pytest >= 9.2 undoes such an attribute with delattr, which cuBLASModule refuses."""
+    before = torch.backends.cuda.matmul.fp32_precision
+    yield
+    torch.backends.cuda.matmul.fp32_precision = before
+
+
 def fake_cuda(monkeypatch, capability=(9, 0), gpus: int = 2) -> list:
     """The CUDA calls grpo.py makes, mocked as strictly as torch: a CPU test then runs the CUDA decisions. Each
     mock refuses what the real call refuses (a lax set_device once hid a crash on --device cuda): set_device is
@@ -3015,7 +3025,7 @@ def fake_cuda(monkeypatch, capability=(9, 0), gpus: int = 2) -> list:
     monkeypatch.setattr(torch.cuda, "get_device_capability", get_device_capability)
     monkeypatch.setattr(torch._C, "_cuda_setDevice", set_device_in_driver, raising=False)  # absent in a CPU build
     monkeypatch.setattr(torch.backends.cuda, "enable_cudnn_sdp", enable_cudnn_sdp)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "fp32_precision", "ieee")  # torch's own flag, restored after
+    torch.backends.cuda.matmul.fp32_precision = "ieee"  # torch's own flag: restore_fp32_precision puts it back
     for name in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"):
         monkeypatch.delenv(name, raising=False)
     return calls
