@@ -2888,6 +2888,19 @@ def test_bench_runs_the_bf16_path(tiny_qwen):
     assert set(summary["speedup"]) >= {"rollout", "decode", "step"}
 
 
+def test_bench_prints_a_row_for_a_path_that_runs_out_of_time(tiny_qwen):
+    """bench.py's phase table under a time limit per path (--path_timeout) too short for either: each path is
+    still a row, saying it did not finish, the JSON line still prints, and the exit status says it failed."""
+    args = ["--model", tiny_qwen, "--random_init", "--prompts", "2", "--group_size", "2", "--prompt_len", "16"]
+    args += ["--new_tokens", "6", "--repeats", "1", "--device", "cpu", "--path_timeout", "1"]
+    result = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), *args], capture_output=True, text=True)
+    assert result.returncode != 0 and "fast and plain paths did not finish" in result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith(("fast ", "plain "))]
+    assert len(rows) == 2 and all("did not finish in its 1 s" in row for row in rows), result.stdout
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["speedup"] == {} and "error" in summary["fast"] and "error" in summary["plain"]
+
+
 def test_bench_memory_predicts_a_step_by_kind(tiny_qwen):
     """bench.py --memory on the tiny Qwen2 (fake tensors, MemTracker): the kinds add up to the peak,
     the weights and the KV cache are the sizes worked out by hand, a larger micro-batch needs more, and
