@@ -85,7 +85,7 @@ def cuda_setup(device: torch.device, precision: str = "auto") -> str:
     device, TF32 under bf16) for a part of this benchmark, before its first CUDA allocation, so that every figure
     is measured as grpo.py trains; returns what is in effect, which each part prints beside its figures."""
     if device.type != "cuda":
-        return "cpu"
+        return f"cpu: no CUDA settings to make, allocator {allocator_in_effect(device)}"
     grpo.setup_cuda(device, grpo.Config(precision=precision))
     return (f"cuDNN attention {'on' if torch.backends.cuda.cudnn_sdp_enabled() else 'off'}, allocator "
             f"{allocator_in_effect(device)}, fp32 matmuls {torch.backends.cuda.matmul.fp32_precision}")  # fmt: skip
@@ -98,7 +98,7 @@ def allocator_in_effect(device: torch.device) -> str:
     c10/cuda/CUDACachingAllocator.cpp, Note [Expandable Segments]); where torch exposes it (2.13 on), the string
     it parsed. Makes that first allocation: call it after grpo.setup_cuda."""
     if device.type != "cuda":
-        return "none on cpu (no CUDA caching allocator)"
+        return "the CPU's (no CUDA caching allocator to read)"
     block = torch.empty(1, device=device)  # the first allocation: the allocator reads its settings now
     backend = torch.cuda.memory.get_allocator_backend()  # "native" or "cudaMallocAsync"
     said = ""
@@ -832,12 +832,12 @@ def run_trl_job(args) -> None:
     path (model.generate, no vLLM): G completions per question, micro-batches of the same size accumulated to the
     same batch, one generation per optimizer step, beta, the grpo loss, bf16 autocast over fp32 weights as grpo.py
     (--precision), each completion forced to full length (min_new_tokens)."""
-    import datasets
+    device = torch.device(args.device)
+    settings = cuda_setup(device, args.precision)  # TRL trains with grpo.py's CUDA settings: like against like
+    import datasets  # after the CUDA settings: nothing that TRL or accelerate do on import comes before them
     import trl
     from transformers import AutoTokenizer, TrainerCallback
 
-    device = torch.device(args.device)
-    settings = cuda_setup(device, args.precision)  # TRL trains with grpo.py's CUDA settings: like against like
     print(json.dumps({"trainer": f"TRL {trl.__version__}", "cuda_settings": settings}), flush=True)
     tok = AutoTokenizer.from_pretrained(args.job_model)
     rows, _ = job_rows(args, tok)
