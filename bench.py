@@ -85,11 +85,30 @@ def cuda_setup(device: torch.device, precision: str = "auto") -> str:
     device, TF32 under bf16) for a part of this benchmark, before its first CUDA allocation, so that every figure
     is measured as grpo.py trains; returns what is in effect, which each part prints beside its figures."""
     if device.type != "cuda":
-        return "cpu"
+        return f"cpu: no CUDA settings to make, allocator {allocator_in_effect(device)}"
     grpo.setup_cuda(device, grpo.Config(precision=precision))
-    allocator = os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or "default"
-    return (f"cuDNN attention {'on' if torch.backends.cuda.cudnn_sdp_enabled() else 'off'}, allocator {allocator}, "
-            f"fp32 matmuls {torch.backends.cuda.matmul.fp32_precision}")  # fmt: skip
+    return (f"cuDNN attention {'on' if torch.backends.cuda.cudnn_sdp_enabled() else 'off'}, allocator "
+            f"{allocator_in_effect(device)}, fp32 matmuls {torch.backends.cuda.matmul.fp32_precision}")  # fmt: skip
+
+
+def allocator_in_effect(device: torch.device) -> str:
+    """The CUDA allocator's settings as the allocator took them, not as the environment spells them (a setting
+    made after the allocator first read it, or one it does not know, reads the same in os.environ): its backend,
+    and whether a first allocation's segment is expandable (expandable segments serve the small pool too,
+    c10/cuda/CUDACachingAllocator.cpp, Note [Expandable Segments]); where torch exposes it (2.13 on), the string
+    it parsed. Makes that first allocation: call it after grpo.setup_cuda."""
+    if device.type != "cuda":
+        return "the CPU's (no CUDA caching allocator to read)"
+    block = torch.empty(1, device=device)  # the first allocation: the allocator reads its settings now
+    backend = torch.cuda.memory.get_allocator_backend()  # "native" or "cudaMallocAsync"
+    said = ""
+    if backend == "native":  # segments are the caching allocator's own; cudaMallocAsync keeps none
+        expandable = any(seg.get("is_expandable") for seg in torch.cuda.memory._snapshot()["segments"])
+        said = f", expandable segments {'on' if expandable else 'off'}"
+    if hasattr(torch._C, "_accelerator_getAllocatorSettings"):  # torch >= 2.13
+        said += f", parsed {torch._C._accelerator_getAllocatorSettings()!r}"
+    del block
+    return backend + said
 
 
 def build(args, device):
@@ -285,7 +304,7 @@ def cuda_checks(args) -> dict:
     settings = cuda_setup(device, args.precision)
     result = {"machine": machine_name(device), "cuda_settings": settings}
     if device.type == "cuda":
-        block = torch.empty(64 * 2**20, dtype=torch.uint8, device=device)  # the first allocation of the process
+        block = torch.empty(64 * 2**20, dtype=torch.uint8, device=device)  # a large-pool segment too
         result["expandable_segments"] = [seg.get("is_expandable") for seg in torch.cuda.memory._snapshot()["segments"]]
         del block
     config = AutoConfig.from_pretrained(args.model)
@@ -821,12 +840,12 @@ def run_trl_job(args) -> None:
     path (model.generate, no vLLM): G completions per question, micro-batches of the same size accumulated to the
     same batch, one generation per optimizer step, beta, the grpo loss, bf16 autocast over fp32 weights as grpo.py
     (--precision), each completion forced to full length (min_new_tokens)."""
-    import datasets
+    device = torch.device(args.device)
+    settings = cuda_setup(device, args.precision)  # TRL trains with grpo.py's CUDA settings: like against like
+    import datasets  # after the CUDA settings: nothing that TRL or accelerate do on import comes before them
     import trl
     from transformers import AutoTokenizer, TrainerCallback
 
-    device = torch.device(args.device)
-    settings = cuda_setup(device, args.precision)  # TRL trains with grpo.py's CUDA settings: like against like
     print(json.dumps({"trainer": f"TRL {trl.__version__}", "cuda_settings": settings}), flush=True)
     tok = AutoTokenizer.from_pretrained(args.job_model)
     rows, _ = job_rows(args, tok)
@@ -995,6 +1014,7 @@ def main() -> None:
         "--precision", default="auto", choices=["auto", "fp32", "bf16"], help="as grpo.py's; --memory: auto = bf16"
     )
     p.add_argument("--repeats", type=int, default=2, help="timed repeats after one warmup (median reported)")
+    p.add_argument("--path_timeout", type=int, default=0, help="seconds per path of the phase table (0 = no limit)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument(
         "--bandwidth_gbs", type=float, default=0.0, help="GPU memory bandwidth for the decode roofline (GB/s)"
@@ -1068,43 +1088,48 @@ def main() -> None:
     if args.path:
         print(json.dumps(run_path(args)))
         return
+    phase_table(args)
 
-    results = {}
-    for path in ("fast", "plain"):  # each in a fresh process: separate peak memory, no shared caches
-        cmd = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--path", path]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            sys.exit(f"error: the {path} path failed:\n{proc.stderr[-2000:]}")
-        results[path] = json.loads(proc.stdout.strip().splitlines()[-1])
-    fast, plain = results["fast"], results["plain"]
+
+def phase_table(args) -> None:
+    """The two paths' phases, a row per path printed as the path ends, their ratios, and one JSON line; exits
+    non-zero if a path failed or ran out of time."""
     device = torch.device(args.device)
     machine = machine_name(device)
-    print(
-        f"\nmachine {machine} | model {args.model} ({fast['params'] / 1e6:.1f}M params{', random init' if args.random_init else ''}) | "
-        f"P={args.prompts} G={args.group_size} prompt {args.prompt_len} new {args.new_tokens} beta {args.beta} | "
-        f"{fast['cuda_settings']}\n"
-    )
-    print(f"{'phase':<16}{'fast (s)':>12}{'plain (s)':>12}{'plain/fast':>12}")
-    ratios = {}
-    for k in PHASES:
-        if k in fast["seconds"] and k in plain["seconds"]:
-            ratios[k] = plain["seconds"][k] / max(fast["seconds"][k], 1e-9)
-            print(f"{k:<16}{fast['seconds'][k]:>12.3f}{plain['seconds'][k]:>12.3f}{ratios[k]:>11.2f}x")
-    mem_ratio = fast["peak_mem_gib"] / plain["peak_mem_gib"]
-    kind = "CUDA max allocated" if device.type == "cuda" else "peak RSS"
-    print(
-        f"{'peak mem (GiB)':<16}{fast['peak_mem_gib']:>12.2f}{plain['peak_mem_gib']:>12.2f}   fast/plain {mem_ratio:.2f} ({kind})"
-    )
-    print(f"{'decode tok/s':<16}{fast['decode_tokens_per_s']:>12.0f}{plain['decode_tokens_per_s']:>12.0f}")
+    print(f"\nmachine {machine} | model {args.model}{' (random init)' if args.random_init else ''} | P={args.prompts} "
+          f"G={args.group_size} prompt {args.prompt_len} new {args.new_tokens} beta {args.beta} | seconds per phase, "
+          f"peak memory ({'CUDA max allocated' if device.type == 'cuda' else 'peak RSS'}), decode tokens/s\n")  # fmt: skip
+    columns = [*PHASES, "peak GiB", "decode tok/s"]
+    widths = [max(len(c), 8) + 2 for c in columns]
+    print(f"{'path':<12}" + "".join(f"{c:>{w}}" for c, w in zip(columns, widths)), flush=True)
+    results = {}
+    for path in ("fast", "plain"):  # a row each, printed as it ends: a failed or timed-out path is a row too
+        results[path] = result = path_result(args, path)
+        if "error" in result:
+            print(f"{path:<12}  {result['error']}", flush=True)
+            continue
+        cells = [*(result["seconds"][k] for k in PHASES), result["peak_mem_gib"], result["decode_tokens_per_s"]]
+        digits = [3] * (len(columns) - 1) + [0]
+        print(f"{path:<12}" + "".join(f"{v:>{w}.{d}f}" for v, w, d in zip(cells, widths, digits)), flush=True)
+    fast, plain = results["fast"], results["plain"]
+    both = "error" not in fast and "error" not in plain
+    ratios = {k: plain["seconds"][k] / max(fast["seconds"][k], 1e-9) for k in PHASES} if both else {}
+    if both:
+        cells = [*ratios.values(), plain["peak_mem_gib"] / fast["peak_mem_gib"]]
+        print(f"{'plain/fast':<12}" + "".join(f"{v:>{w - 1}.2f}x" for v, w in zip(cells, widths)))
+    for result in (fast, plain):
+        if "error" not in result:
+            print(f"{result['params'] / 1e6:.1f}M params | {result['cuda_settings']}")
+            break
     summary = {
         "machine": machine,
         "args": {k: v for k, v in vars(args).items() if k != "path"},
         "fast": fast,
         "plain": plain,
         "speedup": ratios,
-        "peak_mem_fast_over_plain": mem_ratio,
+        "peak_mem_fast_over_plain": fast["peak_mem_gib"] / plain["peak_mem_gib"] if both else None,
     }
-    if device.type == "cuda" and args.bandwidth_gbs > 0:  # weights read once per decode step, in bf16
+    if device.type == "cuda" and args.bandwidth_gbs > 0 and "error" not in fast:  # weights read once per step, bf16
         step_s = fast["seconds"]["decode"] / (args.new_tokens - 1)
         weight_gbs = fast["params"] * 2 / step_s / 1e9
         summary["decode_weight_bandwidth_fraction"] = weight_gbs / args.bandwidth_gbs
@@ -1113,6 +1138,23 @@ def main() -> None:
             f"{weight_gbs / args.bandwidth_gbs:.1%} of {args.bandwidth_gbs:.0f} GB/s"
         )
     print(json.dumps(summary))
+    if failed := [path for path, result in results.items() if "error" in result]:
+        sys.exit(f"error: the {' and '.join(failed)} path{'s' if len(failed) > 1 else ''} did not finish (above)")
+
+
+def path_result(args, path: str) -> dict:
+    """One path of the phase table, in a fresh process (its own peak memory, no shared caches) and under a time
+    limit of its own (--path_timeout), so that one slow or failing path leaves the other's row: the path's
+    result, or {"error": why}, its stderr's tail printed to stderr."""
+    cmd = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--path", path]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.path_timeout or None)
+    except subprocess.TimeoutExpired:
+        return {"error": f"did not finish in its {args.path_timeout} s (--path_timeout)"}
+    if proc.returncode != 0:
+        print(proc.stderr[-2000:], file=sys.stderr)
+        return {"error": f"failed (exit {proc.returncode}): {(proc.stderr.strip().splitlines() or [''])[-1][:200]}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 if __name__ == "__main__":

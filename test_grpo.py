@@ -3014,6 +3014,19 @@ def test_bench_runs_the_bf16_path(tiny_qwen):
     assert set(summary["speedup"]) >= {"rollout", "decode", "step"}
 
 
+def test_bench_prints_a_row_for_a_path_that_runs_out_of_time(tiny_qwen):
+    """bench.py's phase table under a time limit per path (--path_timeout) too short for either: each path is
+    still a row, saying it did not finish, the JSON line still prints, and the exit status says it failed."""
+    args = ["--model", tiny_qwen, "--random_init", "--prompts", "2", "--group_size", "2", "--prompt_len", "16"]
+    args += ["--new_tokens", "6", "--repeats", "1", "--device", "cpu", "--path_timeout", "1"]
+    result = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), *args], capture_output=True, text=True)
+    assert result.returncode != 0 and "fast and plain paths did not finish" in result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith(("fast ", "plain "))]
+    assert len(rows) == 2 and all("did not finish in its 1 s" in row for row in rows), result.stdout
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["speedup"] == {} and "error" in summary["fast"] and "error" in summary["plain"]
+
+
 def test_bench_memory_predicts_a_step_by_kind(tiny_qwen):
     """bench.py --memory on the tiny Qwen2 (fake tensors, MemTracker): the kinds add up to the peak,
     the weights and the KV cache are the sizes worked out by hand, a larger micro-batch needs more, and
@@ -3113,6 +3126,16 @@ def test_bench_job_trains_grpo_and_trl_on_the_same_work(tiny_qwen, tiny_data, tm
 
 
 # ----------------------------------------------------------------------------- the first GPU run, decided on CPU
+@pytest.fixture(autouse=True)
+def restore_fp32_precision():
+    """setup_cuda sets torch's fp32 matmul precision, a process-wide flag: each test gets it back as it found it.
+    Not monkeypatch: the flag lives in no instance __dict__ (cuBLASModule reads and writes it through __getattr__
+    and __setattr__), and pytest >= 9.2 undoes such an attribute with delattr, which cuBLASModule refuses."""
+    before = torch.backends.cuda.matmul.fp32_precision
+    yield
+    torch.backends.cuda.matmul.fp32_precision = before
+
+
 def fake_cuda(monkeypatch, capability=(9, 0), gpus: int = 2) -> list:
     """The CUDA calls grpo.py makes, mocked as strictly as torch: a CPU test then runs the CUDA decisions. Each
     mock refuses what the real call refuses (a lax set_device once hid a crash on --device cuda): set_device is
@@ -3141,7 +3164,7 @@ def fake_cuda(monkeypatch, capability=(9, 0), gpus: int = 2) -> list:
     monkeypatch.setattr(torch.cuda, "get_device_capability", get_device_capability)
     monkeypatch.setattr(torch._C, "_cuda_setDevice", set_device_in_driver, raising=False)  # absent in a CPU build
     monkeypatch.setattr(torch.backends.cuda, "enable_cudnn_sdp", enable_cudnn_sdp)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "fp32_precision", "ieee")  # torch's own flag, restored after
+    torch.backends.cuda.matmul.fp32_precision = "ieee"  # torch's own flag: restore_fp32_precision puts it back
     for name in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"):
         monkeypatch.delenv(name, raising=False)
     return calls
