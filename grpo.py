@@ -278,7 +278,7 @@ def grpo_step(policy, sampler, ref_model, tok, optimizer, rows: list[dict], cfg:
     group_rows = [r for r in rows for _ in range(G)]
     mask = completion_mask(ro.lengths, ro.completion_ids.shape[1], ro.by_env)  # (B, L) the tokens the model wrote
     funcs = REWARD_FUNCS + (TOOL_REWARD_FUNCS if cfg.tools else [])
-    rewards, per_fn = score(ro.texts, group_rows, funcs, mask.sum(1).tolist(), cfg.max_new_tokens)  # (B,)
+    rewards, per_fn = score(ro.texts, group_rows, funcs, mask.sum(1).tolist(), cfg.max_new_tokens, cfg.tools)  # (B,)
 
     # --- 3. advantage: each completion judged against the others of its group
     advantages = group_advantages(rewards, G, cfg.scale_rewards).to(device)  # (B,)
@@ -773,16 +773,16 @@ def head_logprobs(inner, hidden: torch.Tensor, ids: torch.Tensor, temperature: f
 
 
 # ----------------------------------------------------------------------------- Rewards, machinery: scoring, and the number an answer states
-def score(completions: list[str], rows: list[dict], funcs: list, tokens: list[int],
-          max_tokens: int) -> tuple[torch.Tensor, dict[str, list[float]]]:  # fmt: skip
+def score(completions: list[str], rows: list[dict], funcs: list, tokens: list[int], max_tokens: int,
+          tools: str = "") -> tuple[torch.Tensor, dict[str, list[float]]]:  # fmt: skip
     """Total rewards (B,) and each function's unweighted values; rows[i] is completion i's row; funcs: (function,
     weight) pairs. Every function is called as fn(completion, gold answer, **keywords), always with every keyword:
-    the row's other fields (question, ...), tokens (the completion's own token count) and max_tokens
-    (--max_new_tokens), e.g. for a length penalty."""
+    the row's other fields (question, facts, ...), tokens (the completion's own token count), max_tokens
+    (--max_new_tokens), e.g. for a length penalty, and tools (--tools: only the offered tools' calls can pay)."""
     per_fn, total = {fn.__name__: [] for fn, _ in funcs}, []
     for i, (c, row) in enumerate(zip(completions, rows)):
         extra = {k: v for k, v in row.items() if k not in ("answer", "gold")}  # e.g. question
-        extra.update(tokens=tokens[i], max_tokens=max_tokens)
+        extra.update(tokens=tokens[i], max_tokens=max_tokens, tools=tools)
         r = 0.0
         for fn, weight in funcs:
             value = float(fn(c, row["gold"], **extra))
@@ -938,7 +938,8 @@ def grounded_arithmetic(expression: str, result: str, known: list[str]) -> int:
     """The calculator's grounded work: 2 for arithmetic that combines two different numbers into a new one, each in the
     question or an earlier grounded result (known); 1 for one such number with itself (347 - 347: it may be built on
     and answered, but earns no upper rung); 0 for a copy (1200 * 1) or an invented number."""
-    numbers = [abs(v) for text in known for v in map(number_value, NUMBER.findall(text)) if v is not None]
+    numbers = [abs(v) for v in map(number_value, NUMBER.findall(known[0])) if v is not None]  # the question's
+    numbers += [abs(v) for v in map(result_number, known[1:]) if v is not None]  # results, whole: not 1e+24's 24
     written = [abs(v) for v in map(number_value, NUMBER.findall(expression)) if v is not None]  # a sign is arithmetic
     value = result_number(result)
     copied = value is None or any(same_number(abs(value), w) for w in written)  # 1200 * 1 computes nothing new
@@ -961,7 +962,8 @@ def lookup(key: str, facts) -> str:
     >>> lookup(" Locker  7", [["locker 7", "kettle"], ["kettle", "34"]]), lookup("locker 1", [["locker 7", "x"]])
     ('kettle', 'not found')
     """
-    table = {" ".join(str(k).lower().split()): str(v) for k, v in facts or []}
+    pairs = [p for p in facts if isinstance(p, (list, tuple)) and len(p) == 2] if isinstance(facts, list) else []
+    table = {" ".join(str(k).lower().split()): str(v) for k, v in pairs}  # a malformed pair is skipped, never raised
     return table.get(" ".join(key.lower().split()), "not found")
 
 
@@ -1019,7 +1021,8 @@ def answered_calls(completion: str, row: dict | None = None) -> list[tuple[str, 
     >>> answered_calls("<calc>6 * 7</calc><result>42</result> <calc>7</calc><result>7</result> <calc>1+</calc>")
     [('calc', '6 * 7', '42', True), ('calc', '7', '7', False)]
     """
-    by_tag = {tool["tag"]: tool for tool in TOOLS.values()}
+    offered = (row or {}).get("tools") or ",".join(TOOLS)  # a tool not offered answered nothing: its call is typed
+    by_tag = {TOOLS[name]["tag"]: TOOLS[name] for name in offered.split(",")}
     parts = re.split("<(" + "|".join(map(re.escape, by_tag)) + ")>", completion)  # text, tag, text after it, ...
     calls = []
     for tag, chunk in zip(parts[1:33:2], parts[2:33:2]):  # each call's tag and the text after its opening tag
@@ -1034,11 +1037,11 @@ def answered_calls(completion: str, row: dict | None = None) -> list[tuple[str, 
 
 
 def result_number(text: str) -> float | None:
-    """The number a tool's result states: the calculator's form (1e+20 too), else the one number a text states (None
-    for 'Paris', several numbers or junk), read without raising."""
+    """The number a tool's result is, whole (the calculator's form, 1e+20 too): None for 'Paris', 'box C4' (not 4),
+    several numbers or junk, read without raising."""
     with contextlib.suppress(ValueError):
         return number_value(text.strip())
-    return stated_number(text)
+    return None
 
 
 def grounded_results(completion: str, question: str, row: dict | None = None) -> list[tuple[float | None, int]]:

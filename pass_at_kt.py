@@ -75,6 +75,9 @@ def main() -> None:
     p.add_argument("--out", default="pass_at_kt")
     args = p.parse_args()
     args.ks = [int(k) for k in args.ks.split(",")]
+    if any("=" not in pair for pair in args.models.split(",")) or args.eval_size < 1 or min(args.ks) < 1:
+        p.error("--models takes name=model pairs (base=HuggingFaceTB/SmolLM2-135M-Instruct,trained=out/final); "
+                "--eval_size and every k at least 1")  # fmt: skip
     models = dict(pair.split("=", 1) for pair in args.models.split(","))
     results = {name: {} for name in models}
     for name, model in models.items():

@@ -2827,11 +2827,11 @@ def generate_by_question(generate):
     by the question: a rank that holds half of a step's questions then samples what one process holding
     them all samples for that half (the default seeds each rank's whole batch from (seed, rank, step))."""
 
-    def run(sampler, tok, questions, group_size, temperature, cfg, device):
+    def run(sampler, tok, questions, group_size, temperature, cfg, device, rows=None):
         parts = []
-        for q in questions:
+        for i, q in enumerate(questions):
             torch.manual_seed(zlib.crc32(q.encode()))
-            parts.append(generate(sampler, tok, [q], group_size, temperature, cfg, device))
+            parts.append(generate(sampler, tok, [q], group_size, temperature, cfg, device, rows and rows[i : i + 1]))
         prompts = [grpo.build_prompt(tok, q, tools=cfg.tools) for q in questions]
         ids, mask = grpo.tokenize_prompts(tok, prompts, device)  # (N, P) left-padded, as generate returns them
         L = max(part.completion_ids.shape[1] for part in parts)
@@ -3330,11 +3330,11 @@ def test_out_of_memory_in_evaluation_names_the_eval_batch_size(tiny_model, tiny_
     cfg = tiny_config(tiny_model, tiny_data, tmp_path, steps=2, save_every=1, eval_every=2, eval_batch_size=2)
     real = grpo.generate
 
-    def generate(sampler, tok, questions, group_size, temperature, cfg_, device):
+    def generate(sampler, tok, questions, group_size, temperature, cfg_, device, rows=None):
         if temperature == 0 and generate.training_steps >= 2:  # the evaluation after step 2
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         generate.training_steps += temperature > 0
-        return real(sampler, tok, questions, group_size, temperature, cfg_, device)
+        return real(sampler, tok, questions, group_size, temperature, cfg_, device, rows)
 
     generate.training_steps = 0
     monkeypatch.setattr(grpo, "generate", generate)
@@ -3501,8 +3501,8 @@ def test_lora_sampling_adds_the_same_update_and_never_a_stale_one(tiny_qwen, bf1
     dropped at its end, so after an update of A or B made as fused AdamW makes it (in place, no version counter
     moved) the next rollout adds the new adapters; outside a rollout no cast is left to go stale."""
     model, tok = lora_model(tiny_qwen, bf16=bf16)
-    layer = grpo.lora_layers(model)[0]
-    x = torch.randn(3, 5, layer.in_features, generator=torch.Generator().manual_seed(0))
+    model, layer = model.to(DEVICE), grpo.lora_layers(model)[0]
+    x = torch.randn(3, 5, layer.in_features, generator=torch.Generator().manual_seed(0)).to(DEVICE)
     x = x.to(torch.bfloat16) if bf16 else x
     tol = dict(rtol=2e-2, atol=2e-2) if bf16 else dict(rtol=1e-6, atol=1e-6)
     for update in range(3):
@@ -4885,6 +4885,8 @@ LOOKUP_ATTACKS = [
      formatted("<lookup>locker 1</lookup><result>rake</result> <lookup>rake</lookup><result>27</result>", "27"), [0, 0, 0, 1]),
     ("half the chain, then a guess", formatted("<lookup>locker 17</lookup><result>kettle</result>", "34"), [0, 1, 0, 1]),
     ("the price of an item the question never led to", formatted("<lookup>lamp</lookup><result>34</result>", "34"), [0, 0, 0, 1]),
+    ("a calculator call typed under --tools lookup (no calculator answers it)",
+     formatted("<calc>17 + 17</calc><result>34</result>", "34"), [0, 0, 0, 0]),
     ("the chain, then another answer",
      formatted("<lookup>locker 17</lookup><result>kettle</result> <lookup>kettle</lookup><result>34</result>", "35"),
      [0, 1, 0, 1]),
@@ -4898,7 +4900,7 @@ def test_lookup_rewards_pay_only_gathered_information():
     total than the honest chain, even those whose answer is right. The rewards re-run each lookup against the row's
     own facts: without them (another row) the honest chain is a forged one."""
     funcs = grpo.REWARD_FUNCS + grpo.TOOL_REWARD_FUNCS
-    extra = {k: v for k, v in LOOKUP_ROW.items() if k != "gold"}
+    extra = {**{k: v for k, v in LOOKUP_ROW.items() if k != "gold"}, "tools": "lookup"}
     shouting = LOOKUP_HONEST.replace("<lookup>locker 17<", "<lookup>LOCKER  17<")
     for completion in (LOOKUP_HONEST, shouting):
         assert [fn(completion, "34", **extra) for fn, _ in grpo.TOOL_REWARD_FUNCS] == [1, 1, 1, 1]
@@ -4907,8 +4909,18 @@ def test_lookup_rewards_pay_only_gathered_information():
     for name, completion, expected in LOOKUP_ATTACKS:
         assert [fn(completion, "34", **extra) for fn, _ in grpo.TOOL_REWARD_FUNCS] == expected, name
     table = [LOOKUP_HONEST] + [completion for _, completion, _ in LOOKUP_ATTACKS]
-    totals, _ = grpo.score(table, [LOOKUP_ROW] * len(table), funcs, [60] * len(table), 128)
+    totals, _ = grpo.score(table, [LOOKUP_ROW] * len(table), funcs, [60] * len(table), 128, "lookup")
     assert (totals[1:] < totals[0]).all(), dict(zip(["honest"] + [n for n, *_ in LOOKUP_ATTACKS], totals.tolist()))
+    three = {"question": "Locker 8 holds the label of a box. What is the price of the item in that box?",
+             "facts": [["locker 8", "box C4"], ["box C4", "vase"], ["vase", "61"]], "tools": "lookup"}  # fmt: skip
+    stop_early = formatted("<lookup>locker 8</lookup><result>box C4</result>", "4")  # box C4 does not state 4
+    half = formatted(
+        "<lookup>locker 8</lookup><result>box C4</result> <lookup>box C4</lookup><result>vase</result>", "60"
+    )
+    chain = formatted("<lookup>locker 8</lookup><result>box C4</result> <lookup>box C4</lookup><result>vase</result> "
+                      "<lookup>vase</lookup><result>61</result>", "61")  # fmt: skip
+    paid = {c: [fn(c, "61", **three) for fn, _ in grpo.TOOL_REWARD_FUNCS] for c in (stop_early, half, chain)}
+    assert list(paid.values()) == [[0, 1, 0, 1], [0, 1, 0, 1], [1, 1, 1, 1]], paid
 
 
 def test_lookup_answers_each_completion_from_its_own_rows_facts(tiny_model):
