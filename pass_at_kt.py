@@ -52,6 +52,7 @@ def plot(results: dict, ks: list[int], path: str) -> None:
             ax.plot(ks, [row[f"pass@{k}"] for k in ks], marker="o", label=f"T = {T}")
         ax.set(title=name, xlabel="k (samples)", xscale="log", ylim=(-0.02, 1.02))
         ax.set_xticks(ks, [str(k) for k in ks])
+        ax.minorticks_off()
         ax.grid(alpha=0.3)
         ax.legend()
     axes[0].set_ylabel("pass@k")
