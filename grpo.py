@@ -1554,8 +1554,9 @@ CPU_SECONDS_PER_PARAM_TOKEN = 1.6e-10
 def warn_if_slow_on_cpu(cfg: Config, model_path: str, device: torch.device, rank: int = 0) -> None:
     """On a CPU, a job sized for a GPU (the default: 0.5B parameters, 16 x 8 completions of up to 400 tokens) would
     run for an hour before its first line of progress: say so before loading the weights, name the tiny CPU run, and
-    change nothing. The size comes from the config alone (a model on the meta device: no memory, no weights read)."""
-    if device.type != "cpu" or rank != 0:
+    change nothing (under --eval_only no step is trained: no warning). The size comes from the config alone (a model on
+    the meta device: no memory, no weights read)."""
+    if device.type != "cpu" or rank != 0 or cfg.eval_only:
         return
     try:
         config = AutoConfig.from_pretrained(os.path.expanduser(model_path), trust_remote_code=cfg.trust_remote_code)

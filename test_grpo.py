@@ -3365,6 +3365,8 @@ def test_a_gpu_sized_job_on_a_cpu_says_so_before_loading(tiny_model, tiny_data, 
     err = capsys.readouterr().err
     warning = [line for line in err.splitlines() if line.startswith("warning: this job is sized for a GPU")]
     assert len(warning) == 1 and f"{cfg.steps} steps" in warning[0] and "--device cpu --steps 10" in warning[0]
+    grpo.warn_if_slow_on_cpu(dataclasses.replace(cfg, eval_only=True), tiny_model, torch.device("cpu"))
+    assert capsys.readouterr().err == ""  # --eval_only trains no step: nothing to warn of
     if os.environ.get("GRPO_TEST_MODEL"):  # the real numbers: the default job warns, the README's tiny run does not
         monkeypatch.setattr(grpo, "CPU_SECONDS_PER_PARAM_TOKEN", 1.6e-10)
         grpo.warn_if_slow_on_cpu(grpo.Config(), os.environ["GRPO_TEST_MODEL"], torch.device("cpu"))
@@ -3469,6 +3471,7 @@ def some_logprobs(model, tok, G: int = 2, L: int = 6):
     ids, mask = prompts_of(tok, ["1+2?", "13+4?"])
     completion = torch.randint(5, 90, (ids.shape[0] * G, L), generator=torch.Generator().manual_seed(0))
     index = torch.arange(ids.shape[0] * G) // G
+    ids, mask, completion, index = (t.to(model.device) for t in (ids, mask, completion, index))
     return grpo.token_logprobs(model, ids, mask, completion, index, 1.0)
 
 
@@ -3586,12 +3589,16 @@ def test_lora_main_saves_adapters_and_a_merged_final_model(tiny_model, tiny_data
     adapters alone, and final/ a plain model that from_pretrained loads, whose log-probs equal the trained
     policy's to 1e-5 (merging W + s B A rounds differently from W x + s B (A x), in fp32); --eval_only on it
     writes the completions the run's own last evaluation wrote (its sampler saw every update: fused AdamW, which
-    every device uses, moves no version counter, so a cast cached on them went stale), not the base model's."""
+    every device uses, moves no version counter, so a cast cached on them went stale), not the base model's.
+    On GRPO_TEST_DEVICE (.ci/gpu runs it on CUDA, whose fused AdamW kernel is the one every GPU LoRA run steps
+    with), in fp32 on every device: a bf16 merge rounds W + s B A to 8 bits, which may turn a greedy near-tie,
+    and then equal completions would test the rounding, not the sampler."""
     monkeypatch.setattr(grpo, "REWARD_FUNCS", grpo.REWARD_FUNCS + [(shorter_is_better, 1.0)])
     fused, adamw = [], torch.optim.AdamW
     monkeypatch.setattr(torch.optim, "AdamW", lambda *a, **k: fused.append(k.get("fused")) or adamw(*a, **k))
+    on_device = dict(device=str(DEVICE), precision="fp32")
     cfg = tiny_config(tiny_model, tiny_data, tmp_path, lora_rank=4, lora_alpha=8.0, save_every=2, eval_size=6,
-                      lr=0.1, max_new_tokens=12)  # fmt: skip
+                      lr=0.1, max_new_tokens=12, **on_device)  # fmt: skip
     policy_logp = {}
 
     def on_step(step, model, metrics, sums):
@@ -3611,9 +3618,9 @@ def test_lora_main_saves_adapters_and_a_merged_final_model(tiny_model, tiny_data
     assert not torch.equal(
         final.model.layers[0].self_attn.q_proj.weight, load(tiny_model)[0].model.layers[0].self_attn.q_proj.weight
     )
-    torch.testing.assert_close(some_logprobs(final, tok), policy_logp["last"], rtol=0, atol=1e-5)
+    torch.testing.assert_close(some_logprobs(final.to(DEVICE), tok), policy_logp["last"], rtol=0, atol=1e-5)
     evaluated = tiny_config(
-        str(out / "final"), tiny_data, tmp_path / "e", eval_only=True, eval_size=6, max_new_tokens=12
+        str(out / "final"), tiny_data, tmp_path / "e", eval_only=True, eval_size=6, max_new_tokens=12, **on_device
     )
     grpo.main(evaluated)
     assert read_evaluation(evaluated.output_dir)["problems"] == 6 and fused == [True]
