@@ -3376,6 +3376,38 @@ def test_a_gpu_sized_job_on_a_cpu_says_so_before_loading(tiny_model, tiny_data, 
         assert capsys.readouterr().err.count("sized for a GPU") == 1
 
 
+def test_the_allocator_reading_on_a_gpu_mocked(monkeypatch):
+    """bench.py's allocator label on CUDA (never run on a CPU): the settings are read after a first allocation, from
+    the snapshot's segments, whose key CUDA's snapshot writes as segmentDict[is_expandable_s] (torch/csrc/cuda/
+    Module.cpp); under cudaMallocAsync no segment is the caching allocator's, so none is read. The mocks refuse a
+    read before the first CUDA allocation, as the label would then report what the allocator has not yet parsed."""
+    bench = importlib.import_module("bench")
+    allocated, empty = [], torch.empty
+
+    def cuda_empty(*size, device=None, **kw):
+        assert torch.device(device).type == "cuda"
+        allocated.append(size)
+        return empty(*size, **kw)
+
+    def read(value):
+        def reader(*args):
+            assert allocated, "read before the first CUDA allocation"
+            return value
+
+        return reader
+
+    monkeypatch.setattr(torch, "empty", cuda_empty)
+    for backend, segments, said in [
+        ("native", [{"is_expandable": False}, {"is_expandable": True}], "native, expandable segments on"),
+        ("native", [{"is_expandable": False}], "native, expandable segments off"),
+        ("cudaMallocAsync", None, "cudaMallocAsync"),
+    ]:
+        allocated.clear()
+        monkeypatch.setattr(torch.cuda.memory, "get_allocator_backend", read(backend))
+        monkeypatch.setattr(torch.cuda.memory, "_snapshot", read({"segments": segments}) if segments else None)
+        assert bench.allocator_in_effect(torch.device("cuda")).startswith(said) and allocated == [(1,)]
+
+
 def test_bench_gpu_checks_run_on_cpu(tiny_qwen):
     """.ci/gpu's new parts, on CPU: the attention NaN check (torch's backends, then grpo.py's setting; it fails
     only on grpo.py's), the decode profile, and the job's stop on a skipped update or a non-finite metric."""
