@@ -8,9 +8,12 @@ For each model and each T in --calls, grpo.py evaluates --eval_size test questio
 with n = max(--ks) samples each at --temperature, and pass@k is the unbiased estimate from those n samples,
 1 - C(n - c, k) / C(n, k) with c of them right (Chen et al., arXiv 2107.03374), averaged over the questions; the
 greedy answer's accuracy comes too. Writes OUT/pass_at_kt.json, OUT/pass_at_kt.md (a table) and OUT/pass_at_kt.png.
+Each evaluation (OUT/NAME-T<T>/) is long on a CPU: one that finished is read again, not rerun, when its settings
+(settings.json, written as it ends) are this run's, so a stopped measurement, run again, does only what is missing.
 """
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -28,13 +31,25 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 def measure(model: str, args, T: int, out: str) -> dict:
-    """One model at T calls: grpo.py's evaluation, then pass@k for every k from each question's correct samples."""
+    """One model at T calls: grpo.py's evaluation (or the one out holds, made with these settings), then pass@k for
+    every k from each question's correct samples."""
     n = max(args.ks)
     cfg = grpo.Config(model=model, dataset=args.dataset, tools=args.tools, max_tool_calls=T, eval_only=True,
                       eval_size=args.eval_size, eval_samples=n, temperature=args.temperature, output_dir=out,
                       max_new_tokens=args.max_new_tokens, eval_batch_size=args.eval_batch_size, device=args.device,
                       seed=args.seed)  # fmt: skip
-    grpo.main(cfg)
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "output_dir"}
+    done = os.path.join(out, "settings.json")
+    finished = False
+    if os.path.exists(done):
+        with open(done) as f:
+            finished = json.load(f) == settings
+    if not finished:
+        grpo.main(cfg)
+        with open(done, "w") as f:  # last: its presence says the evaluation finished
+            json.dump(settings, f, indent=1)
+    else:
+        print(f"{out}: evaluated before with these settings; read, not run again", flush=True)
     with open(os.path.join(out, "evaluation.jsonl")) as f:
         records = [json.loads(line) for line in f]
     row = {f"pass@{k}": sum(pass_at_k(n, r["correct_samples"], k) for r in records) / len(records) for k in args.ks}

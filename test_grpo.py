@@ -5024,5 +5024,13 @@ def test_lookup_task_trains_and_evaluates_end_to_end(tiny_model, tiny_data, tmp_
                               max_new_tokens=8, temperature=1.0, device="cpu", seed=0)  # fmt: skip
     row = pass_at_kt.measure(os.path.join(cfg.output_dir, "final"), args, 2, str(tmp_path / "pk"))
     assert row["problems"] == 4 and 0 <= row["pass@1"] <= row["pass@2"] <= 1
+    evaluations, main = [], grpo.main  # measured again: read, not rerun, unless a setting differs
+    monkeypatch.setattr(grpo, "main", lambda cfg: evaluations.append(cfg) or main(cfg))
+    assert pass_at_kt.measure(os.path.join(cfg.output_dir, "final"), args, 2, str(tmp_path / "pk")) == row
+    assert evaluations == []
+    pass_at_kt.measure(os.path.join(cfg.output_dir, "final"), args, 1, str(tmp_path / "pk"))  # T, then the seed
+    pass_at_kt.measure(os.path.join(cfg.output_dir, "final"), argparse.Namespace(**{**vars(args), "seed": 1}), 1,
+                       str(tmp_path / "pk"))  # fmt: skip
+    assert [(c.max_tool_calls, c.seed) for c in evaluations] == [(1, 0), (1, 1)]
     with pytest.raises(SystemExit, match="^error: --tools lookup answers from each row's facts, and .* no such column"):
         grpo.load_rows(grpo.Config(dataset=tiny_data, tools="lookup"), "train")
