@@ -63,8 +63,9 @@ def plot(results: dict, ks: list[int], path: str) -> None:
     fig = Figure(figsize=(5 * len(results), 4))
     axes = fig.subplots(1, len(results), sharey=True, squeeze=False)[0]
     for ax, (name, by_T) in zip(axes, results.items()):
-        for T, row in by_T.items():
-            ax.plot(ks, [row[f"pass@{k}"] for k in ks], marker="o", label=f"T = {T}")
+        for i, (T, row) in enumerate(by_T.items()):  # markers and dashes apart: equal lines stay visible
+            style = dict(marker="os^D"[i % 4], markersize=9 - 2 * (i % 4), linestyle=["-", "--", ":", "-."][i % 4])
+            ax.plot(ks, [row[f"pass@{k}"] for k in ks], label=f"T = {T}", **style)
         ax.set(title=name, xlabel="k (samples)", xscale="log", ylim=(-0.02, 1.02))
         ax.set_xticks(ks, [str(k) for k in ks])
         ax.minorticks_off()
