@@ -17,6 +17,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 
 import grpo
 
@@ -57,8 +58,12 @@ def measure(model: str, args, T: int, out: str) -> dict:
 
 
 def plot(results: dict, ks: list[int], path: str) -> None:
-    """pass@k against k (log scale), a line for each T, a panel for each model."""
-    from matplotlib.figure import Figure
+    """pass@k against k (log scale), a line for each T, a panel for each model (with matplotlib; else a line says so)."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        print(f"no {path}: pip install matplotlib to get the figure (the table and JSON are written)", file=sys.stderr)
+        return
 
     fig = Figure(figsize=(5 * len(results), 4))
     axes = fig.subplots(1, len(results), sharey=True, squeeze=False)[0]

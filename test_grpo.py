@@ -5032,5 +5032,15 @@ def test_lookup_task_trains_and_evaluates_end_to_end(tiny_model, tiny_data, tmp_
     pass_at_kt.measure(os.path.join(cfg.output_dir, "final"), argparse.Namespace(**{**vars(args), "seed": 1}), 1,
                        str(tmp_path / "pk"))  # fmt: skip
     assert [(c.max_tool_calls, c.seed) for c in evaluations] == [(1, 0), (1, 1)]
+    command = [sys.executable, os.path.join(HERE, "pass_at_kt.py"), "--models", f"a={cfg.output_dir}/final",
+               "--dataset", cfg.dataset, "--calls", "0,2", "--ks", "1,2", "--eval_size", "4", "--eval_batch_size", "4",
+               "--max_new_tokens", "8", "--device", "cpu", "--out", str(tmp_path / "cli")]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    with open(tmp_path / "cli" / "pass_at_kt.json") as f:
+        assert json.load(f)["results"]["a"]["2"] == row  # the command line measures what measure() measured
+    with open(tmp_path / "cli" / "pass_at_kt.md") as f:
+        assert [line.split(" | ")[:2] for line in f.read().splitlines()[2:]] == [["| a", "0"], ["| a", "2"]]
+    assert os.path.exists(tmp_path / "cli" / "pass_at_kt.png") == bool(importlib.util.find_spec("matplotlib"))
     with pytest.raises(SystemExit, match="^error: --tools lookup answers from each row's facts, and .* no such column"):
         grpo.load_rows(grpo.Config(dataset=tiny_data, tools="lookup"), "train")
